@@ -1,0 +1,373 @@
+"""Load Llama 3 checkpoints users own, in Meta's or Hugging Face's layout, into ``adapters.llama.Llama``.
+
+Meta: ``params.json`` + ``consolidated.NN.pth`` (one file per model-parallel rank) + ``tokenizer.model``.
+HF:   ``config.json`` + ``model.safetensors`` or ``model-0000k-of-0000n.safetensors`` with
+      ``model.safetensors.index.json`` (+ ``tokenizer.json``).
+
+Loading is strict: a key the model does not know, or a parameter the checkpoint lacks, is an error
+that names them. Weights are loaded with ``weights_only=True`` / safetensors, never pickle code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from adapters.llama import Llama, LlamaConfig, RopeScaling, rope_frequencies
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file that cannot be loaded; the message names the file and the field."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs
+
+
+_META_LM_KEYS = {
+    "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+    "norm_eps", "rope_theta", "use_scaled_rope", "rope_scaling_factor", "rope_high_freq_factor",
+    "max_seq_len",
+}
+# Keys that belong to the vision side of a Llama 3.2 Vision params.json; read by the multimodal loader.
+_META_VISION_KEYS = {"vision_chunk_size", "vision_max_num_chunks", "vision_num_cross_attention_layers"}
+
+
+def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """Meta's FeedForward sizing rule: 8B (4096, 1024, 1.3) -> 14336."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def config_from_meta_params(params: dict, source: str = "params.json") -> LlamaConfig:
+    unknown = set(params) - _META_LM_KEYS - _META_VISION_KEYS
+    if unknown:
+        raise CheckpointError(f"{source}: unknown keys {sorted(unknown)}")
+    for key in ("dim", "n_layers", "n_heads", "vocab_size"):
+        if key not in params:
+            raise CheckpointError(f"{source}: missing required key {key!r}")
+    scaling = None
+    if params.get("use_scaled_rope", False):
+        # 3.1 uses factor 8; 3.2 1B/3B record their own factor in params.json.
+        scaling = RopeScaling(
+            factor=float(params.get("rope_scaling_factor", 8.0)),
+            high_freq_factor=float(params.get("rope_high_freq_factor", 4.0)),
+        )
+    dim = params["dim"]
+    return LlamaConfig(
+        dim=dim,
+        n_layers=params["n_layers"],
+        n_heads=params["n_heads"],
+        n_kv_heads=params.get("n_kv_heads") or params["n_heads"],
+        ffn_dim=meta_ffn_dim(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier")),
+        vocab_size=params["vocab_size"],
+        norm_eps=params.get("norm_eps", 1e-5),
+        rope_theta=params.get("rope_theta", 500000.0),
+        rope_scaling=scaling,
+        max_seq_len=params.get("max_seq_len", 131072 if scaling else 8192),
+    )
+
+
+def config_from_hf(config: dict, source: str = "config.json") -> LlamaConfig:
+    """Read an HF ``LlamaConfig`` dict. Architectures other than plain Llama are refused by name."""
+    model_type = config.get("model_type", "llama")
+    if model_type != "llama":
+        raise CheckpointError(f"{source}: model_type {model_type!r} is not 'llama'")
+    try:
+        dim, n_heads = config["hidden_size"], config["num_attention_heads"]
+        scaling_cfg = config.get("rope_scaling")
+        scaling = None
+        if scaling_cfg is not None:
+            kind = scaling_cfg.get("rope_type", scaling_cfg.get("type"))
+            if kind != "llama3":
+                raise CheckpointError(f"{source}: rope_scaling type {kind!r} is not supported (only 'llama3')")
+            scaling = RopeScaling(
+                factor=float(scaling_cfg["factor"]),
+                low_freq_factor=float(scaling_cfg["low_freq_factor"]),
+                high_freq_factor=float(scaling_cfg["high_freq_factor"]),
+                original_max_position_embeddings=int(scaling_cfg["original_max_position_embeddings"]),
+            )
+        head_dim = config.get("head_dim") or dim // n_heads
+        if head_dim != dim // n_heads:
+            raise CheckpointError(f"{source}: head_dim {head_dim} != hidden_size/num_attention_heads")
+        if config.get("attention_bias") or config.get("mlp_bias"):
+            raise CheckpointError(f"{source}: attention_bias/mlp_bias are not part of Llama 3")
+        return LlamaConfig(
+            dim=dim,
+            n_layers=config["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=config.get("num_key_value_heads") or n_heads,
+            ffn_dim=config["intermediate_size"],
+            vocab_size=config["vocab_size"],
+            norm_eps=config.get("rms_norm_eps", 1e-5),
+            rope_theta=config.get("rope_theta", 500000.0),
+            rope_scaling=scaling,
+            max_seq_len=config.get("max_position_embeddings", 8192),
+            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{source}: missing required key {e.args[0]!r}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face <-> Meta key mapping
+
+
+def hf_to_meta_rope(w: Tensor, n_heads: int) -> Tensor:
+    """Undo HF's q/k permutation (rotate-half layout -> Meta's interleaved pairs)."""
+    out_dim, in_dim = w.shape
+    hd = out_dim // n_heads
+    return w.view(n_heads, 2, hd // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+def meta_to_hf_rope(w: Tensor, n_heads: int) -> Tensor:
+    """Meta's interleaved q/k rows -> HF's rotate-half layout (as transformers' converter does)."""
+    out_dim, in_dim = w.shape
+    hd = out_dim // n_heads
+    return w.view(n_heads, hd // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+_HF_LAYER = {
+    "self_attn.q_proj.weight": "attention.wq.weight",
+    "self_attn.k_proj.weight": "attention.wk.weight",
+    "self_attn.v_proj.weight": "attention.wv.weight",
+    "self_attn.o_proj.weight": "attention.wo.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.weight",
+    "mlp.up_proj.weight": "feed_forward.w3.weight",
+    "input_layernorm.weight": "attention_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+_HF_TOP = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+           "lm_head.weight": "output.weight"}
+_HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def hf_to_meta_state_dict(sd: dict[str, Tensor], cfg: LlamaConfig, source: str = "checkpoint") -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    unknown = []
+    for key, value in sd.items():
+        if key in _HF_TOP:
+            out[_HF_TOP[key]] = value
+            continue
+        m = _HF_LAYER_RE.match(key)
+        if m and m.group(2) in _HF_LAYER:
+            new = f"layers.{m.group(1)}.{_HF_LAYER[m.group(2)]}"
+            if new.endswith("attention.wq.weight"):
+                value = hf_to_meta_rope(value, cfg.n_heads)
+            elif new.endswith("attention.wk.weight"):
+                value = hf_to_meta_rope(value, cfg.n_kv_heads)
+            out[new] = value
+        elif key.endswith("rotary_emb.inv_freq"):
+            continue  # a derived buffer some old exports carry
+        else:
+            unknown.append(key)
+    if unknown:
+        raise CheckpointError(f"{source}: unknown keys {unknown[:10]}{' ...' if len(unknown) > 10 else ''}")
+    if cfg.tie_embeddings:
+        out.pop("output.weight", None)
+    return out
+
+
+def meta_to_hf_state_dict(sd: dict[str, Tensor], cfg: LlamaConfig) -> dict[str, Tensor]:
+    inverse_top = {v: k for k, v in _HF_TOP.items()}
+    inverse_layer = {v: k for k, v in _HF_LAYER.items()}
+    out = {}
+    for key, value in sd.items():
+        if key in inverse_top:
+            out[inverse_top[key]] = value
+            continue
+        i, rest = key.split(".", 2)[1], key.split(".", 2)[2]
+        if rest == "attention.wq.weight":
+            value = meta_to_hf_rope(value, cfg.n_heads)
+        elif rest == "attention.wk.weight":
+            value = meta_to_hf_rope(value, cfg.n_kv_heads)
+        out[f"model.layers.{i}.{inverse_layer[rest]}"] = value
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Meta model-parallel shards
+
+# Column-parallel weights are split along the output rows, row-parallel ones along the input columns;
+# Llama 3's VocabParallelEmbedding splits the vocabulary (dim 0). Norms are replicated.
+_ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")
+_REPLICATED = ("norm.weight",)
+
+
+def _meta_shard_dim(key: str) -> int | None:
+    if key.endswith(_REPLICATED):
+        return None
+    if key.endswith(_ROW_PARALLEL):
+        return 1
+    return 0
+
+
+def merge_meta_shards(shards: list[dict[str, Tensor]], files: list[Path]) -> dict[str, Tensor]:
+    """Concatenate model-parallel shards along the dimension each layer was split on."""
+    keys = set(shards[0])
+    for f, s in zip(files[1:], shards[1:]):
+        if set(s) != keys:
+            diff = sorted(keys.symmetric_difference(s))
+            raise CheckpointError(f"{f}: keys differ from {files[0].name}: {diff[:10]}")
+    merged = {}
+    for key in shards[0]:
+        dim = _meta_shard_dim(key)
+        parts = [s[key] for s in shards]
+        merged[key] = parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
+    return merged
+
+
+def split_meta_shards(sd: dict[str, Tensor], n_shards: int) -> list[dict[str, Tensor]]:
+    """The inverse of ``merge_meta_shards`` (used to write Meta-layout checkpoints)."""
+    shards: list[dict[str, Tensor]] = [{} for _ in range(n_shards)]
+    for key, value in sd.items():
+        dim = _meta_shard_dim(key)
+        parts = [value] * n_shards if dim is None else list(value.chunk(n_shards, dim=dim))
+        if dim is not None and value.shape[dim] % n_shards:
+            raise CheckpointError(f"{key}: dim {dim} of size {value.shape[dim]} does not split into {n_shards}")
+        for shard, part in zip(shards, parts):
+            shard[key] = part.clone()
+    return shards
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading files
+
+
+def read_safetensors_dir(path: Path) -> dict[str, Tensor]:
+    """All tensors of an HF directory: a single ``*.safetensors`` file or an indexed set of shards."""
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors files")
+    sd: dict[str, Tensor] = {}
+    for name in files:
+        f = path / name
+        if not f.exists():
+            raise CheckpointError(f"{f}: listed in model.safetensors.index.json but missing")
+        try:
+            part = load_file(str(f))
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{f}: cannot read safetensors ({e})") from e
+        dup = set(part) & set(sd)
+        if dup:
+            raise CheckpointError(f"{f}: keys already loaded from another shard: {sorted(dup)[:5]}")
+        sd.update(part)
+    if index.exists():
+        missing = set(weight_map) - set(sd)
+        if missing:
+            raise CheckpointError(f"{index}: keys in the index but in no shard: {sorted(missing)[:10]}")
+    return sd
+
+
+def read_meta_dir(path: Path) -> tuple[dict, dict[str, Tensor]]:
+    """params.json and the merged ``consolidated.NN.pth`` shards of a Meta checkpoint directory."""
+    params_file = path / "params.json"
+    params = json.loads(params_file.read_text())
+    files = sorted(path.glob("consolidated.*.pth"))
+    if not files:
+        raise CheckpointError(f"{path}: no consolidated.*.pth files next to params.json")
+    shards = []
+    for f in files:
+        try:
+            shards.append(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+        except Exception as e:
+            raise CheckpointError(f"{f}: cannot load with weights_only=True ({e})") from e
+    sd = merge_meta_shards(shards, files)
+    sd.pop("rope.freqs", None)  # derived RoPE table stored by some Meta checkpoints
+    return params, sd
+
+
+def detect_layout(path: Path) -> str:
+    if (path / "params.json").exists():
+        return "meta"
+    if (path / "config.json").exists():
+        return "hf"
+    raise CheckpointError(f"{path}: neither params.json (Meta layout) nor config.json (HF layout) found")
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the model
+
+
+def load_state_dict_strict(model: torch.nn.Module, sd: dict[str, Tensor], source: str) -> None:
+    """load_state_dict(strict) with an error that lists the unknown and missing keys by name."""
+    expected = set(model.state_dict())
+    unknown, missing = sorted(set(sd) - expected), sorted(expected - set(sd))
+    if unknown or missing:
+        raise CheckpointError(f"{source}: unknown keys {unknown[:10]}; missing keys {missing[:10]}")
+    for key, value in sd.items():
+        want = model.state_dict()[key].shape
+        if value.shape != want:
+            raise CheckpointError(f"{source}: {key} has shape {tuple(value.shape)}, model expects {tuple(want)}")
+    model.load_state_dict(sd, strict=True, assign=True)
+
+
+def llama_from_state_dict(cfg: LlamaConfig, sd: dict[str, Tensor], source: str, dtype=None) -> Llama:
+    with torch.device("meta"):
+        model = Llama(cfg)
+    if dtype is not None:
+        sd = {k: v.to(dtype) for k, v in sd.items()}
+    load_state_dict_strict(model, sd, source)
+    if cfg.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    # Non-persistent buffer: recompute on the weights' device.
+    model.inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(
+        model.tok_embeddings.weight.device
+    )
+    return model
+
+
+def load_llama(path: str | Path, dtype: torch.dtype | None = None) -> Llama:
+    """Load a Llama 3 / 3.1 checkpoint directory in Meta's or HF's layout (detected from its files)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory")
+    if detect_layout(path) == "meta":
+        params, sd = read_meta_dir(path)
+        cfg = config_from_meta_params(params, str(path / "params.json"))
+        return llama_from_state_dict(cfg, sd, str(path), dtype)
+    cfg = config_from_hf(json.loads((path / "config.json").read_text()), str(path / "config.json"))
+    sd = hf_to_meta_state_dict(read_safetensors_dir(path), cfg, str(path))
+    return llama_from_state_dict(cfg, sd, str(path), dtype)
+
+
+def save_meta_checkpoint(model: Llama, path: str | Path, n_shards: int = 1) -> Path:
+    """Write ``params.json`` + ``consolidated.NN.pth`` (model-parallel shards), Meta's layout."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    # params.json has no ffn_dim field: express it exactly through Meta's sizing rule (multiple_of 1).
+    base = int(2 * (4 * cfg.dim) / 3)
+    multiplier = (cfg.ffn_dim + 0.5) / base
+    assert meta_ffn_dim(cfg.dim, 1, multiplier) == cfg.ffn_dim
+    params = {
+        "dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
+        "vocab_size": cfg.vocab_size, "multiple_of": 1, "ffn_dim_multiplier": multiplier,
+        "norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "use_scaled_rope": cfg.rope_scaling is not None,
+    }
+    if cfg.rope_scaling is not None:
+        if (cfg.rope_scaling.low_freq_factor, cfg.rope_scaling.original_max_position_embeddings) != (1.0, 8192):
+            raise CheckpointError("Meta's params.json cannot express low_freq_factor != 1 or original context != 8192")
+        params["rope_scaling_factor"] = cfg.rope_scaling.factor
+        params["rope_high_freq_factor"] = cfg.rope_scaling.high_freq_factor
+    if cfg.tie_embeddings:
+        raise CheckpointError("Meta's layout has no tied embeddings; save this model in the HF layout")
+    (path / "params.json").write_text(json.dumps(params, indent=2))
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    for i, shard in enumerate(split_meta_shards(sd, n_shards)):
+        torch.save(shard, path / f"consolidated.{i:02d}.pth")
+    return path
