@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m scripts.inspect_image assets/coffee.jpg --preset tiny --out out/inspect_coffee.png
+	$(PY) -m scripts.inspect_image assets/coffee.jpg --preset tiny --out runs/demo/coffee_tiles.png
+	$(PY) -m scripts.demo_pipeline --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,0 +1,114 @@
+"""Generation for the multimodal model: self-attention KV cache, vision K/V computed once per image.
+
+``generate`` yields one token per row per step (streaming); ``stream_text`` turns that into text
+pieces that never split a UTF-8 character.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from adapters.multimodal import ImageBatch, MultimodalLlama
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+def sample_next(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:
+    """logits (B, V) -> ids (B,): greedy at temperature 0, else nucleus (top-p) sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(
+    model: MultimodalLlama,
+    prompt: Tensor,
+    images: ImageBatch | None = None,
+    sampling: SamplingConfig = SamplingConfig(),
+    stop_ids: Iterable[int] = (),
+    pad_id: int = 0,
+) -> Iterator[Tensor]:
+    """Yield next tokens (B,) for equal-length prompts (B, T) until every row hit a stop id.
+
+    Rows that already stopped yield ``pad_id``. The vision encoder and each cross-attention layer's
+    K/V run once, on the prompt; every decoding step reuses them.
+    """
+    B, T = prompt.shape
+    device = prompt.device
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    cache = model.lm.new_cache(B, T + sampling.max_new_tokens)
+    context = None
+    if images is not None and bool(images.image_mask.any()):
+        context = model.vision_context(prompt, images)
+    hidden = model(prompt, context=context, cache=cache, return_hidden=True)
+    logits = model.lm.output(hidden[:, -1]).float()
+    stops = torch.tensor(sorted(set(stop_ids)), device=device, dtype=torch.long)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for step in range(sampling.max_new_tokens):
+        nxt = sample_next(logits, sampling.temperature, sampling.top_p, generator)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        yield nxt
+        done |= torch.isin(nxt, stops)
+        if bool(done.all()) or step == sampling.max_new_tokens - 1:
+            return
+        logits = model(nxt[:, None], context=context, start_pos=T + step, cache=cache)[:, -1]
+
+
+def generate_ids(model, prompt: Tensor, images=None, sampling=SamplingConfig(), stop_ids=()) -> list[list[int]]:
+    """All generated ids per row, each cut after its first stop id (the stop id itself dropped)."""
+    stops = set(stop_ids)
+    rows: list[list[int]] = [[] for _ in range(prompt.shape[0])]
+    finished = [False] * prompt.shape[0]
+    for nxt in generate(model, prompt, images, sampling, stops):
+        for b, t in enumerate(nxt.tolist()):
+            if not finished[b]:
+                if t in stops:
+                    finished[b] = True
+                else:
+                    rows[b].append(t)
+    return rows
+
+
+def stream_text(tokenizer, ids: Iterable[int], stop_ids: Iterable[int] = ()) -> Iterator[str]:
+    """Decode a token stream into text pieces; bytes of an unfinished UTF-8 character are held back."""
+    stops = set(stop_ids)
+    pending = b""
+    for t in ids:
+        if t in stops:
+            break
+        pending += tokenizer.decode_bytes([t])
+        try:
+            text = pending.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if e.reason == "unexpected end of data":  # wait for the rest of the character
+                text = pending[: e.start].decode("utf-8")
+                pending = pending[e.start :]
+                if text:
+                    yield text
+                continue
+            text = pending.decode("utf-8", errors="replace")
+        pending = b""
+        if text:
+            yield text
+    if pending:
+        yield pending.decode("utf-8", errors="replace")

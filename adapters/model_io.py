@@ -1,0 +1,95 @@
+"""Our own multimodal checkpoint: ``config.json`` + ``model.safetensors`` (+ ``tokenizer.model``).
+
+With ``lm_path`` the frozen LM is not copied (it is bitwise the checkpoint it came from): the
+directory then holds the adapter, encoder and projector only, and records where the LM lives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from adapters.checkpoint import CheckpointError, load_llama, load_state_dict_strict
+from adapters.llama import Llama, LlamaConfig, RopeScaling
+from adapters.multimodal import MultimodalConfig, MultimodalLlama
+from vision.encoder import VisionEncoderConfig
+
+FORMAT = "llama3-mm/1"
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _strict(cls, d: dict, where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise CheckpointError(f"{where}: unknown keys {sorted(unknown)}")
+    return d
+
+
+def config_from_dict(d: dict, where: str = "config.json") -> MultimodalConfig:
+    """Strict inverse of ``config_to_dict``: unknown keys anywhere are an error naming them."""
+    d = dict(_strict(MultimodalConfig, d, where))
+    lm = dict(_strict(LlamaConfig, d["lm"], f"{where}: lm"))
+    if lm.get("rope_scaling") is not None:
+        lm["rope_scaling"] = RopeScaling(**_strict(RopeScaling, lm["rope_scaling"], f"{where}: lm.rope_scaling"))
+    vision = dict(_strict(VisionEncoderConfig, d["vision"], f"{where}: vision"))
+    vision["taps"] = tuple(vision["taps"])
+    d["lm"], d["vision"] = LlamaConfig(**lm), VisionEncoderConfig(**vision)
+    return MultimodalConfig(**d)
+
+
+def save_checkpoint(
+    model: MultimodalLlama, out_dir: str | Path, tokenizer_path: str | Path | None = None, lm_path: str | None = None
+) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if lm_path is not None:
+        sd = {k: v for k, v in sd.items() if not k.startswith("lm.")}
+    meta = {"format": FORMAT, "lm_path": lm_path, "config": config_to_dict(model.cfg)}
+    (out / "config.json").write_text(json.dumps(meta, indent=2))
+    save_file(sd, str(out / "model.safetensors"))
+    if tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, out / "tokenizer.model")
+    return out
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> MultimodalLlama:
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise CheckpointError(f"{path}: no config.json")
+    meta = json.loads(cfg_file.read_text())
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{cfg_file}: format {meta.get('format')!r} is not {FORMAT!r}")
+    cfg = config_from_dict(meta["config"], str(cfg_file))
+    sd = load_file(str(path / "model.safetensors"))
+    lm: Llama | None = None
+    if meta.get("lm_path"):
+        lm = load_llama(meta["lm_path"], dtype)
+        if lm.cfg != cfg.lm:
+            raise CheckpointError(f"{cfg_file}: lm_path {meta['lm_path']} has config {lm.cfg}, expected {cfg.lm}")
+        sd.update({f"lm.{k}": v for k, v in lm.state_dict().items()})
+    with torch.device("meta"):
+        model = MultimodalLlama(cfg, Llama(cfg.lm))
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    load_state_dict_strict(model, sd, str(path))
+    model.lm.inv_freq = lm.inv_freq if lm is not None else _inv_freq(cfg.lm)
+    model.lm.freeze()
+    return model
+
+
+def _inv_freq(cfg: LlamaConfig) -> torch.Tensor:
+    from adapters.llama import rope_frequencies
+
+    return rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)

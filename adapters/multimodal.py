@@ -1,0 +1,185 @@
+"""The composed image model: frozen Llama + image encoder + projector + gated cross-attention layers.
+
+Token stream: ids below ``lm.vocab_size`` use the frozen embedding table; ids at or above it use
+``learnable_embedding`` (8 rows, as released). ``<|image|>`` enters the model as ``vocab_size``
+(128256 for Llama 3), never as a prediction target: the LM head keeps its ``vocab_size`` rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor, nn
+
+from adapters.cross_attention import CrossAttentionBlock, expand_vision_mask, fusion_schedule, text_image_mask
+from adapters.llama import KVCache, Llama, LlamaConfig, build_attention_mask, build_llama, llama_config
+from vision.encoder import VisionEncoderConfig, VisionProjector, build_vision_encoder, vision_config
+
+
+@dataclass(frozen=True)
+class MultimodalConfig:
+    lm: LlamaConfig = field(default_factory=lambda: llama_config("8B"))
+    vision: VisionEncoderConfig = field(default_factory=lambda: vision_config("vit_h14"))
+    xattn_every: int = 4  # "after every 4th self-attention layer" (sec. 7.3)
+    n_learnable_embeddings: int = 8  # released: max(model-parallel size, 8) extra rows; row 0 = <|image|>
+    train_vision: bool = True  # the paper updates the image encoder; False freezes it too
+
+    @property
+    def n_xattn(self) -> int:
+        return self.lm.n_layers // self.xattn_every
+
+    @property
+    def image_token_id(self) -> int:
+        return self.lm.vocab_size
+
+
+MULTIMODAL_PRESETS: dict[str, MultimodalConfig] = {
+    "tiny": MultimodalConfig(lm=llama_config("tiny"), vision=vision_config("tiny"), xattn_every=2),
+    "11B": MultimodalConfig(lm=llama_config("8B"), vision=vision_config("vit_h14", tile_size=560)),
+    "90B": MultimodalConfig(lm=llama_config("70B"), vision=vision_config("vit_h14", tile_size=560)),
+    # Not released; the paper says the 405B adapter adds about 100B parameters (sec. 7.3).
+    "405B": MultimodalConfig(lm=llama_config("405B"), vision=vision_config("vit_h14", tile_size=336)),
+}
+
+
+def multimodal_config(name: str, **overrides) -> MultimodalConfig:
+    if name not in MULTIMODAL_PRESETS:
+        raise KeyError(f"unknown multimodal preset {name!r}; choose from {sorted(MULTIMODAL_PRESETS)}")
+    return replace(MULTIMODAL_PRESETS[name], **overrides)
+
+
+@dataclass
+class ImageBatch:
+    """Images of a batch: tiles (B, I, tiles, 3, S, S), layouts (B, I, 2), tile_mask (B, I, tiles),
+    image_mask (B, I) (False for padding image slots; rows may hold no image at all)."""
+
+    tiles: Tensor
+    layouts: Tensor
+    tile_mask: Tensor
+    image_mask: Tensor
+
+    @classmethod
+    def from_collated(cls, batch: dict) -> "ImageBatch":
+        return cls(batch["tiles"], batch["layouts"], batch["tile_mask"], batch["image_mask"])
+
+    def to(self, device) -> "ImageBatch":
+        return ImageBatch(*(t.to(device) for t in (self.tiles, self.layouts, self.tile_mask, self.image_mask)))
+
+
+@dataclass
+class VisionContext:
+    """What every cross-attention layer needs, computed once per batch (and once per generation)."""
+
+    kv: list[tuple[Tensor, Tensor]]  # per cross-attention layer, (B, kv_heads, N_vis, head_dim)
+    text_image: Tensor  # (B, T, I) bool: which text positions see which image
+    tile_mask: Tensor  # (B, I, tiles)
+    tokens_per_tile: int
+
+
+class MultimodalLlama(nn.Module):
+    def __init__(self, cfg: MultimodalConfig, lm: Llama | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.lm = (lm if lm is not None else Llama(cfg.lm)).freeze()
+        self.vision = build_vision_encoder(cfg.vision)
+        self.projector = VisionProjector(cfg.vision.out_dim, cfg.lm.dim)
+        self.learnable_embedding = nn.Embedding(cfg.n_learnable_embeddings, cfg.lm.dim)
+        self.schedule = fusion_schedule(cfg.lm.n_layers, cfg.n_xattn)
+        self.cross_attention_layers = nn.ModuleList(CrossAttentionBlock(cfg.lm) for _ in self.schedule)
+        self._xattn_at = {layer: i for i, layer in enumerate(self.schedule)}
+        if not cfg.train_vision:
+            self.vision.freeze()
+
+    # -- pieces --------------------------------------------------------------------------------
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """Frozen rows for ids < vocab, learnable rows for the image token and the other new ids."""
+        vocab = self.cfg.lm.vocab_size
+        extra = tokens >= vocab
+        h = self.lm.tok_embeddings(tokens.clamp(max=vocab - 1))
+        if extra.any():
+            learn = self.learnable_embedding((tokens - vocab).clamp(min=0))
+            h = torch.where(extra[..., None], learn.to(h.dtype), h)
+        return h
+
+    def encode_images(self, images: ImageBatch) -> Tensor:
+        """-> projected vision tokens (B, I * tiles * N, D); padding image slots stay zero (masked anyway)."""
+        B, I = images.image_mask.shape
+        real = images.image_mask.flatten()
+        feats = self.vision(images.tiles.flatten(0, 1)[real], images.layouts.flatten(0, 1)[real],
+                            images.tile_mask.flatten(0, 1)[real])
+        feats = self.projector(feats)  # (n_real, tiles, N, D): only real images go through the encoder
+        out = feats.new_zeros(B * I, *feats.shape[1:])
+        out[real] = feats
+        return out.reshape(B, -1, feats.shape[-1])
+
+    def vision_context(self, tokens: Tensor, images: ImageBatch) -> VisionContext:
+        vis = self.encode_images(images).to(self.lm.tok_embeddings.weight.dtype)
+        kv = [blk.attention.vision_kv(vis) for blk in self.cross_attention_layers]
+        tokens_per_tile = vis.shape[1] // (images.tile_mask.shape[1] * images.tile_mask.shape[2])
+        text_image = text_image_mask(tokens, self.cfg.image_token_id, images.image_mask)
+        return VisionContext(kv, text_image, images.tile_mask, tokens_per_tile)
+
+    # -- forward -------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        tokens: Tensor,
+        images: ImageBatch | None = None,
+        *,
+        context: VisionContext | None = None,
+        start_pos: int = 0,
+        cache: list[KVCache] | None = None,
+        return_hidden: bool = False,
+    ) -> Tensor:
+        """tokens (B, T) -> logits (B, T, vocab) fp32.
+
+        With no image in the batch the cross-attention layers are skipped entirely (text-only cost).
+        For cached decoding pass ``context`` (from ``vision_context`` on the prompt) and ``start_pos``.
+        """
+        if context is None and images is not None and bool(images.image_mask.any()):
+            context = self.vision_context(tokens, images)
+        T = tokens.shape[1]
+        h = self.embed(tokens)
+        cos, sin = self.lm.rope(T, start_pos)
+        mask = build_attention_mask(T, start_pos, device=tokens.device)
+        xmask = row_mask = None
+        if context is not None:
+            text_image = context.text_image
+            if start_pos:  # decoding: new tokens see what the last prompt token saw
+                text_image = text_image[:, -1:].expand(-1, T, -1)
+            xmask, row_mask = expand_vision_mask(text_image, context.tile_mask, context.tokens_per_tile)
+            row_mask = row_mask.to(h.dtype)
+        for i, layer in enumerate(self.lm.layers):
+            if context is not None and i in self._xattn_at:
+                j = self._xattn_at[i]
+                h = self.cross_attention_layers[j](h, context.kv[j], xmask, row_mask)
+            h = layer(h, cos, sin, mask, cache[i] if cache is not None else None, start_pos)
+        h = self.lm.norm(h)
+        return h if return_hidden else self.lm.output(h).float()
+
+    # -- training helpers ----------------------------------------------------------------------
+
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True) -> "MultimodalLlama":
+        super().train(mode)
+        self.lm.eval()  # frozen LM: always eval
+        if not self.cfg.train_vision:
+            self.vision.eval()
+        return self
+
+
+def build_multimodal(cfg: MultimodalConfig | str, lm: Llama | None = None) -> MultimodalLlama:
+    """Build the composed model; a fresh one gives exactly the frozen LM's logits (zero gates)."""
+    if isinstance(cfg, str):
+        cfg = multimodal_config(cfg)
+    if lm is None:
+        lm = build_llama(cfg.lm)
+    elif lm.cfg != cfg.lm:
+        raise ValueError(f"the given LM's config {lm.cfg} differs from cfg.lm {cfg.lm}")
+    # New layers keep PyTorch's fan-in scaled init: the zero gates already make them the identity, and a
+    # fixed N(0, 0.02) is far too small for narrow test models (slow start through SwiGLU's 3 matrices).
+    return MultimodalLlama(cfg, lm)
