@@ -63,6 +63,15 @@ class ImageBatch:
     def from_collated(cls, batch: dict) -> "ImageBatch":
         return cls(batch["tiles"], batch["layouts"], batch["tile_mask"], batch["image_mask"])
 
+    def trimmed(self) -> "ImageBatch":
+        """Drop tile slots that no image in the batch uses (a batch of 1-tile images encodes 1 tile, not 4).
+
+        For training our own models; released weights were trained with padded tiles present, which real
+        tokens attend to in the encoder, so inference that must match them bit for bit keeps all slots.
+        """
+        n = max(1, int(self.tile_mask.sum(-1).max()))
+        return ImageBatch(self.tiles[:, :, :n], self.layouts, self.tile_mask[:, :, :n], self.image_mask)
+
     def to(self, device) -> "ImageBatch":
         return ImageBatch(*(t.to(device) for t in (self.tiles, self.layouts, self.tile_mask, self.image_mask)))
 
@@ -85,6 +94,9 @@ class MultimodalLlama(nn.Module):
         self.vision = build_vision_encoder(cfg.vision)
         self.projector = VisionProjector(cfg.vision.out_dim, cfg.lm.dim)
         self.learnable_embedding = nn.Embedding(cfg.n_learnable_embeddings, cfg.lm.dim)
+        with torch.no_grad():  # new rows on the scale of the frozen table, not N(0, 1) outliers
+            if self.lm.tok_embeddings.weight.device.type != "meta":
+                self.learnable_embedding.weight.normal_(0.0, float(self.lm.tok_embeddings.weight.std()))
         self.schedule = fusion_schedule(cfg.lm.n_layers, cfg.n_xattn)
         self.cross_attention_layers = nn.ModuleList(CrossAttentionBlock(cfg.lm) for _ in self.schedule)
         self._xattn_at = {layer: i for i, layer in enumerate(self.schedule)}

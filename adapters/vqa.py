@@ -78,7 +78,7 @@ class VQAEncoder:
         return tokens, labels, self.images(records)
 
     def images(self, records: list[VQARecord]) -> ImageBatch:
-        return ImageBatch.from_collated(collate_tiled([[self.tiled(r.image)] for r in records]))
+        return ImageBatch.from_collated(collate_tiled([[self.tiled(r.image)] for r in records])).trimmed()
 
 
 def train_vqa(model: MultimodalLlama, enc: VQAEncoder, records: list[VQARecord], cfg: VQATrainConfig,
