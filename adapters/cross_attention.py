@@ -29,6 +29,17 @@ def fusion_schedule(n_layers: int, n_xattn: int) -> list[int]:
     return list(range(n_layers))[::-1][::k][:n_xattn][::-1]
 
 
+def xattn_schedule(n_layers: int, every: int) -> list[int]:
+    """Our placement: one block per ``every`` LM layers, ``n_layers // every`` blocks, counted from the top.
+
+    Equals the released ``fusion_schedule`` for 32 and 80 layers ([3, 7, ..., 31], [3, ..., 79]) and
+    extends it to depths that ``every`` does not divide: 126 layers (405B) -> 31 blocks [5, 9, ..., 125].
+    """
+    if not 0 < every <= n_layers:
+        raise ValueError(f"xattn_every must be in [1, n_layers={n_layers}], got {every}")
+    return list(range(n_layers))[::-1][::every][: n_layers // every][::-1]
+
+
 class CrossAttention(nn.Module):
     """Text queries attend to projected vision tokens; GQA like the LM, q/k RMSNorm, no RoPE."""
 

@@ -16,6 +16,7 @@ The mapping follows notes/mllama.md sec. 2 (HF's ``convert_mllama_weights_to_hf.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -33,7 +34,7 @@ from adapters.checkpoint import (
     meta_ffn_dim,
     read_safetensors_dir,
 )
-from adapters.cross_attention import fusion_schedule
+from adapters.cross_attention import fusion_schedule, xattn_schedule
 from adapters.llama import Llama, LlamaConfig, rope_frequencies
 from adapters.model_io import FORMAT as OUR_FORMAT, load_checkpoint as load_our_checkpoint
 from adapters.multimodal import MultimodalConfig, MultimodalLlama
@@ -56,13 +57,13 @@ def unrolled_cross_attention_layers(n_layers: int, n_xattn: int) -> list[int]:
 
 
 def _xattn_every(n_layers: int, n_xattn: int, field_name: str, source: str) -> int:
-    """The ``MultimodalConfig.xattn_every`` that gives ``n_xattn`` blocks over ``n_layers`` layers."""
-    for every in range(1, n_layers + 1):
-        if n_layers // every == n_xattn:
-            return every
+    """The ``MultimodalConfig.xattn_every`` whose schedule is the released one for ``n_xattn`` blocks."""
+    every = math.ceil(n_layers / n_xattn)
+    if n_layers // every == n_xattn and xattn_schedule(n_layers, every) == fusion_schedule(n_layers, n_xattn):
+        return every
     raise CheckpointError(
         f"{source}: {field_name}: {n_xattn} cross-attention layers over {n_layers} self-attention layers "
-        "is not expressible as n_layers // xattn_every"
+        "is not expressible as one block every xattn_every layers"
     )
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor, nn
 
-from adapters.cross_attention import CrossAttentionBlock, expand_vision_mask, fusion_schedule, text_image_mask
+from adapters.cross_attention import CrossAttentionBlock, expand_vision_mask, text_image_mask, xattn_schedule
 from adapters.llama import KVCache, Llama, LlamaConfig, build_attention_mask, build_llama, llama_config
 from vision.encoder import VisionEncoderConfig, VisionProjector, build_vision_encoder, vision_config
 
@@ -97,7 +97,7 @@ class MultimodalLlama(nn.Module):
         with torch.no_grad():  # new rows on the scale of the frozen table, not N(0, 1) outliers
             if self.lm.tok_embeddings.weight.device.type != "meta":
                 self.learnable_embedding.weight.normal_(0.0, float(self.lm.tok_embeddings.weight.std()))
-        self.schedule = fusion_schedule(cfg.lm.n_layers, cfg.n_xattn)
+        self.schedule = xattn_schedule(cfg.lm.n_layers, cfg.xattn_every)
         self.cross_attention_layers = nn.ModuleList(CrossAttentionBlock(cfg.lm) for _ in self.schedule)
         self._xattn_at = {layer: i for i, layer in enumerate(self.schedule)}
         if not cfg.train_vision:

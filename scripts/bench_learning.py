@@ -17,7 +17,7 @@ import torch
 
 from adapters.vqa import run_vqa_benchmark
 
-DEFAULT_STEPS = {"image": 600}
+DEFAULT_STEPS = {"image": 1500}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from adapters.cross_attention import fusion_schedule, image_intervals
+from adapters.cross_attention import fusion_schedule, image_intervals, xattn_schedule
 from adapters.generation import SamplingConfig, generate, generate_ids, sample_next
 from adapters.multimodal import ImageBatch, build_multimodal, multimodal_config
 from adapters.task import ImageTextTask, build_param_groups, shift_targets
@@ -65,6 +65,8 @@ def test_fresh_model_gives_exactly_the_frozen_lm_logits(model):
 def test_schedule_reproduces_release():
     assert fusion_schedule(32, 8) == [3, 7, 11, 15, 19, 23, 27, 31]
     assert fusion_schedule(80, 20) == list(range(3, 80, 4))
+    assert xattn_schedule(32, 4) == fusion_schedule(32, 8) and xattn_schedule(80, 4) == fusion_schedule(80, 20)
+    assert xattn_schedule(126, 4) == list(range(5, 126, 4))  # 405B: 31 blocks
     m = multimodal_config("11B")
     assert m.n_xattn == 8 and multimodal_config("90B").n_xattn == 20
 
