@@ -24,7 +24,7 @@ from data_curation.synthetic_vqa import save_vqa_set
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-show", type=int, default=40, help="held-out answers to print (all are scored)")
     args = p.parse_args(argv)
