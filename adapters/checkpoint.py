@@ -241,13 +241,25 @@ def split_meta_shards(sd: dict[str, Tensor], n_shards: int) -> list[dict[str, Te
 # Reading files
 
 
-def read_safetensors_dir(path: Path) -> dict[str, Tensor]:
-    """All tensors of an HF directory: a single ``*.safetensors`` file or an indexed set of shards."""
+def read_safetensors_file(f: Path) -> dict[str, Tensor]:
+    """One safetensors file; a missing or unreadable one is a CheckpointError naming it."""
     from safetensors.torch import load_file
 
+    if not f.is_file():
+        raise CheckpointError(f"{f}: not found")
+    try:
+        return load_file(str(f))
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{f}: cannot read safetensors ({e})") from e
+
+
+def read_safetensors_dir(path: Path) -> dict[str, Tensor]:
+    """All tensors of an HF directory: a single ``*.safetensors`` file or an indexed set of shards."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no 'weight_map' object")
         files = sorted(set(weight_map.values()))
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))
@@ -258,10 +270,7 @@ def read_safetensors_dir(path: Path) -> dict[str, Tensor]:
         f = path / name
         if not f.exists():
             raise CheckpointError(f"{f}: listed in model.safetensors.index.json but missing")
-        try:
-            part = load_file(str(f))
-        except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f"{f}: cannot read safetensors ({e})") from e
+        part = read_safetensors_file(f)
         dup = set(part) & set(sd)
         if dup:
             raise CheckpointError(f"{f}: keys already loaded from another shard: {sorted(dup)[:5]}")
@@ -273,19 +282,34 @@ def read_safetensors_dir(path: Path) -> dict[str, Tensor]:
     return sd
 
 
-def read_meta_dir(path: Path) -> tuple[dict, dict[str, Tensor]]:
-    """params.json and the merged ``consolidated.NN.pth`` shards of a Meta checkpoint directory."""
-    params_file = path / "params.json"
-    params = json.loads(params_file.read_text())
-    files = sorted(path.glob("consolidated.*.pth"))
+def read_json(path: Path) -> dict:
+    """A JSON config file; a missing or malformed one is a CheckpointError naming it."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+
+
+def load_meta_shards(path: Path) -> tuple[list[Path], list[dict[str, Tensor]]]:
+    """``consolidated.pth`` or ``consolidated.NN.pth`` files of a Meta directory, read with weights_only."""
+    files = sorted(path.glob("consolidated*.pth"))
     if not files:
-        raise CheckpointError(f"{path}: no consolidated.*.pth files next to params.json")
+        raise CheckpointError(f"{path}: no consolidated*.pth files next to params.json")
     shards = []
     for f in files:
         try:
             shards.append(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
-        except Exception as e:
+        except Exception as e:  # torch raises several error types for bad files
             raise CheckpointError(f"{f}: cannot load with weights_only=True ({e})") from e
+    return files, shards
+
+
+def read_meta_dir(path: Path) -> tuple[dict, dict[str, Tensor]]:
+    """params.json and the merged ``consolidated*.pth`` shards of a Meta checkpoint directory."""
+    params = read_json(path / "params.json")
+    files, shards = load_meta_shards(path)
     sd = merge_meta_shards(shards, files)
     sd.pop("rope.freqs", None)  # derived RoPE table stored by some Meta checkpoints
     return params, sd
@@ -340,7 +364,7 @@ def load_llama(path: str | Path, dtype: torch.dtype | None = None) -> Llama:
         params, sd = read_meta_dir(path)
         cfg = config_from_meta_params(params, str(path / "params.json"))
         return llama_from_state_dict(cfg, sd, str(path), dtype)
-    cfg = config_from_hf(json.loads((path / "config.json").read_text()), str(path / "config.json"))
+    cfg = config_from_hf(read_json(path / "config.json"), str(path / "config.json"))
     sd = hf_to_meta_state_dict(read_safetensors_dir(path), cfg, str(path))
     return llama_from_state_dict(cfg, sd, str(path), dtype)
 

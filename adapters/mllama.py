@@ -27,6 +27,8 @@ from torch import Tensor
 
 from adapters.checkpoint import (
     CheckpointError,
+    load_meta_shards,
+    read_json,
     config_from_hf,
     config_from_meta_params,
     hf_to_meta_rope,
@@ -415,7 +417,7 @@ def load_mllama(path: str | Path, dtype: torch.dtype | None = None) -> Multimoda
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise CheckpointError(f"{path}: no config.json")
-    hf_config = json.loads(cfg_file.read_text())
+    hf_config = read_json(cfg_file)
     cfg = mllama_config_from_hf(hf_config, str(cfg_file))
     ckpt, show = _legacy_hf_keys(read_safetensors_dir(path), str(path))
     embed = ckpt.get("language_model.model.embed_tokens.weight")
@@ -574,16 +576,8 @@ def load_meta_vision(
     params_file = path / "params.json"
     if not params_file.exists():
         raise CheckpointError(f"{path}: no params.json")
-    cfg = mllama_config_from_meta(json.loads(params_file.read_text()), vision_config, str(params_file))
-    files = sorted(path.glob("consolidated*.pth"))
-    if not files:
-        raise CheckpointError(f"{path}: no consolidated*.pth files next to params.json")
-    shards = []
-    for f in files:
-        try:
-            shards.append(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
-        except Exception as e:  # torch raises several error types for bad files
-            raise CheckpointError(f"{f}: cannot load with weights_only=True ({e})") from e
+    cfg = mllama_config_from_meta(read_json(params_file), vision_config, str(params_file))
+    files, shards = load_meta_shards(path)
     ckpt = _merge_shards(shards, files)
     ckpt.pop("text_model.rope.freqs", None)  # derived RoPE table
     learnable = ckpt.get("text_model.learnable_embedding.weight")
@@ -635,7 +629,7 @@ def load_multimodal_checkpoint(
         raise CheckpointError(f"{path}: neither params.json (Meta layout) nor config.json (HF or ours) found")
     if vision_config is not None:
         raise CheckpointError(f"{path}: vision_config is for Meta's layout only; config.json has the sizes")
-    config = json.loads(cfg_file.read_text())
+    config = read_json(cfg_file)
     if config.get("model_type") == "mllama":
         return load_mllama(path, dtype)
     if config.get("format") == OUR_FORMAT:

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from adapters.checkpoint import CheckpointError, load_llama, load_state_dict_strict
-from adapters.llama import Llama, LlamaConfig, RopeScaling
+from adapters.checkpoint import CheckpointError, load_llama, load_state_dict_strict, read_json, read_safetensors_file
+from adapters.llama import Llama, LlamaConfig, RopeScaling, rope_frequencies
 from adapters.multimodal import MultimodalConfig, MultimodalLlama
 from vision.encoder import VisionEncoderConfig
 
@@ -38,6 +38,9 @@ def _strict(cls, d: dict, where: str):
 def config_from_dict(d: dict, where: str = "config.json") -> MultimodalConfig:
     """Strict inverse of ``config_to_dict``: unknown keys anywhere are an error naming them."""
     d = dict(_strict(MultimodalConfig, d, where))
+    for key in ("lm", "vision"):
+        if not isinstance(d.get(key), dict):
+            raise CheckpointError(f"{where}: missing the {key!r} section")
     lm = dict(_strict(LlamaConfig, d["lm"], f"{where}: lm"))
     if lm.get("rope_scaling") is not None:
         lm["rope_scaling"] = RopeScaling(**_strict(RopeScaling, lm["rope_scaling"], f"{where}: lm.rope_scaling"))
@@ -65,14 +68,14 @@ def save_checkpoint(
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> MultimodalLlama:
     path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.exists():
-        raise CheckpointError(f"{path}: no config.json")
-    meta = json.loads(cfg_file.read_text())
+    cfg_file, weights = path / "config.json", path / "model.safetensors"
+    meta = read_json(cfg_file)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{cfg_file}: format {meta.get('format')!r} is not {FORMAT!r}")
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{cfg_file}: no 'config' object")
     cfg = config_from_dict(meta["config"], str(cfg_file))
-    sd = load_file(str(path / "model.safetensors"))
+    sd = read_safetensors_file(weights)
     lm: Llama | None = None
     if meta.get("lm_path"):
         lm = load_llama(meta["lm_path"], dtype)
@@ -84,12 +87,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> Multi
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     load_state_dict_strict(model, sd, str(path))
-    model.lm.inv_freq = lm.inv_freq if lm is not None else _inv_freq(cfg.lm)
+    model.lm.inv_freq = rope_frequencies(cfg.lm.head_dim, cfg.lm.rope_theta, cfg.lm.rope_scaling)
     model.lm.freeze()
     return model
 
-
-def _inv_freq(cfg: LlamaConfig) -> torch.Tensor:
-    from adapters.llama import rope_frequencies
-
-    return rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     encoder = build_vision_encoder(cfg).eval()
     with torch.no_grad():
         feats = encoder(batch["tiles"][:, 0], batch["layouts"][:, 0], batch["tile_mask"][:, 0])
-        lm_dim = args.lm_dim or 4096 if args.preset != "tiny" else (args.lm_dim or 64)
+        lm_dim = args.lm_dim or (64 if args.preset == "tiny" else 4096)  # tiny LM / Llama 3 8B width
         projected = VisionProjector(cfg.out_dim, lm_dim)(feats)
 
     out = Path(args.out) if args.out else Path(args.image).with_name(Path(args.image).stem + "_tiles.png")

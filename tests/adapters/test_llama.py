@@ -8,7 +8,7 @@ import torch
 from adapters.checkpoint import CheckpointError, load_llama, save_meta_checkpoint
 from adapters.llama import build_llama, llama_config
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (dev dependency: the independent reference)
 
 HF_CONFIG = dict(
     vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,

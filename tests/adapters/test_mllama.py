@@ -25,7 +25,6 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-pytest.importorskip("transformers")  # dev dependency, pinned to 4.54.1 (the numerical reference)
 
 from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessor  # noqa: E402
 from transformers.models.mllama.image_processing_mllama import get_all_supported_aspect_ratios  # noqa: E402
@@ -35,6 +34,7 @@ from transformers.models.mllama.processing_mllama import (  # noqa: E402
 )
 
 from adapters.checkpoint import CheckpointError, read_safetensors_dir  # noqa: E402
+from tests.hf_reference import precompute_tile_table  # noqa: E402
 from adapters.mllama import (  # noqa: E402
     grid_to_tile_table,
     load_meta_vision,
@@ -72,16 +72,6 @@ def _hf_config() -> MllamaConfig:
     return MllamaConfig(text_config=text, vision_config=vision, image_token_index=V)
 
 
-def _precomputed_table(grid: torch.Tensor) -> torch.Tensor:
-    """HF's converter (``pre_compute_positional_embedding``), written independently of adapters.mllama."""
-    T, _, N, W = grid.shape
-    ratios = get_all_supported_aspect_ratios(T)
-    table = torch.zeros(len(ratios) + 1, T, N, W)
-    for i, (h, w) in enumerate(ratios):
-        table[i + 1, : h * w] = grid[:h, :w].reshape(h * w, N, W)
-    return table.flatten(1)
-
-
 def _make_release_like(model: MllamaForConditionalGeneration) -> None:
     g = torch.Generator().manual_seed(1)
     vm = model.model.vision_model
@@ -97,7 +87,7 @@ def _make_release_like(model: MllamaForConditionalGeneration) -> None:
                                (vm.pre_tile_positional_embedding.embedding, 1),
                                (vm.post_tile_positional_embedding.embedding, 1)):
             grid = torch.randn(4, 4, tokens, W, generator=g) * 0.5
-            module.weight.copy_(_precomputed_table(grid))
+            module.weight.copy_(precompute_tile_table(grid))
 
 
 @pytest.fixture(scope="module")
@@ -332,7 +322,7 @@ def test_dispatcher_reads_hf(hf, ours):
 
 def test_tile_table_inversion():
     grid = torch.randn(4, 4, 3, 5)
-    table = _precomputed_table(grid)
+    table = precompute_tile_table(grid)
     assert torch.equal(grid_to_tile_table(grid), table)
     back = tile_table_to_grid(table, 4, 3, 5, "t")
     reachable = torch.zeros(4, 4, dtype=torch.bool)

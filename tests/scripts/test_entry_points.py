@@ -45,3 +45,26 @@ def test_checkpoint_round_trip_and_demo_streams_an_answer(tmp_path, capsys):
     assert code == 0 and capsys.readouterr().out.endswith("\n")
     assert demo_vqa.main(["--image", str(tmp_path / "nope.png"), "--question", "q", "--checkpoint", str(ckpt)]) == 2
     assert "nope.png" in capsys.readouterr().err
+
+
+def test_bad_checkpoint_directories_raise_named_errors(tmp_path):
+    from adapters.checkpoint import CheckpointError
+    import pytest
+
+    with pytest.raises(CheckpointError, match="config.json: not found"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"format": "llama3-mm/1", "config": {"lm": {}}}))
+    with pytest.raises(CheckpointError, match="'vision' section"):
+        load_checkpoint(tmp_path)
+
+
+def test_model_packages_import_no_launcher_or_distributed_code():
+    root = Path(__file__).resolve().parents[2]
+    for pkg in ("adapters", "vision", "video", "speech", "data_curation"):
+        for f in (root / pkg).rglob("*.py"):
+            text = f.read_text()
+            for banned in ("import deepspeed", "from deepspeed", "torch.distributed", "from scripts", "import scripts"):
+                assert banned not in text, f"{f.relative_to(root)} uses {banned!r}"

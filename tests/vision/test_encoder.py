@@ -6,6 +6,8 @@ import open_clip
 import pytest
 import torch
 
+from tests.hf_reference import precompute_tile_table
+
 from vision.encoder import VisionProjector, build_vision_encoder, vision_config
 from vision.encoder_layers import encoder_attention_mask
 
@@ -151,18 +153,6 @@ def test_real_tokens_see_padded_tiles():
     assert not torch.allclose(base[:, :2], changed[:, :2], atol=1e-4)
 
 
-def _precompute(table):
-    """Meta [T, T, n, D] tile table -> HF per-aspect-ratio rows (the HF converter's logic)."""
-    from transformers.models.mllama.image_processing_mllama import get_all_supported_aspect_ratios
-
-    T, _, n, dim = table.shape
-    ratios = get_all_supported_aspect_ratios(T)
-    out = torch.zeros(len(ratios) + 1, T, n, dim)
-    for i, (h, w) in enumerate(ratios):
-        out[i + 1, : h * w] = table[:h, :w].reshape(h * w, n, dim)
-    return out.flatten(1)
-
-
 def _to_hf_state_dict(model):
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     hf = {
@@ -170,13 +160,13 @@ def _to_hf_state_dict(model):
         "patch_embedding.weight": sd["conv1.weight"],
         "gated_positional_embedding.embedding": sd["positional_embedding"],
         "gated_positional_embedding.gate": sd["gated_positional_embedding_gate"],
-        "gated_positional_embedding.tile_embedding.weight": _precompute(sd["gated_positional_embedding"]),
+        "gated_positional_embedding.tile_embedding.weight": precompute_tile_table(sd["gated_positional_embedding"]),
         "layernorm_pre.weight": sd["ln_pre.weight"], "layernorm_pre.bias": sd["ln_pre.bias"],
         "layernorm_post.weight": sd["ln_post.weight"], "layernorm_post.bias": sd["ln_post.bias"],
     }
     for ours, theirs in [("pre_tile_pos_embed", "pre_tile_positional_embedding"),
                          ("post_tile_pos_embed", "post_tile_positional_embedding")]:
-        hf[f"{theirs}.embedding.weight"] = _precompute(sd[f"{ours}.embedding"])
+        hf[f"{theirs}.embedding.weight"] = precompute_tile_table(sd[f"{ours}.embedding"])
         hf[f"{theirs}.gate"] = sd[f"{ours}.gate"]
     for stack, n in [("transformer", TINY.layers), ("global_transformer", TINY.n_global_layers)]:
         for i in range(n):
@@ -195,13 +185,10 @@ def _to_hf_state_dict(model):
 
 def test_matches_hf_mllama_vision_model(tower_ckpt):
     """Full released semantics (tile tables, gates, mask quirk, padding, taps, interleave) vs HF 4.54."""
-    transformers = pytest.importorskip("transformers")
     from transformers.models.mllama.configuration_mllama import MllamaVisionConfig
     from transformers.models.mllama.image_processing_mllama import get_all_supported_aspect_ratios
     from transformers.models.mllama.modeling_mllama import MllamaVisionModel
 
-    if not transformers.__version__.startswith("4.54"):
-        pytest.skip("HF >= 4.55 takes the taps one block later (notes/mllama.md 1.2)")
     model = build_vision_encoder(vision_config("tiny", pretrained=tower_ckpt[1])).eval()
     _randomize_gates(model)
     with torch.no_grad():  # Meta/HF attention has no biases

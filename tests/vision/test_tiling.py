@@ -19,7 +19,7 @@ from vision.tiling import (
     tile_image,
 )
 
-hf_mllama = pytest.importorskip("transformers.models.mllama.image_processing_mllama")
+import transformers.models.mllama.image_processing_mllama as hf_mllama  # noqa: E402
 
 
 def make_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
