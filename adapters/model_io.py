@@ -58,7 +58,11 @@ def save_checkpoint(
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if lm_path is not None:
         sd = {k: v for k, v in sd.items() if not k.startswith("lm.")}
-    meta = {"format": FORMAT, "lm_path": lm_path, "config": config_to_dict(model.cfg)}
+    # The encoder's weights are in this checkpoint: its initial ``pretrained`` source is provenance only
+    # (loading must not need that file or tag again).
+    cfg = dataclasses.replace(model.cfg, vision=dataclasses.replace(model.cfg.vision, pretrained=None))
+    meta = {"format": FORMAT, "lm_path": lm_path, "config": config_to_dict(cfg),
+            "encoder_initialised_from": model.cfg.vision.pretrained}
     (out / "config.json").write_text(json.dumps(meta, indent=2))
     save_file(sd, str(out / "model.safetensors"))
     if tokenizer_path is not None:

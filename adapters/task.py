@@ -40,22 +40,25 @@ class ImageTextTask(nn.Module):
         return {"loss": loss, "n_tokens": n}
 
 
-def build_param_groups(model: MultimodalLlama, lr: float, weight_decay: float = 0.0) -> list[dict]:
+def build_param_groups(model: MultimodalLlama, lr: float, weight_decay: float = 0.0,
+                       encoder_lr_scale: float = 1.0) -> list[dict]:
     """AdamW groups: decay on matrices, none on norms/gates/biases/embedding rows. The LM never appears.
 
-    Asserts every trainable parameter lands in exactly one group and no frozen-LM parameter trains.
+    ``encoder_lr_scale`` multiplies the learning rate of the (pre-trained) image encoder, ``vision.*``;
+    the projector, cross-attention layers and image-token rows use ``lr``. Asserts every trainable
+    parameter lands in exactly one group and no frozen-LM parameter trains.
     """
-    decay, no_decay = [], []
+    buckets: dict[tuple[bool, bool], list] = {(enc, wd): [] for enc in (False, True) for wd in (True, False)}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if name.startswith("lm."):
             raise RuntimeError(f"frozen LM parameter {name} requires grad")
         no_wd = p.dim() < 2 or "embedding" in name or name.endswith(("gate", "gate_attn", "gate_ffwd"))
-        (no_decay if no_wd else decay).append(p)
+        buckets[(name.startswith("vision."), not no_wd)].append(p)
     groups = [
-        {"params": decay, "lr": lr, "weight_decay": weight_decay},
-        {"params": no_decay, "lr": lr, "weight_decay": 0.0},
+        {"params": params, "lr": lr * (encoder_lr_scale if enc else 1.0), "weight_decay": weight_decay if wd else 0.0}
+        for (enc, wd), params in buckets.items()
     ]
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     grouped = [id(p) for g in groups for p in g["params"]]

@@ -83,6 +83,19 @@ def make_vqa_set(n_images: int, seed: int, kinds: tuple[str, ...] = tuple(QUESTI
     return records
 
 
+def caption(facts: dict[str, str]) -> str:
+    """An alt-text-like caption with every fact, e.g. "two red circles on the left"."""
+    noun = facts["shape"] + ("" if facts["count"] == "one" else "s")
+    return f"{facts['count']} {facts['colour']} {noun} on the {facts['side']}"
+
+
+def make_caption_set(n_images: int, seed: int, size: int = 56) -> tuple[list[Image.Image], list[str]]:
+    """``n_images`` scenes with captions: the image-text pairs the encoder is pre-trained on."""
+    rng = random.Random(seed)
+    pairs = [render_scene(rng, size, size) for _ in range(n_images)]
+    return [img for img, _ in pairs], [caption(facts) for _, facts in pairs]
+
+
 def chance_accuracy(records: list[VQARecord]) -> float:
     return sum(1 / len(r.candidates) for r in records) / max(1, len(records))
 

@@ -1,9 +1,10 @@
 """The tiny end-to-end image job (``make demo``): data -> train -> checkpoint -> answers -> accuracy.
 
-    python -m scripts.demo_pipeline [--out runs/demo] [--steps N] [--seed S] [--n-show K]
+    python -m scripts.demo_pipeline [--out runs/demo] [--steps N] [--clip-steps N] [--seed S] [--n-show K]
 
 1. renders the synthetic VQA set (held-out images saved as PNG under OUT/heldout/);
-2. pre-trains and freezes a tiny LM on text, then trains encoder + cross-attention adapter on CPU;
+2. CLIP-pretrains the tiny image encoder on the training captions, pre-trains and freezes a tiny LM on
+   text, then trains encoder + cross-attention adapter on CPU;
 3. saves a checkpoint to OUT/checkpoint and loads it back from disk;
 4. answers every held-out question, printing image path, question, answer and whether it is right;
 5. prints the overall accuracy and writes OUT/report.json.
@@ -24,14 +25,15 @@ from data_curation.synthetic_vqa import save_vqa_set
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--clip-steps", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-show", type=int, default=40, help="held-out answers to print (all are scored)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    metrics, model, enc, test = run_vqa_benchmark(args.steps, args.seed, out)
+    metrics, model, enc, test = run_vqa_benchmark(args.steps, args.seed, out, clip_steps=args.clip_steps)
     ckpt = save_checkpoint(model, out / "checkpoint", tokenizer_path=out / "tokenizer.model")
     save_vqa_set(test, out / "heldout")
 

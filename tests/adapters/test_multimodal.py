@@ -156,6 +156,17 @@ def test_param_groups_cover_trainables_once_and_freeze_switch():
     assert any(n.startswith("projector") for n in grouped) and "learnable_embedding.weight" in grouped
 
 
+def test_encoder_lr_scale_applies_to_vision_parameters_only():
+    m = build_multimodal(multimodal_config("tiny"))
+    names = {id(p): n for n, p in m.named_parameters()}
+    groups = build_param_groups(m, lr=1e-3, weight_decay=0.1, encoder_lr_scale=0.1)
+    for g in groups:
+        in_vision = {names[id(p)].startswith("vision.") for p in g["params"]}
+        assert len(in_vision) == 1  # a group never mixes encoder and adapter parameters
+        assert g["lr"] == pytest.approx(1e-4 if in_vision.pop() else 1e-3)
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in m.parameters())
+
+
 def test_labels_never_target_the_image_token():
     labels = torch.tensor([[1, IMG, 3, 4]])
     assert shift_targets(labels, vocab_size=IMG).tolist() == [[-100, 3, 4, -100]]
