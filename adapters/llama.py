@@ -93,25 +93,21 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -
     return torch.where(wavelen < high_wavelen, inv_freq, scaled)
 
 
-def rope_cos_sin(inv_freq: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-    """cos/sin tables for integer positions (T,) or (B, T) -> (..., T, head_dim/2) in fp32."""
+def rope_table(inv_freq: Tensor, positions: Tensor) -> Tensor:
+    """Unit complex rotations e^{i * pos * freq} for integer positions (T,) or (B, T) -> (..., T, head_dim/2)."""
     angles = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, hd) by the angles in cos/sin.
+def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, hd) by ``rope`` (T, hd/2) or (B, T, hd/2).
 
-    cos/sin are (T, hd/2) or (B, T, hd/2). Computed in fp32 and cast back, as Meta's complex version does.
+    As Meta's ``apply_rotary_emb``: pairs viewed as complex numbers and multiplied, in fp32, cast back
+    (three kernels instead of the eight of the real-valued cos/sin form).
     """
-    if cos.dim() == 2:
-        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    else:
-        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
-    return out.type_as(x)
+    rope = rope[None, :, None, :] if rope.dim() == 2 else rope[:, :, None, :]
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * rope).flatten(-2).type_as(x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,16 +159,16 @@ class Attention(nn.Module):
     def forward(
         self,
         x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
+        rope: Tensor,
         mask: Tensor | None,
         cache: KVCache | None = None,
         start_pos: int = 0,
     ) -> Tensor:
-        """x (B, T, D); mask None means plain causal over the T new tokens; else a bool (B|1, 1, T, S)."""
+        """x (B, T, D); mask None means causal over the T new tokens (nothing to mask for one new token
+        over a cache); else a bool (B|1, 1, T, S)."""
         B, T, _ = x.shape
-        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), rope).transpose(1, 2)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), rope).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(start_pos, k, v)
@@ -204,21 +200,22 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache=None, start_pos=0) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, start_pos)
+    def forward(self, x: Tensor, rope: Tensor, mask: Tensor | None, cache=None, start_pos=0) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, mask, cache, start_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
 def build_attention_mask(
     T: int, start_pos: int = 0, doc_ids: Tensor | None = None, device=None
 ) -> Tensor | None:
-    """Boolean attention mask (B|1, 1, T, start_pos+T), True = may attend; None = plain causal prefill.
+    """Boolean attention mask (B|1, 1, T, start_pos+T), True = may attend; None = plain causal prefill,
+    or one new token over a cache (it sees every cached position: nothing to mask).
 
     ``doc_ids`` (B, T) marks packed documents: a token sees only earlier tokens of its own document
     (the Llama 3 document mask). With a cache (start_pos > 0) the new tokens see the whole prefix.
     """
-    if doc_ids is None and start_pos == 0:
-        return None  # SDPA's is_causal path
+    if doc_ids is None and (start_pos == 0 or T == 1):
+        return None  # SDPA's is_causal path (prefill) or no mask (one decoding step)
     if doc_ids is not None and start_pos:
         raise ValueError("document masks are for packed training sequences, not cached decoding")
     q_pos = torch.arange(start_pos, start_pos + T, device=device)
@@ -246,11 +243,11 @@ class Llama(nn.Module):
             "inv_freq", rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False
         )
 
-    def rope(self, T: int, start_pos: int = 0, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """cos/sin for positions [start_pos, start_pos+T) or explicit ``positions`` (B, T)."""
+    def rope(self, T: int, start_pos: int = 0, positions: Tensor | None = None) -> Tensor:
+        """Rotations for positions [start_pos, start_pos+T) or explicit ``positions`` (B, T)."""
         if positions is None:
             positions = torch.arange(start_pos, start_pos + T, device=self.inv_freq.device)
-        return rope_cos_sin(self.inv_freq, positions)
+        return rope_table(self.inv_freq, positions)
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> list[KVCache]:
         dtype = dtype or self.tok_embeddings.weight.dtype
@@ -274,10 +271,10 @@ class Llama(nn.Module):
         """
         T = tokens.shape[1]
         h = self.tok_embeddings(tokens)
-        cos, sin = self.rope(T, start_pos, positions)
+        rope = self.rope(T, start_pos, positions)
         mask = build_attention_mask(T, start_pos, doc_ids, tokens.device)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, mask, cache[i] if cache is not None else None, start_pos)
+            h = layer(h, rope, mask, cache[i] if cache is not None else None, start_pos)
         return self.output(self.norm(h)).float()
 
     def freeze(self) -> "Llama":

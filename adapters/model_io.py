@@ -95,3 +95,28 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> Multi
     model.lm.freeze()
     return model
 
+
+def load_multimodal_checkpoint(
+    path: str | Path, dtype: torch.dtype | None = None, vision_config: VisionEncoderConfig | None = None
+) -> MultimodalLlama:
+    """Load a multimodal checkpoint in any layout we read, chosen by its files: Meta (params.json),
+    HF Mllama (config.json with model_type 'mllama') or our own (config.json from ``adapters.model_io``)."""
+    from adapters.mllama import load_mllama  # these import this module's siblings; keep import time low
+    from adapters.mllama_meta import load_meta_vision
+
+    path = Path(path)
+    if (path / "params.json").exists():
+        return load_meta_vision(path, dtype, vision_config)
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise CheckpointError(f"{path}: neither params.json (Meta layout) nor config.json (HF or ours) found")
+    if vision_config is not None:
+        raise CheckpointError(f"{path}: vision_config is for Meta's layout only; config.json has the sizes")
+    config = read_json(cfg_file)
+    if config.get("model_type") == "mllama":
+        return load_mllama(path, dtype)
+    if config.get("format") == FORMAT:
+        return load_checkpoint(path, dtype)
+    raise CheckpointError(
+        f"{cfg_file}: neither an HF Mllama config (model_type 'mllama') nor our format {FORMAT!r}"
+    )

@@ -24,6 +24,10 @@ class MultimodalConfig:
     xattn_every: int = 4  # "after every 4th self-attention layer" (sec. 7.3)
     n_learnable_embeddings: int = 8  # released: max(model-parallel size, 8) extra rows; row 0 = <|image|>
     train_vision: bool = True  # the paper updates the image encoder; False freezes it too
+    # The <|image|> rows train by default (as released: new rows, not in the frozen table). Freezing them
+    # lets backward stop at the first cross-attention block instead of running through the frozen
+    # layers below it, which is what HF Mllama does (its image rows sit in the frozen embed_tokens).
+    train_image_token_rows: bool = True
 
     @property
     def n_xattn(self) -> int:
@@ -84,6 +88,20 @@ class VisionContext:
     text_image: Tensor  # (B, T, I) bool: which text positions see which image
     tile_mask: Tensor  # (B, I, tiles)
     tokens_per_tile: int
+    # (mask, row_mask) for one decoding step (what the prompt's last token saw), built on first use
+    decode_masks: tuple[Tensor, Tensor] | None = None
+
+    def masks(self, T: int, decoding: bool) -> tuple[Tensor, Tensor]:
+        """Cross-attention (mask, row_mask) for T new tokens: the prompt's rows, or decoding rows that
+        see what the last prompt token saw (built once per generation for single-token steps)."""
+        if not decoding:
+            return expand_vision_mask(self.text_image, self.tile_mask, self.tokens_per_tile)
+        if T == 1 and self.decode_masks is not None:
+            return self.decode_masks
+        masks = expand_vision_mask(self.text_image[:, -1:].expand(-1, T, -1), self.tile_mask, self.tokens_per_tile)
+        if T == 1:
+            self.decode_masks = masks
+        return masks
 
 
 class MultimodalLlama(nn.Module):
@@ -102,6 +120,7 @@ class MultimodalLlama(nn.Module):
         self._xattn_at = {layer: i for i, layer in enumerate(self.schedule)}
         if not cfg.train_vision:
             self.vision.freeze()
+        self.learnable_embedding.requires_grad_(cfg.train_image_token_rows)
 
     # -- pieces --------------------------------------------------------------------------------
 
@@ -154,20 +173,17 @@ class MultimodalLlama(nn.Module):
             context = self.vision_context(tokens, images)
         T = tokens.shape[1]
         h = self.embed(tokens)
-        cos, sin = self.lm.rope(T, start_pos)
+        rope = self.lm.rope(T, start_pos)
         mask = build_attention_mask(T, start_pos, device=tokens.device)
         xmask = row_mask = None
         if context is not None:
-            text_image = context.text_image
-            if start_pos:  # decoding: new tokens see what the last prompt token saw
-                text_image = text_image[:, -1:].expand(-1, T, -1)
-            xmask, row_mask = expand_vision_mask(text_image, context.tile_mask, context.tokens_per_tile)
+            xmask, row_mask = context.masks(T, decoding=start_pos > 0)
             row_mask = row_mask.to(h.dtype)
         for i, layer in enumerate(self.lm.layers):
             if context is not None and i in self._xattn_at:
                 j = self._xattn_at[i]
                 h = self.cross_attention_layers[j](h, context.kv[j], xmask, row_mask)
-            h = layer(h, cos, sin, mask, cache[i] if cache is not None else None, start_pos)
+            h = layer(h, rope, mask, cache[i] if cache is not None else None, start_pos)
         h = self.lm.norm(h)
         return h if return_hidden else self.lm.output(h).float()
 

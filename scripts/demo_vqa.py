@@ -39,7 +39,7 @@ def load_model(args):
         from adapters.model_io import load_checkpoint
 
         return load_checkpoint(args.checkpoint), Path(args.checkpoint)
-    from adapters.mllama import load_multimodal_checkpoint
+    from adapters.model_io import load_multimodal_checkpoint
 
     return load_multimodal_checkpoint(args.mllama), Path(args.mllama)
 

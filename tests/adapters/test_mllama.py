@@ -35,16 +35,9 @@ from transformers.models.mllama.processing_mllama import (  # noqa: E402
 
 from adapters.checkpoint import CheckpointError, read_safetensors_dir  # noqa: E402
 from tests.hf_reference import precompute_tile_table  # noqa: E402
-from adapters.mllama import (  # noqa: E402
-    grid_to_tile_table,
-    load_meta_vision,
-    load_mllama,
-    load_multimodal_checkpoint,
-    mllama_config_from_hf,
-    mllama_config_from_meta,
-    save_meta_vision,
-    tile_table_to_grid,
-)
+from adapters.mllama import grid_to_tile_table, load_mllama, mllama_config_from_hf, tile_table_to_grid  # noqa: E402
+from adapters.mllama_meta import load_meta_vision, mllama_config_from_meta, save_meta_vision  # noqa: E402
+from adapters.model_io import load_multimodal_checkpoint  # noqa: E402
 from adapters.multimodal import ImageBatch, multimodal_config  # noqa: E402
 from vision.tiling import CLIP_MEAN, CLIP_STD, TilingConfig, collate_tiled, tile_image  # noqa: E402
 

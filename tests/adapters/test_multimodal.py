@@ -156,6 +156,23 @@ def test_param_groups_cover_trainables_once_and_freeze_switch():
     assert any(n.startswith("projector") for n in grouped) and "learnable_embedding.weight" in grouped
 
 
+@pytest.mark.parametrize("train_rows", [True, False])
+def test_frozen_image_rows_stop_backward_at_the_first_cross_attention_block(train_rows):
+    torch.manual_seed(0)
+    m = build_multimodal(multimodal_config("tiny", train_image_token_rows=train_rows))
+    assert m.schedule[0] >= 1  # an LM layer sits below the first cross-attention block
+    _perturb_gates(m)
+    below = []
+    m.lm.layers[0].register_full_backward_hook(lambda *_: below.append(1))
+    tokens = _tokens([[1]])
+    labels = tokens.clone()
+    labels[:, :8] = -100
+    ImageTextTask(m)(tokens, labels, _images(1, 1, [1]))["loss"].backward()
+    assert (m.learnable_embedding.weight.grad is not None) == train_rows
+    assert bool(below) == train_rows  # frozen rows: nothing below the first block needs a gradient
+    assert m.cross_attention_layers[0].gate_attn.grad is not None
+
+
 def test_encoder_lr_scale_applies_to_vision_parameters_only():
     m = build_multimodal(multimodal_config("tiny"))
     names = {id(p): n for n, p in m.named_parameters()}
