@@ -1,0 +1,157 @@
+"""The shard builder's configuration (``curation.yaml``): one dataclass per stage, strict keys.
+
+A stage set to ``null`` / ``enabled: false`` is skipped and says so in the report. Unknown keys are an
+error naming the section, so a typo never silently disables a filter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from data_curation.filters import CaptionRules, ImageRules
+
+
+class ConfigError(ValueError):
+    """A curation config that cannot be used; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class LanguageConfig:
+    enabled: bool = True
+    allowed: tuple[str, ...] = ("en",)
+    min_score: float = 0.5
+
+
+@dataclass(frozen=True)
+class SafetyConfig:
+    enabled: bool = True
+    blur_faces: bool = True
+    blocklist: str | None = None  # pHash blocklist file (one hex hash per line)
+    max_distance: int = 8
+    classifier: str | None = None  # "module:function" returning an unsafe score in [0, 1]
+    classifier_threshold: float = 0.5
+
+
+@dataclass(frozen=True)
+class OCRConfig:
+    enabled: bool = True
+    lang: str = "eng"
+    min_conf: float = 60.0
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    enabled: bool = True
+    model: str = "ViT-B-32"  # open_clip model name (or a custom config registered by the caller)
+    pretrained: str | None = "laion2b_s34b_b79k"  # open_clip tag or a local checkpoint path
+    threshold: float = 0.2  # drop pairs whose image-text cosine similarity is below
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class DedupStageConfig:
+    enabled: bool = True
+    sscd: str | None = None  # SSCD TorchScript file or our state dict (required when enabled)
+    threshold: float = 0.75
+    keep: str = "clip"  # which pair of a duplicate component survives: clip | longest_caption | first
+    clusters: int | None = None
+    clusters_per_vector: int = 3
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class ResampleConfig:
+    enabled: bool = True
+    t: float = 20_000
+    vocab: str = "default"  # "default" (wordfreq) or a file with one entry per line
+    prob: str = "sqrt"  # the paper's sqrt(t / f); "linear" = MetaCLIP's t / f
+    keep_unmatched: bool = False
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CurationConfig:
+    samples_per_shard: int = 1000  # input samples per shard (each input belongs to exactly one shard)
+    workers: int = 2
+    jpeg_quality: int = 95  # images that a stage changed (face blur) are re-encoded; others copied as is
+    max_pixels: int = 178_956_970
+    caption: CaptionRules = field(default_factory=CaptionRules)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    image: ImageRules = field(default_factory=ImageRules)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
+    ocr: OCRConfig = field(default_factory=OCRConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    dedup: DedupStageConfig = field(default_factory=DedupStageConfig)
+    resample: ResampleConfig = field(default_factory=ResampleConfig)
+
+    def __post_init__(self) -> None:
+        if self.samples_per_shard < 1 or self.workers < 1:
+            raise ConfigError("samples_per_shard and workers must be >= 1")
+        if self.dedup.enabled and not self.dedup.sscd:
+            raise ConfigError("dedup.sscd: the SSCD model file is required when dedup is enabled "
+                              "(or set dedup: {enabled: false})")
+        if self.dedup.keep not in ("clip", "longest_caption", "first"):
+            raise ConfigError(f"dedup.keep: {self.dedup.keep!r} is not clip | longest_caption | first")
+        if self.dedup.enabled and self.dedup.keep == "clip" and not self.clip.enabled:
+            raise ConfigError("dedup.keep: 'clip' needs the clip stage enabled")
+        if self.resample.prob not in ("sqrt", "linear"):
+            raise ConfigError(f"resample.prob: {self.resample.prob!r} is not sqrt | linear")
+
+
+def _build(cls, data: Any, where: str):
+    if data is None:  # a section set to null: the stage is off (sections without 'enabled' keep defaults)
+        return cls(enabled=False) if "enabled" in {f.name for f in fields(cls)} else cls()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        sub = _SECTIONS.get(name) if cls is CurationConfig else None
+        if sub is not None:
+            kwargs[name] = _build(sub, value, f"{where}.{name}")
+        elif isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+_SECTIONS = {f.name: f.default_factory for f in fields(CurationConfig)
+             if callable(getattr(f, "default_factory", None)) and is_dataclass(f.default_factory)}
+
+
+def load_config(path: str | Path | None, overrides: dict | None = None) -> CurationConfig:
+    """Read ``curation.yaml`` (None: all defaults); ``overrides`` is merged over the top level."""
+    data: dict = {}
+    where = "config"
+    if path is not None:
+        where = str(path)
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: not found") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    data = {**data, **(overrides or {})}
+    return _build(CurationConfig, data, where)
+
+
+def config_to_dict(cfg: Any) -> Any:
+    if is_dataclass(cfg):
+        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in fields(cfg)}
+    if isinstance(cfg, tuple):
+        return list(cfg)
+    return cfg

@@ -1,0 +1,98 @@
+"""The shard builder's report: counts per stage and reason (adding up to the inputs) and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from data_curation.curation_config import CurationConfig, config_to_dict
+
+
+def _plots(out: Path, clip_scores: list[float], nn_sim: np.ndarray, cfg: CurationConfig, top: list) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    rep = out / "report"
+    rep.mkdir(exist_ok=True)
+    def hist(name: str, values, threshold: float, xlabel: str, title: str) -> None:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.hist(values, bins=50)
+        ax.axvline(threshold, color="red", linestyle="--", label=f"threshold {threshold}")
+        ax.set(xlabel=xlabel, ylabel="samples", title=title)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(rep / name, dpi=100)
+        plt.close(fig)
+        written.append(f"report/{name}")
+
+    if clip_scores:
+        hist("clip_score_hist.png", clip_scores, cfg.clip.threshold, "CLIP image-text cosine similarity",
+             "CLIP score")
+    found = nn_sim[nn_sim > -1]
+    if found.size:
+        hist("nn_similarity_hist.png", found, cfg.dedup.threshold, "nearest-neighbour SSCD cosine similarity",
+             "De-duplication")
+    if top:
+        before = [b for _, b, _ in top]
+        after = [a for _, _, a in top]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        x = np.arange(len(top))
+        ax.plot(x, before, label="before resampling")
+        ax.plot(x, after, label="after resampling")
+        ax.axhline(cfg.resample.t, color="red", linestyle="--", label=f"t = {cfg.resample.t:g}")
+        ax.set(yscale="log", xlabel="n-gram entries, most frequent first", ylabel="captions containing it",
+               title="n-gram frequencies")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(rep / "ngram_frequencies.png", dpi=100)
+        plt.close(fig)
+        written.append("report/ngram_frequencies.png")
+    return written
+
+
+def write_report(out: Path, n_shards: int, cfg: CurationConfig, seconds: dict) -> dict:
+    """Aggregate every shard's status parquet into ``report.json`` + plots; checks counts add up."""
+    work = out / "_work"
+    status, by_reason, by_stage = Counter(), Counter(), Counter()
+    n_inputs = 0
+    clip_scores: list[float] = []
+    for i in range(n_shards):
+        stats = json.loads((out / f"shard_{i:05d}_stats.json").read_text())
+        t = pq.read_table(out / f"shard_{i:05d}.parquet").to_pylist()
+        if len(t) != stats["inputs"]:
+            raise RuntimeError(f"shard_{i:05d}: {len(t)} status rows but {stats['inputs']} inputs")
+        n_inputs += len(t)
+        for r in t:
+            status[r["status"]] += 1
+            if r["status"] != "ok":
+                by_stage[f"{r['status']}:{r['stage']}"] += 1
+                by_reason[f"{r['stage']}:{(r['reason'] or '').split('(')[0]}"] += 1
+        chunk = pq.read_table(work / f"chunk_{i:05d}.parquet", columns=["fields"]).column("fields").to_pylist()
+        clip_scores += [f["clip_score"] for f in map(json.loads, chunk) if "clip_score" in f]
+    if sum(status.values()) != n_inputs:
+        raise RuntimeError(f"status counts {dict(status)} do not add up to {n_inputs} inputs")
+    g = pq.read_table(work / "global.parquet")
+    nn_sim = np.asarray(g.column("dedup_nn_similarity").to_numpy(), np.float32)
+    gstats = json.loads((work / "global_stats.json").read_text())
+    top = gstats.get("resample", {}).get("top_entries", [])
+    report = {
+        "inputs": n_inputs,
+        "shards": n_shards,
+        "counts": {"kept": status["ok"], "dropped": status["dropped"], "error": status["error"]},
+        "by_stage": dict(sorted(by_stage.items())),
+        "by_reason": dict(sorted(by_reason.items())),
+        "global": gstats,
+        "seconds": seconds,
+        "images_per_s": round(n_inputs / max(seconds["total"], 1e-9), 2),
+        "stages_enabled": {k: v.get("enabled", True) for k, v in config_to_dict(cfg).items() if isinstance(v, dict)},
+    }
+    report["plots"] = _plots(out, clip_scores, nn_sim, cfg, top)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report

@@ -1,0 +1,409 @@
+"""The image shard builder: readers -> per-sample stages -> global dedup + resampling -> webdataset shards.
+
+Three passes, each resumable, under ``OUT/_work``:
+
+1. **per-sample stages**, in parallel workers, one chunk of ``samples_per_shard`` inputs at a time:
+   caption rules, language id, decoding, image size rules, safety (pHash blocklist, classifier hook, face
+   blurring), OCR, CLIP score, SSCD descriptor. Chunk ``i`` becomes ``chunk_i.parquet`` (every input's
+   status, fields and the image to write) + ``chunk_i.npy`` (descriptors of the survivors), renamed into
+   place when complete: a rerun skips finished chunks.
+2. **global stages** over all survivors: SSCD + FAISS de-duplication (one pair kept per component, by
+   CLIP score, caption length or input order), then n-gram resampling. Written as ``global.parquet``.
+3. **shards**: ``shard_i.tar`` (``key.jpg``, ``key.txt``, ``key.json``), ``shard_i.parquet`` (a status and
+   reason row for every input of chunk ``i``) and ``shard_i_stats.json``, written last: it is the resume
+   marker. Every file is written to a temporary name and renamed, so a kill never leaves a partial shard
+   that a rerun would trust, and no sample is written twice.
+
+Inputs are assigned to chunks by their position in the (deterministic, sorted) reader order, so a rerun
+maps every input to the same shard.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing as mp
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm import tqdm
+
+from data_curation.curation_config import CurationConfig, config_to_dict
+from data_curation.records import DROPPED, OK, Sample
+from data_curation.readers import decode_image, open_input
+
+EMB_DIM = 512
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _chunks(samples: Iterable[Sample], size: int) -> Iterator[tuple[int, list[Sample]]]:
+    chunk: list[Sample] = []
+    index = 0
+    for s in samples:
+        chunk.append(s)
+        if len(chunk) == size:
+            yield index, chunk
+            index, chunk = index + 1, []
+    if chunk:
+        yield index, chunk
+
+
+# ----------------------------------------------------------------------------------------------
+# Pass 1: per-sample stages
+
+
+class SampleProcessor:
+    """Runs the per-sample stages on a chunk; built once per worker (models load once)."""
+
+    def __init__(self, cfg: CurationConfig):
+        self.cfg = cfg
+        self.lang = self.safety = self.ocr = self.clip = self.sscd = None
+        if cfg.language.enabled:
+            from data_curation.filters import LanguageId
+
+            self.lang = LanguageId(cfg.language.allowed, cfg.language.min_score)
+        if cfg.safety.enabled:
+            from data_curation.safety import PHashBlocklist, SafetyFilter, load_classifier
+
+            blocklist = (PHashBlocklist.load(cfg.safety.blocklist, max_distance=cfg.safety.max_distance)
+                         if cfg.safety.blocklist else None)
+            self.safety = SafetyFilter(blocklist, load_classifier(cfg.safety.classifier),
+                                       cfg.safety.classifier_threshold, blur_faces=cfg.safety.blur_faces)
+        if cfg.ocr.enabled:
+            from data_curation.ocr import TesseractOCR
+
+            self.ocr = TesseractOCR(lang=cfg.ocr.lang, min_conf=cfg.ocr.min_conf, timeout=cfg.ocr.timeout)
+        if cfg.clip.enabled:
+            from data_curation.filters import ClipScorer
+
+            self.clip = ClipScorer.load(cfg.clip.model, cfg.clip.pretrained)
+        if cfg.dedup.enabled:
+            from data_curation.sscd import SSCDEmbedder
+
+            self.sscd = SSCDEmbedder.load(cfg.dedup.sscd)
+
+    def process(self, samples: list[Sample]) -> tuple[list[Sample], list[bytes | None], np.ndarray]:
+        """-> samples (statuses and fields set), image bytes to write (None if not kept), descriptors
+        (n_ok, 512) of the survivors in order."""
+        from data_curation.filters import caption_reason, image_reason
+
+        cfg = self.cfg
+        images: list[Image.Image | None] = [None] * len(samples)
+        changed = [False] * len(samples)
+        for i, s in enumerate(samples):
+            if not s.ok:
+                continue
+            reason = caption_reason(s.caption, cfg.caption)
+            if reason:
+                s.drop("caption", reason)
+                continue
+            if self.lang is not None:
+                reason, lang, score = self.lang.reason(s.caption)
+                s.fields.update(lang=lang, lang_score=round(float(score), 4))
+                if reason:
+                    s.drop("language", reason)
+                    continue
+            img = decode_image(s, cfg.max_pixels)
+            if img is None:
+                continue
+            s.fields.update(width=img.width, height=img.height)
+            reason = image_reason(img, cfg.image)
+            if reason:
+                s.drop("image", reason)
+                continue
+            if self.safety is not None:
+                out, reason, extra = self.safety.apply(img)
+                s.fields.update(extra)
+                if reason or out is None:
+                    s.drop("safety", reason or "unsafe")
+                    continue
+                changed[i] = out is not img and bool(extra.get("faces_blurred"))
+                img = out
+            if self.ocr is not None:
+                try:
+                    r = self.ocr.read(img)
+                except RuntimeError as e:  # a timeout or a tesseract failure on this image only
+                    s.fail("ocr", f"{type(e).__name__}: {e}")
+                    continue
+                s.fields.update(ocr_text=r.text, ocr_mean_conf=round(float(r.mean_conf), 2))
+            images[i] = img
+        live = [i for i, s in enumerate(samples) if s.ok]
+        if self.clip is not None and live:
+            scores = self.clip.score([images[i] for i in live], [samples[i].caption for i in live],
+                                     batch_size=cfg.clip.batch_size)
+            for i, score in zip(live, scores):
+                samples[i].fields["clip_score"] = round(float(score), 5)
+                if score < cfg.clip.threshold:
+                    samples[i].drop("clip", f"clip_score({score:.3f}<{cfg.clip.threshold})")
+            live = [i for i in live if samples[i].ok]
+        emb = np.zeros((0, EMB_DIM), np.float32)
+        if self.sscd is not None and live:
+            emb = self.sscd.embed([images[i] for i in live], batch_size=cfg.dedup.batch_size)
+        out_bytes: list[bytes | None] = [None] * len(samples)
+        for i in live:
+            out_bytes[i] = _jpeg_bytes(samples[i], images[i], changed[i], cfg.jpeg_quality)
+        return samples, out_bytes, emb.astype(np.float32)
+
+
+def _jpeg_bytes(s: Sample, img: Image.Image, changed: bool, quality: int) -> bytes:
+    """The original file when it is a JPEG no stage changed; otherwise a re-encoded JPEG."""
+    if not changed and s.image_bytes is not None and s.image_bytes[:3] == b"\xff\xd8\xff":
+        return s.image_bytes
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+_WORKER: SampleProcessor | None = None
+
+
+def _init_worker(cfg: CurationConfig, threads: int) -> None:
+    global _WORKER
+    import torch
+
+    torch.set_num_threads(threads)
+    _WORKER = SampleProcessor(cfg)
+
+
+def _run_chunk(args: tuple[int, list[Sample], str]) -> tuple[int, int]:
+    index, samples, work = args
+    samples, out_bytes, emb = _WORKER.process(samples)
+    write_chunk(Path(work), index, samples, out_bytes, emb)
+    return index, len(samples)
+
+
+CHUNK_SCHEMA = pa.schema([
+    ("key", pa.string()), ("source", pa.string()), ("status", pa.string()), ("stage", pa.string()),
+    ("reason", pa.string()), ("caption", pa.string()), ("fields", pa.string()), ("meta", pa.string()),
+    ("image", pa.binary()), ("emb_row", pa.int64()),
+])
+
+
+def write_chunk(work: Path, index: int, samples: list[Sample], out_bytes: list[bytes | None], emb: np.ndarray) -> None:
+    rows, n_emb = [], 0
+    for s, b in zip(samples, out_bytes):
+        emb_row = -1
+        if s.ok and emb.shape[0]:
+            emb_row, n_emb = n_emb, n_emb + 1
+        rows.append({"key": s.key, "source": s.source, "status": s.status, "stage": s.stage, "reason": s.reason,
+                     "caption": s.caption if isinstance(s.caption, str) else None,
+                     "fields": json.dumps(s.fields), "meta": json.dumps(s.meta, default=str),
+                     "image": b if s.ok else None, "emb_row": emb_row})
+    assert n_emb == emb.shape[0], (n_emb, emb.shape)
+    npy = work / f"chunk_{index:05d}.npy"
+    buf = io.BytesIO()
+    np.save(buf, emb)
+    _atomic_write(npy, buf.getvalue())
+    sink = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=CHUNK_SCHEMA), sink)
+    _atomic_write(work / f"chunk_{index:05d}.parquet", sink.getvalue())  # the chunk's completion marker
+
+
+# ----------------------------------------------------------------------------------------------
+# Pass 2: global stages
+
+
+def global_stages(work: Path, n_chunks: int, cfg: CurationConfig, progress: bool) -> pa.Table:
+    """Dedup then resampling over the survivors of every chunk -> per-survivor decisions."""
+    out = work / "global.parquet"
+    if out.exists():
+        return pq.read_table(out)
+    keys, captions, clip, emb_parts = [], [], [], []
+    for i in range(n_chunks):
+        t = pq.read_table(work / f"chunk_{i:05d}.parquet", columns=["key", "status", "caption", "fields", "emb_row"])
+        emb = np.load(work / f"chunk_{i:05d}.npy")
+        for key, status, cap, fields, row in zip(*(t.column(c).to_pylist() for c in t.column_names)):
+            if status != OK:
+                continue
+            keys.append(key)
+            captions.append(cap)
+            clip.append(json.loads(fields).get("clip_score", np.nan))
+        emb_parts.append(emb)
+    n = len(keys)
+    dedup_keep = np.ones(n, bool)
+    component = np.arange(n)
+    nn_sim = np.full(n, -1.0, np.float32)
+    stats: dict = {"survivors_before_global": n}
+    if cfg.dedup.enabled and n:
+        from data_curation.dedup import DedupConfig, choose_keepers, find_duplicates
+
+        emb_file = work / "embeddings.npy"
+        mm = np.lib.format.open_memmap(emb_file, mode="w+", dtype=np.float32, shape=(n, EMB_DIM))
+        start = 0
+        for part in emb_parts:
+            mm[start : start + len(part)] = part
+            start += len(part)
+        mm.flush()
+        del mm
+        t0 = time.perf_counter()
+        res = find_duplicates(emb_file, DedupConfig(threshold=cfg.dedup.threshold, n_clusters=cfg.dedup.clusters,
+                                                    clusters_per_vector=cfg.dedup.clusters_per_vector))
+        component, nn_sim = res.labels, res.nn_similarity
+        rule = {"clip": "clip", "longest_caption": "longest_caption", "first": "first"}[cfg.dedup.keep]
+        dedup_keep = choose_keepers(component, rule, clip_scores=np.asarray(clip, np.float64),
+                                    caption_lengths=np.array([len(c) for c in captions]))
+        stats["dedup"] = {"components": int(res.n_components), "pairs": int(res.n_pairs),
+                          "removed": int((~dedup_keep).sum()), "seconds": round(time.perf_counter() - t0, 2)}
+    keeper_of = {}
+    for idx in np.flatnonzero(dedup_keep):
+        keeper_of[int(component[idx])] = keys[idx]
+    resample_keep = np.ones(n, bool)
+    freq_before = freq_after = None
+    if cfg.resample.enabled and n:
+        from data_curation.resample import NgramMatcher, Vocabulary, document_frequencies, resample
+
+        vocab = Vocabulary.default() if cfg.resample.vocab == "default" else Vocabulary.from_file(cfg.resample.vocab)
+        matcher = NgramMatcher(vocab)
+        live = np.flatnonzero(dedup_keep)
+        matches = matcher.match_many([captions[i] for i in live])
+        freqs = document_frequencies(matches, len(vocab.entries))
+        keep_live = resample(matches, freqs, cfg.resample.t, prob=cfg.resample.prob,
+                             keep_unmatched=cfg.resample.keep_unmatched, seed=cfg.resample.seed)
+        resample_keep[live] = keep_live
+        freq_before = freqs
+        freq_after = document_frequencies([m for m, k in zip(matches, keep_live) if k], len(vocab.entries))
+        top = np.argsort(-freq_before)[:50]
+        stats["resample"] = {"kept": int(keep_live.sum()), "of": int(len(live)),
+                             "unmatched": int(sum(1 for m in matches if not m)),
+                             "top_entries": [[vocab.entries[j], int(freq_before[j]), int(freq_after[j])] for j in top
+                                             if freq_before[j] > 0]}
+    table = pa.table({
+        "key": keys,
+        "dedup_component": [keeper_of.get(int(c), keys[i]) for i, c in enumerate(component)],
+        "dedup_nn_similarity": nn_sim.astype(np.float32),
+        "dedup_keep": dedup_keep,
+        "resample_keep": resample_keep,
+    })
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    (work / "global_stats.json").write_text(json.dumps(stats, indent=1))
+    _atomic_write(out, sink.getvalue())
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# Pass 3: shards
+
+
+STATUS_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("status", pa.string()),
+                           ("stage", pa.string()), ("reason", pa.string()), ("shard", pa.string())])
+
+
+def write_shard(out: Path, work: Path, index: int, decisions: dict[str, tuple[str, float, bool, bool]]) -> dict:
+    import webdataset as wds
+
+    name = f"shard_{index:05d}"
+    t = pq.read_table(work / f"chunk_{index:05d}.parquet").to_pylist()
+    rows, counts = [], {"inputs": len(t), OK: 0, DROPPED: 0, "error": 0}
+    tmp_tar = out / f"{name}.tar.tmp"
+    with open(tmp_tar, "wb") as f:
+        writer = wds.TarWriter(f, mtime=0.0)
+        for r in t:
+            status, stage, reason = r["status"], r["stage"], r["reason"]
+            fields = json.loads(r["fields"])
+            if status == OK:
+                comp, sim, dkeep, rkeep = decisions[r["key"]]
+                fields.update(dedup_component=comp, dedup_nn_similarity=round(float(sim), 5))
+                if not dkeep:
+                    status, stage, reason = DROPPED, "dedup", f"duplicate_of({comp})"
+                elif not rkeep:
+                    status, stage, reason = DROPPED, "resample", "resampled_out"
+            if status == OK:
+                record = {"caption": r["caption"], "source": r["source"], **fields, "meta": json.loads(r["meta"])}
+                writer.write({"__key__": r["key"], "jpg": r["image"], "txt": r["caption"], "json": record})
+            counts[status] += 1
+            rows.append({"key": r["key"], "source": r["source"], "status": status, "stage": stage, "reason": reason,
+                         "shard": f"{name}.tar" if status == OK else None})
+        writer.close()
+    sink = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=STATUS_SCHEMA), sink)
+    _atomic_write(out / f"{name}.parquet", sink.getvalue())
+    os.replace(tmp_tar, out / f"{name}.tar")
+    assert counts[OK] + counts[DROPPED] + counts["error"] == counts["inputs"]
+    stats = {"shard": name, **counts, "written_at": time.time()}
+    _atomic_write(out / f"{name}_stats.json", json.dumps(stats).encode())  # last: the resume marker
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    n_inputs: int
+    n_shards: int
+    counts: dict
+    report: dict
+
+
+def build_shards(input_spec: str | Path, out_dir: str | Path, cfg: CurationConfig, progress: bool = True,
+                 max_chunks: int | None = None) -> BuildResult:
+    """Run every pass (resuming finished work) and write the report. ``max_chunks`` stops pass 1 early
+    (used to simulate an interrupted job in tests)."""
+    from data_curation.report import write_report
+
+    out = Path(out_dir)
+    work = out / "_work"
+    work.mkdir(parents=True, exist_ok=True)
+    cfg_json = json.dumps(config_to_dict(cfg), sort_keys=True)
+    cfg_file = work / "config.json"
+    if cfg_file.exists() and cfg_file.read_text() != cfg_json:
+        raise ValueError(f"{out}: already built with a different config ({cfg_file}); use a new output folder")
+    cfg_file.write_text(cfg_json)
+    t0 = time.perf_counter()
+
+    # Pass 1. Inputs are read in the main process; finished chunks are skipped (still read for order).
+    todo = ((i, chunk, str(work)) for i, chunk in _chunks(open_input(input_spec), cfg.samples_per_shard)
+            if not (work / f"chunk_{i:05d}.parquet").exists() and (max_chunks is None or i < max_chunks))
+    bar = tqdm(desc="per-sample stages", unit="sample", disable=not progress)
+    if cfg.workers == 1:
+        _init_worker(cfg, threads=max(1, os.cpu_count() or 1))
+        for job in todo:
+            bar.update(_run_chunk(job)[1])
+    else:
+        # A bounded window of chunks in flight: Pool.imap would read every input into memory up front.
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg, 1)) as pool:
+            pending: list = []
+            for job in todo:
+                pending.append(pool.apply_async(_run_chunk, (job,)))
+                while len(pending) >= 2 * cfg.workers:
+                    bar.update(pending.pop(0).get()[1])
+            for res in pending:
+                bar.update(res.get()[1])
+    bar.close()
+    n_chunks = 0
+    while (work / f"chunk_{n_chunks:05d}.parquet").exists():
+        n_chunks += 1
+    if max_chunks is not None:
+        return BuildResult(out, -1, n_chunks, {}, {})
+    t_pass1 = time.perf_counter() - t0
+
+    # Pass 2.
+    decisions_t = global_stages(work, n_chunks, cfg, progress)
+    decisions = {k: (c, s, d, r) for k, c, s, d, r in zip(*(decisions_t.column(n).to_pylist()
+                                                            for n in decisions_t.column_names))}
+    t_pass2 = time.perf_counter() - t0 - t_pass1
+
+    # Pass 3.
+    for i in tqdm(range(n_chunks), desc="shards", disable=not progress):
+        if not (out / f"shard_{i:05d}_stats.json").exists():
+            write_shard(out, work, i, decisions)
+    seconds = {"per_sample": round(t_pass1, 2), "global": round(t_pass2, 2),
+               "total": round(time.perf_counter() - t0, 2)}
+    report = write_report(out, n_chunks, cfg, seconds)
+    return BuildResult(out, report["inputs"], n_chunks, report["counts"], report)
