@@ -60,7 +60,7 @@ class DedupStageConfig:
     threshold: float = 0.75
     keep: str = "clip"  # which pair of a duplicate component survives: clip | longest_caption | first
     clusters: int | None = None
-    clusters_per_vector: int = 3
+    clusters_per_vector: int = 24  # each vector is searched in its 24 nearest clusters (measured recall)
     batch_size: int = 32
 
 

@@ -207,23 +207,30 @@ class SSCDEmbedder:
 
     @torch.inference_mode()
     def embed(self, images: list[Image.Image], batch_size: int = 32) -> np.ndarray:
-        """(N, D) float32, unit rows. Images of equal preprocessed size are batched together (``short``
-        mode keeps aspect ratios, so a batch holds one shape); output order follows ``images``."""
-        tensors = [preprocess(img, self.resize, self.size) for img in images]
-        if not tensors:
+        """(N, D) float32, unit rows, in the order of ``images``. Images are preprocessed ``8 * batch_size``
+        at a time (bounded memory) and those of equal preprocessed size batched together: ``short`` mode
+        keeps aspect ratios, so one batch holds one shape."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        out: list[np.ndarray] = []
+        window = 8 * batch_size
+        for w0 in range(0, len(images), window):
+            tensors = [preprocess(img, self.resize, self.size) for img in images[w0:w0 + window]]
+            by_shape: dict[tuple[int, ...], list[int]] = {}
+            for i, t in enumerate(tensors):
+                by_shape.setdefault(tuple(t.shape), []).append(i)
+            part = [None] * len(tensors)
+            for idx in by_shape.values():
+                for s in range(0, len(idx), batch_size):
+                    chunk = idx[s:s + batch_size]
+                    x = torch.stack([tensors[i] for i in chunk]).to(self.device)
+                    # Normalise again: a TorchScript export may or may not end with L2Norm.
+                    emb = F.normalize(self.model(x).float(), dim=-1).cpu().numpy()
+                    for i, e in zip(chunk, emb):
+                        part[i] = e
+            out.extend(part)
+        if not out:
             return np.zeros((0, self.dim), np.float32)
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for i, t in enumerate(tensors):
-            by_shape.setdefault(tuple(t.shape), []).append(i)
-        out: list[np.ndarray | None] = [None] * len(tensors)
-        for idx in by_shape.values():
-            for s in range(0, len(idx), batch_size):
-                chunk = idx[s:s + batch_size]
-                x = torch.stack([tensors[i] for i in chunk]).to(self.device)
-                # Normalise again: a TorchScript export may or may not end with L2Norm.
-                emb = F.normalize(self.model(x).float(), dim=-1).cpu().numpy()
-                for i, e in zip(chunk, emb):
-                    out[i] = e
         emb = np.stack(out).astype(np.float32, copy=False)
         self._dim = emb.shape[1]
         return emb

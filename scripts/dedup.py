@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     src = Path(args.embeddings)
     out = Path(args.out) if args.out else src.with_name(src.stem + "_dedup")
     out.mkdir(parents=True, exist_ok=True)
+    (out / "dedup_stats.json").unlink(missing_ok=True)  # a rerun is complete only once it is rewritten
     _save(out / "components.npy", res.labels)
     _save(out / "keep.npy", keep)
     _save(out / "nn_similarity.npy", res.nn_similarity)

@@ -42,7 +42,7 @@ def tiny_model(seed: int = 0) -> SSCDModel:
 def small_images(n: int = 3) -> list[Image.Image]:
     rng = np.random.default_rng(0)
     sizes = [(40, 30), (30, 40), (40, 30), (36, 36)]
-    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in sizes[:n]]
+    return [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in (sizes * n)[:n]]
 
 
 def test_gem_is_the_generalised_mean():
@@ -81,10 +81,10 @@ def test_preprocess_matches_the_readme_transforms():
 
 def test_embed_groups_shapes_and_keeps_order():
     emb = SSCDEmbedder.from_module(tiny_model(), size=32)
-    imgs = small_images(4)
-    batched = emb.embed(imgs, batch_size=2)
+    imgs = small_images(10)
     one_by_one = np.concatenate([emb.embed([im]) for im in imgs])
-    np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
+    for batch_size in (1, 2, 32):  # batch_size 1: two preprocessing windows of 8
+        np.testing.assert_allclose(emb.embed(imgs, batch_size=batch_size), one_by_one, atol=1e-5)
     assert emb.embed([]).shape == (0, 512)
 
 
