@@ -19,8 +19,8 @@ import time
 
 import numpy as np
 
-from data_curation.resample import (Matches, NgramMatcher, Vocabulary, brute_force_match,
-                                    document_frequencies, resample)
+from data_curation.ngram_match import Matches, NgramMatcher, Vocabulary, brute_force_match
+from data_curation.resample import document_frequencies, resample
 
 
 def benchmark_vocabulary(n_vocab: int = 500_000, seed: int = 0) -> tuple[Vocabulary, list[str]]:

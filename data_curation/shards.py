@@ -42,6 +42,10 @@ from data_curation.readers import decode_image, open_input
 EMB_DIM = 512
 
 
+class StageSetupError(RuntimeError):
+    """A stage's model or resource cannot be loaded (SSCD file, CLIP model, blocklist, tesseract, classifier)."""
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
@@ -68,6 +72,12 @@ class SampleProcessor:
     """Runs the per-sample stages on a chunk; built once per worker (models load once)."""
 
     def __init__(self, cfg: CurationConfig):
+        try:
+            self._setup(cfg)
+        except Exception as e:  # one message naming the stage's file or model, before any work starts
+            raise StageSetupError(f"cannot set up the curation stages: {type(e).__name__}: {e}") from e
+
+    def _setup(self, cfg: CurationConfig) -> None:
         self.cfg = cfg
         self.lang = self.safety = self.ocr = self.clip = self.sscd = None
         if cfg.language.enabled:
@@ -97,48 +107,15 @@ class SampleProcessor:
     def process(self, samples: list[Sample]) -> tuple[list[Sample], list[bytes | None], np.ndarray]:
         """-> samples (statuses and fields set), image bytes to write (None if not kept), descriptors
         (n_ok, 512) of the survivors in order."""
-        from data_curation.filters import caption_reason, image_reason
-
         cfg = self.cfg
         images: list[Image.Image | None] = [None] * len(samples)
         changed = [False] * len(samples)
         for i, s in enumerate(samples):
-            if not s.ok:
-                continue
-            reason = caption_reason(s.caption, cfg.caption)
-            if reason:
-                s.drop("caption", reason)
-                continue
-            if self.lang is not None:
-                reason, lang, score = self.lang.reason(s.caption)
-                s.fields.update(lang=lang, lang_score=round(float(score), 4))
-                if reason:
-                    s.drop("language", reason)
-                    continue
-            img = decode_image(s, cfg.max_pixels)
-            if img is None:
-                continue
-            s.fields.update(width=img.width, height=img.height)
-            reason = image_reason(img, cfg.image)
-            if reason:
-                s.drop("image", reason)
-                continue
-            if self.safety is not None:
-                out, reason, extra = self.safety.apply(img)
-                s.fields.update(extra)
-                if reason or out is None:
-                    s.drop("safety", reason or "unsafe")
-                    continue
-                changed[i] = out is not img and bool(extra.get("faces_blurred"))
-                img = out
-            if self.ocr is not None:
+            if s.ok:
                 try:
-                    r = self.ocr.read(img)
-                except RuntimeError as e:  # a timeout or a tesseract failure on this image only
-                    s.fail("ocr", f"{type(e).__name__}: {e}")
-                    continue
-                s.fields.update(ocr_text=r.text, ocr_mean_conf=round(float(r.mean_conf), 2))
-            images[i] = img
+                    images[i], changed[i] = self._per_sample(s)
+                except Exception as e:  # an unexpected failure on one sample never stops the job
+                    s.fail(s.stage or "stage", f"{type(e).__name__}: {e}")
         live = [i for i, s in enumerate(samples) if s.ok]
         if self.clip is not None and live:
             scores = self.clip.score([images[i] for i in live], [samples[i].caption for i in live],
@@ -155,6 +132,50 @@ class SampleProcessor:
         for i in live:
             out_bytes[i] = _jpeg_bytes(samples[i], images[i], changed[i], cfg.jpeg_quality)
         return samples, out_bytes, emb.astype(np.float32)
+
+    def _per_sample(self, s: Sample) -> tuple[Image.Image | None, bool]:
+        """Caption, language, decode, image rules, safety, OCR for one sample -> (image, changed by a stage)."""
+        from data_curation.filters import caption_reason, image_reason
+
+        cfg = self.cfg
+        changed = False
+        s.stage = "caption"
+        reason = caption_reason(s.caption, cfg.caption)
+        if reason:
+            s.drop("caption", reason)
+            return None, False
+        if self.lang is not None:
+            s.stage = "language"
+            reason, lang, score = self.lang.reason(s.caption)
+            s.fields.update(lang=lang, lang_score=round(float(score), 4))
+            if reason:
+                s.drop("language", reason)
+                return None, False
+        s.stage = "decode"
+        img = decode_image(s, cfg.max_pixels)
+        if img is None:
+            return None, False
+        s.fields.update(width=img.width, height=img.height)
+        s.stage = "image"
+        reason = image_reason(img, cfg.image)
+        if reason:
+            s.drop("image", reason)
+            return None, False
+        if self.safety is not None:
+            s.stage = "safety"
+            out, reason, extra = self.safety.apply(img)
+            s.fields.update(extra)
+            if reason or out is None:
+                s.drop("safety", reason or "unsafe")
+                return None, False
+            changed = out is not img and bool(extra.get("faces_blurred"))
+            img = out
+        if self.ocr is not None:
+            s.stage = "ocr"
+            r = self.ocr.read(img)  # a timeout or tesseract failure fails this sample only (caller)
+            s.fields.update(ocr_text=r.text, ocr_mean_conf=round(float(r.mean_conf), 2))
+        s.stage = None
+        return img, changed
 
 
 def _jpeg_bytes(s: Sample, img: Image.Image, changed: bool, quality: int) -> bytes:
@@ -215,7 +236,7 @@ def write_chunk(work: Path, index: int, samples: list[Sample], out_bytes: list[b
 # Pass 2: global stages
 
 
-def global_stages(work: Path, n_chunks: int, cfg: CurationConfig, progress: bool) -> pa.Table:
+def global_stages(work: Path, n_chunks: int, cfg: CurationConfig) -> pa.Table:
     """Dedup then resampling over the survivors of every chunk -> per-survivor decisions."""
     out = work / "global.parquet"
     if out.exists():
@@ -251,8 +272,7 @@ def global_stages(work: Path, n_chunks: int, cfg: CurationConfig, progress: bool
         res = find_duplicates(emb_file, DedupConfig(threshold=cfg.dedup.threshold, n_clusters=cfg.dedup.clusters,
                                                     clusters_per_vector=cfg.dedup.clusters_per_vector))
         component, nn_sim = res.labels, res.nn_similarity
-        rule = {"clip": "clip", "longest_caption": "longest_caption", "first": "first"}[cfg.dedup.keep]
-        dedup_keep = choose_keepers(component, rule, clip_scores=np.asarray(clip, np.float64),
+        dedup_keep = choose_keepers(component, cfg.dedup.keep, clip_scores=np.asarray(clip, np.float64),
                                     caption_lengths=np.array([len(c) for c in captions]))
         stats["dedup"] = {"components": int(res.n_components), "pairs": int(res.n_pairs),
                           "removed": int((~dedup_keep).sum()), "seconds": round(time.perf_counter() - t0, 2)}
@@ -262,7 +282,8 @@ def global_stages(work: Path, n_chunks: int, cfg: CurationConfig, progress: bool
     resample_keep = np.ones(n, bool)
     freq_before = freq_after = None
     if cfg.resample.enabled and n:
-        from data_curation.resample import NgramMatcher, Vocabulary, document_frequencies, resample
+        from data_curation.ngram_match import NgramMatcher, Vocabulary
+        from data_curation.resample import document_frequencies, resample
 
         vocab = Vocabulary.default() if cfg.resample.vocab == "default" else Vocabulary.from_file(cfg.resample.vocab)
         matcher = NgramMatcher(vocab)
@@ -369,9 +390,11 @@ def build_shards(input_spec: str | Path, out_dir: str | Path, cfg: CurationConfi
     # Pass 1. Inputs are read in the main process; finished chunks are skipped (still read for order).
     todo = ((i, chunk, str(work)) for i, chunk in _chunks(open_input(input_spec), cfg.samples_per_shard)
             if not (work / f"chunk_{i:05d}.parquet").exists() and (max_chunks is None or i < max_chunks))
+    # Stage models load here first: a bad SSCD file or a missing tesseract is one named error up front,
+    # not a pool of workers failing in their initializer.
+    _init_worker(cfg, threads=max(1, os.cpu_count() or 1))
     bar = tqdm(desc="per-sample stages", unit="sample", disable=not progress)
     if cfg.workers == 1:
-        _init_worker(cfg, threads=max(1, os.cpu_count() or 1))
         for job in todo:
             bar.update(_run_chunk(job)[1])
     else:
@@ -385,6 +408,8 @@ def build_shards(input_spec: str | Path, out_dir: str | Path, cfg: CurationConfi
                     bar.update(pending.pop(0).get()[1])
             for res in pending:
                 bar.update(res.get()[1])
+    global _WORKER
+    _WORKER = None  # free the main process's copy of the stage models
     bar.close()
     n_chunks = 0
     while (work / f"chunk_{n_chunks:05d}.parquet").exists():
@@ -394,7 +419,7 @@ def build_shards(input_spec: str | Path, out_dir: str | Path, cfg: CurationConfi
     t_pass1 = time.perf_counter() - t0
 
     # Pass 2.
-    decisions_t = global_stages(work, n_chunks, cfg, progress)
+    decisions_t = global_stages(work, n_chunks, cfg)
     decisions = {k: (c, s, d, r) for k, c, s, d, r in zip(*(decisions_t.column(n).to_pylist()
                                                             for n in decisions_t.column_names))}
     t_pass2 = time.perf_counter() - t0 - t_pass1

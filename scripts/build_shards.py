@@ -28,12 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None, help="override the config's worker count")
     p.add_argument("--json", action="store_true", help="print only the report JSON")
     args = p.parse_args(argv)
-    from data_curation.shards import build_shards
+    from data_curation.shards import StageSetupError, build_shards
 
     try:
         cfg = load_config(args.config, {"workers": args.workers} if args.workers else None)
         result = build_shards(args.input, args.out, cfg, progress=not args.json)
-    except (ConfigError, CurationInputError, FileNotFoundError) as e:
+    except (ConfigError, CurationInputError, StageSetupError, FileNotFoundError) as e:
         print(f"build_shards: {e}", file=sys.stderr)
         return 2
     r = result.report

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_curation.resample import (PROBS, NgramMatcher, Vocabulary, VocabularyError, build_report,
-                                    document_frequencies, resample)
+from data_curation.ngram_match import NgramMatcher, Vocabulary, VocabularyError
+from data_curation.resample import PROBS, build_report, document_frequencies, resample
 
 
 class CaptionFileError(ValueError):

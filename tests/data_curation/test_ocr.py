@@ -9,8 +9,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 from data_curation.ocr import (OCRError, OCRTimeoutError, OCRUnavailableError, TesseractOCR, parse_tsv)
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("tesseract") is None, reason="no tesseract: apt-get install tesseract-ocr tesseract-ocr-eng")
+
+
+def test_tesseract_is_installed():
+    # `make test` installs it (Debian tesseract-ocr + tesseract-ocr-eng); the OCR tests below need it.
+    assert shutil.which("tesseract"), "no tesseract: apt-get install tesseract-ocr tesseract-ocr-eng"
 
 FONT = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
 

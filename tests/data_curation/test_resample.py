@@ -9,9 +9,10 @@ import unicodedata
 import numpy as np
 import pytest
 
-from data_curation.resample import (Matches, NgramMatcher, Vocabulary, VocabularyError, brute_force_match,
-                                    build_report, document_frequencies, entry_probabilities, keep_probability,
-                                    normalize, resample, tokenize, uniforms)
+from data_curation.ngram_match import (Matches, NgramMatcher, Vocabulary, VocabularyError, brute_force_match,
+                                       normalize, tokenize)
+from data_curation.resample import (build_report, document_frequencies, entry_probabilities, keep_probability,
+                                    resample, uniforms)
 from scripts import resample as cli
 
 BACKENDS = ("tokens", "ahocorasick")

@@ -191,6 +191,39 @@ def test_resume_after_an_interrupted_build_gives_the_same_shards(corpus, models,
     assert before == {f.name: f.stat().st_mtime_ns for f in resumed.glob("shard_*")}
 
 
+def test_a_stage_failing_on_one_sample_fails_that_sample_only(corpus, models, tmp_path, monkeypatch):
+    from data_curation import shards
+
+    real = shards.SampleProcessor._per_sample
+
+    def flaky(self, s):
+        if s.key == "hubble":
+            s.stage = "safety"
+            raise MemoryError("simulated")
+        return real(self, s)
+
+    monkeypatch.setattr(shards.SampleProcessor, "_per_sample", flaky)
+    root, _ = corpus
+    build_shards(root, tmp_path / "out", _config(models, tmp_path, ocr=None), progress=False)
+    rows = _statuses(tmp_path / "out")
+    assert len(rows) == N_INPUTS
+    assert (rows["hubble"]["status"], rows["hubble"]["stage"]) == ("error", "safety")
+    assert rows["hubble"]["reason"] == "MemoryError: simulated"
+    assert rows["astronaut"]["status"] == "ok"
+
+
+def test_a_bad_stage_model_is_one_named_error(corpus, tmp_path, capsys):
+    import yaml
+
+    root, _ = corpus
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    cfg = {"dedup": {"sscd": str(tmp_path / "junk.pt"), "keep": "first"}, "clip": None, "workers": 2}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert build_shards_cli.main([str(root), str(tmp_path / "o"), "--config", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot set up the curation stages" in err and "junk.pt" in err
+
+
 def test_bad_configs_and_inputs_are_named(corpus, models, tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("caption: {min_wrds: 3}\n")
     with pytest.raises(ConfigError, match="min_wrds"):

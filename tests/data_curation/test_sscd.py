@@ -16,7 +16,7 @@ from torchvision import transforms
 from data_curation.sscd import (GeM, SSCDEmbedder, SSCDLoadError, SSCDModel, build_sscd, build_sscd_resnet50,
                                 preprocess)
 
-skdata = pytest.importorskip("skimage.data")
+from skimage import data as skdata  # noqa: E402  (a dev dependency)
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "immunohistochemistry", "hubble_deep_field", "coins")
 
 
