@@ -4,7 +4,9 @@
     <|start_header_id|>assistant<|end_header_id|>\\n\\n
 
 ``<|image|>`` is emitted as the *model* id (``tokenizer.n_words``, i.e. 128256 for Llama 3, the first
-learnable embedding row), as Meta's ChatFormat rewrites 128011 before the model sees it.
+learnable embedding row), as Meta's ChatFormat rewrites 128011 before the model sees it. A video is
+``<|video|>``, the next row (``n_words + 1``); no released prompt format has one, so ours puts it where
+images go, before the question.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class Message:
     role: str
     content: str
     n_images: int = 0  # images placed before the text, as in the released prompt format
+    n_videos: int = 0  # <|video|> tokens, placed before the images and the text
     images: list = field(default_factory=list)  # optional payload (paths / PIL images), not tokenised
 
     def __post_init__(self) -> None:
@@ -33,6 +36,10 @@ def image_input_id(tok: Tokenizer) -> int:
     return tok.n_words
 
 
+def video_input_id(tok: Tokenizer) -> int:
+    return tok.n_words + 1  # the second learnable embedding row (video.adapter.VIDEO_TOKEN_ROW)
+
+
 def encode_header(tok: Tokenizer, role: str) -> list[int]:
     return [tok.start_header_id, *tok.encode(role), tok.end_header_id, *tok.encode("\n\n")]
 
@@ -41,6 +48,7 @@ def encode_message(tok: Tokenizer, msg: Message) -> list[int]:
     n_images = max(msg.n_images, len(msg.images))
     return [
         *encode_header(tok, msg.role),
+        *([video_input_id(tok)] * msg.n_videos),
         *([image_input_id(tok)] * n_images),
         *tok.encode(msg.content.strip()),
         tok.eot_id,

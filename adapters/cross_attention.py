@@ -117,11 +117,12 @@ def image_intervals(tokens: list[int], image_token_id: int) -> list[tuple[int, i
     return [(a, b) for a, b in spans]
 
 
-def text_image_mask(tokens: Tensor, image_token_id: int, image_mask: Tensor) -> Tensor:
+def text_image_mask(tokens: Tensor, image_token_id: int, image_mask: Tensor, media: str = "image") -> Tensor:
     """Bool (B, T, n_images): text position t may see image slot i.
 
     ``image_mask`` (B, n_images) marks real image slots; the k-th image token of a row is matched to
-    the k-th real slot. A count mismatch is an error naming the row.
+    the k-th real slot. A count mismatch is an error naming the row. Videos use the same rule with
+    their own token (``media="video"`` names them in the error).
     """
     B, T = tokens.shape
     n_img = image_mask.shape[1]
@@ -133,7 +134,7 @@ def text_image_mask(tokens: Tensor, image_token_id: int, image_mask: Tensor) -> 
         real = [i for i, ok in enumerate(slots[b]) if ok]
         if len(spans) != len(real):
             raise ValueError(
-                f"batch row {b}: {len(spans)} <|image|> tokens but {len(real)} images; they must match"
+                f"batch row {b}: {len(spans)} <|{media}|> tokens but {len(real)} {media}s; they must match"
             )
         for (start, end), slot in zip(spans, real):
             out[b, start:end, slot] = True

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from adapters.multimodal import ImageBatch, MultimodalLlama
+from adapters.multimodal import ImageBatch, MultimodalLlama, VideoBatch
 
 
 @dataclass(frozen=True)
@@ -45,11 +45,12 @@ def generate(
     sampling: SamplingConfig = SamplingConfig(),
     stop_ids: Iterable[int] = (),
     pad_id: int = 0,
+    videos: VideoBatch | None = None,
 ) -> Iterator[Tensor]:
     """Yield next tokens (B,) for equal-length prompts (B, T) until every row hit a stop id.
 
-    Rows that already stopped yield ``pad_id``. The vision encoder and each cross-attention layer's
-    K/V run once, on the prompt; every decoding step reuses them.
+    Rows that already stopped yield ``pad_id``. The vision encoder (and the video aggregator) and each
+    cross-attention layer's K/V run once, on the prompt; every decoding step reuses them.
     """
     B, T = prompt.shape
     device = prompt.device
@@ -60,7 +61,10 @@ def generate(
     context = None
     if images is not None and bool(images.image_mask.any()):
         context = model.vision_context(prompt, images)
-    hidden = model(prompt, context=context, cache=cache, return_hidden=True)
+    video_context = None
+    if videos is not None and bool(videos.video_mask.any()):
+        video_context = model.video_context(prompt, videos)
+    hidden = model(prompt, context=context, video_context=video_context, cache=cache, return_hidden=True)
     logits = model.lm.output(hidden[:, -1]).float()
     stops = torch.tensor(sorted(set(stop_ids)), device=device, dtype=torch.long)
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -71,15 +75,16 @@ def generate(
         done |= torch.isin(nxt, stops)
         if bool(done.all()) or step == sampling.max_new_tokens - 1:
             return
-        logits = model(nxt[:, None], context=context, start_pos=T + step, cache=cache)[:, -1]
+        logits = model(nxt[:, None], context=context, video_context=video_context, start_pos=T + step,
+                       cache=cache)[:, -1]
 
 
-def generate_ids(model, prompt: Tensor, images=None, sampling=SamplingConfig(), stop_ids=()) -> list[list[int]]:
+def generate_ids(model, prompt: Tensor, images=None, sampling=SamplingConfig(), stop_ids=(), videos=None) -> list[list[int]]:
     """All generated ids per row, each cut after its first stop id (the stop id itself dropped)."""
     stops = set(stop_ids)
     rows: list[list[int]] = [[] for _ in range(prompt.shape[0])]
     finished = [False] * prompt.shape[0]
-    for nxt in generate(model, prompt, images, sampling, stops):
+    for nxt in generate(model, prompt, images, sampling, stops, videos=videos):
         for b, t in enumerate(nxt.tolist()):
             if not finished[b]:
                 if t in stops:

@@ -2,7 +2,11 @@
 
 Token stream: ids below ``lm.vocab_size`` use the frozen embedding table; ids at or above it use
 ``learnable_embedding`` (8 rows, as released). ``<|image|>`` enters the model as ``vocab_size``
-(128256 for Llama 3), never as a prediction target: the LM head keeps its ``vocab_size`` rows.
+(128256 for Llama 3), ``<|video|>`` as ``vocab_size + 1``; neither is ever a prediction target: the LM
+head keeps its ``vocab_size`` rows.
+
+With ``cfg.video`` set the model also holds the video adapter (`video.adapter`): a temporal aggregator
+over the projected frame tokens and video cross-attention blocks before every 4th image block.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from torch import Tensor, nn
 
 from adapters.cross_attention import CrossAttentionBlock, expand_vision_mask, text_image_mask, xattn_schedule
 from adapters.llama import KVCache, Llama, LlamaConfig, build_attention_mask, build_llama, llama_config
+from video.adapter import VIDEO_TOKEN_ROW, VideoAdapter, VideoAdapterConfig, VideoBatch, frame_token_mask, video_schedule
 from vision.encoder import VisionEncoderConfig, VisionProjector, build_vision_encoder, vision_config
 
 
@@ -28,6 +33,7 @@ class MultimodalConfig:
     # lets backward stop at the first cross-attention block instead of running through the frozen
     # layers below it, which is what HF Mllama does (its image rows sit in the frozen embed_tokens).
     train_image_token_rows: bool = True
+    video: VideoAdapterConfig | None = None  # None: an image-only model
 
     @property
     def n_xattn(self) -> int:
@@ -36,6 +42,10 @@ class MultimodalConfig:
     @property
     def image_token_id(self) -> int:
         return self.lm.vocab_size
+
+    @property
+    def video_token_id(self) -> int:
+        return self.lm.vocab_size + VIDEO_TOKEN_ROW
 
 
 MULTIMODAL_PRESETS: dict[str, MultimodalConfig] = {
@@ -121,6 +131,15 @@ class MultimodalLlama(nn.Module):
         if not cfg.train_vision:
             self.vision.freeze()
         self.learnable_embedding.requires_grad_(cfg.train_image_token_rows)
+        self.video: VideoAdapter | None = None
+        self._video_at: dict[int, int] = {}
+        if cfg.video is not None:
+            self.video_schedule = video_schedule(self.schedule, cfg.video.every)
+            self._video_at = {layer: i for i, layer in enumerate(self.video_schedule)}
+            self.video = VideoAdapter(cfg.video, cfg.lm, cfg.vision.n_tokens, len(self.video_schedule))
+            if not cfg.video.train_image_adapter:  # the video stage trains on top of a finished image model
+                for module in (self.vision, self.projector, self.cross_attention_layers):
+                    module.requires_grad_(False)
 
     # -- pieces --------------------------------------------------------------------------------
 
@@ -145,6 +164,37 @@ class MultimodalLlama(nn.Module):
         out[real] = feats
         return out.reshape(B, -1, feats.shape[-1])
 
+    def encode_videos(self, videos: VideoBatch) -> tuple[Tensor, Tensor]:
+        """-> aggregated video tokens (B, V * K * L, D) and chunk mask (B, V, K), K = ceil(F / chunk_frames).
+
+        Only real frames of real videos go through the encoder (repeats and padding stay zero and masked).
+        """
+        if self.video is None:
+            raise ValueError("this model has no video adapter (cfg.video is None)")
+        B, V, F_ = videos.frame_mask.shape
+        real_video = videos.video_mask.flatten()
+        frame_mask = videos.frame_mask.flatten(0, 1)[real_video]  # (n, F)
+        tiles, layouts, tile_mask = (t.flatten(0, 1)[real_video] for t in (videos.tiles, videos.layouts, videos.tile_mask))
+        feats = self.projector(self.vision(tiles[frame_mask], layouts[frame_mask], tile_mask[frame_mask]))
+        n, (_, n_tiles, P, D) = frame_mask.shape[0], feats.shape
+        frames = feats.new_zeros(n, F_, n_tiles * P, D)
+        frames[frame_mask] = feats.flatten(1, 2)
+        token_mask = frame_token_mask(frame_mask, tile_mask[:, :, :n_tiles], P)
+        agg, chunk_mask = self.video.aggregate(frames, token_mask)  # (n, K * L, D), (n, K)
+        out = agg.new_zeros(B * V, *agg.shape[1:])
+        out[real_video] = agg
+        chunks = chunk_mask.new_zeros(B * V, chunk_mask.shape[1])
+        chunks[real_video] = chunk_mask
+        return out.reshape(B, -1, D), chunks.view(B, V, -1)
+
+    def video_context(self, tokens: Tensor, videos: VideoBatch) -> VisionContext:
+        vis, chunk_mask = self.encode_videos(videos)
+        vis = vis.to(self.lm.tok_embeddings.weight.dtype)
+        kv = [blk.attention.vision_kv(vis) for blk in self.video.cross_attention_layers]
+        tokens_per_chunk = vis.shape[1] // (chunk_mask.shape[1] * chunk_mask.shape[2])
+        text_video = text_image_mask(tokens, self.cfg.video_token_id, videos.video_mask, media="video")
+        return VisionContext(kv, text_video, chunk_mask, tokens_per_chunk)
+
     def vision_context(self, tokens: Tensor, images: ImageBatch) -> VisionContext:
         vis = self.encode_images(images).to(self.lm.tok_embeddings.weight.dtype)
         kv = [blk.attention.vision_kv(vis) for blk in self.cross_attention_layers]
@@ -158,19 +208,24 @@ class MultimodalLlama(nn.Module):
         self,
         tokens: Tensor,
         images: ImageBatch | None = None,
+        videos: VideoBatch | None = None,
         *,
         context: VisionContext | None = None,
+        video_context: VisionContext | None = None,
         start_pos: int = 0,
         cache: list[KVCache] | None = None,
         return_hidden: bool = False,
     ) -> Tensor:
         """tokens (B, T) -> logits (B, T, vocab) fp32.
 
-        With no image in the batch the cross-attention layers are skipped entirely (text-only cost).
-        For cached decoding pass ``context`` (from ``vision_context`` on the prompt) and ``start_pos``.
+        With no image in the batch the cross-attention layers are skipped entirely (text-only cost); the
+        same for videos. For cached decoding pass ``context`` / ``video_context`` (from ``vision_context``
+        / ``video_context`` on the prompt) and ``start_pos``.
         """
         if context is None and images is not None and bool(images.image_mask.any()):
             context = self.vision_context(tokens, images)
+        if video_context is None and videos is not None and bool(videos.video_mask.any()):
+            video_context = self.video_context(tokens, videos)
         T = tokens.shape[1]
         h = self.embed(tokens)
         rope = self.lm.rope(T, start_pos)
@@ -179,7 +234,13 @@ class MultimodalLlama(nn.Module):
         if context is not None:
             xmask, row_mask = context.masks(T, decoding=start_pos > 0)
             row_mask = row_mask.to(h.dtype)
+        if video_context is not None:
+            vmask, vrow_mask = video_context.masks(T, decoding=start_pos > 0)
+            vrow_mask = vrow_mask.to(h.dtype)
         for i, layer in enumerate(self.lm.layers):
+            if video_context is not None and i in self._video_at:
+                j = self._video_at[i]
+                h = self.video.cross_attention_layers[j](h, video_context.kv[j], vmask, vrow_mask)
             if context is not None and i in self._xattn_at:
                 j = self._xattn_at[i]
                 h = self.cross_attention_layers[j](h, context.kv[j], xmask, row_mask)
@@ -195,7 +256,7 @@ class MultimodalLlama(nn.Module):
     def train(self, mode: bool = True) -> "MultimodalLlama":
         super().train(mode)
         self.lm.eval()  # frozen LM: always eval
-        if not self.cfg.train_vision:
+        if not self.cfg.train_vision or (self.video is not None and not self.cfg.video.train_image_adapter):
             self.vision.eval()
         return self
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adapters.multimodal import ImageBatch, MultimodalLlama
+from adapters.multimodal import ImageBatch, MultimodalLlama, VideoBatch
 
 IGNORE_INDEX = -100
 
@@ -29,9 +29,10 @@ class ImageTextTask(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens: Tensor, labels: Tensor, images: ImageBatch | None = None) -> dict[str, Tensor]:
+    def forward(self, tokens: Tensor, labels: Tensor, images: ImageBatch | None = None,
+                videos: VideoBatch | None = None) -> dict[str, Tensor]:
         targets = shift_targets(labels, self.model.cfg.lm.vocab_size)
-        hidden = self.model(tokens, images, return_hidden=True)
+        hidden = self.model(tokens, images, videos, return_hidden=True)
         keep = targets != IGNORE_INDEX
         # Project only supervised positions: the 128K-row head on every position dominates memory otherwise.
         logits = self.model.lm.output(hidden[keep]).float()
@@ -54,7 +55,7 @@ def build_param_groups(model: MultimodalLlama, lr: float, weight_decay: float = 
             continue
         if name.startswith("lm."):
             raise RuntimeError(f"frozen LM parameter {name} requires grad")
-        no_wd = p.dim() < 2 or "embedding" in name or name.endswith(("gate", "gate_attn", "gate_ffwd"))
+        no_wd = p.dim() < 2 or "embedding" in name or name.endswith(("gate", "gate_attn", "gate_ffwd", "latents", "frame_pos"))
         buckets[(name.startswith("vision."), not no_wd)].append(p)
     groups = [
         {"params": params, "lr": lr * (encoder_lr_scale if enc else 1.0), "weight_decay": weight_decay if wd else 0.0}

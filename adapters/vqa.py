@@ -35,11 +35,11 @@ class VQATrainConfig:
     seed: int = 0
 
 
-def build_tiny_tokenizer(out_dir: str | Path, n_merges: int = 120) -> Tokenizer:
-    """A byte-level BPE trained on the VQA strings, in the real tokenizer.model format."""
+def build_tiny_tokenizer(out_dir: str | Path, n_merges: int = 120, texts: list[str] | None = None) -> Tokenizer:
+    """A byte-level BPE trained on the VQA strings (or ``texts``), in the real tokenizer.model format."""
     path = Path(out_dir) / "tokenizer.model"
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_tiktoken_bpe(train_byte_bpe(corpus_text() * 4, n_merges), path)
+    write_tiktoken_bpe(train_byte_bpe((texts or corpus_text()) * 4, n_merges), path)
     return Tokenizer(path)
 
 
@@ -68,23 +68,35 @@ class VQAEncoder:
     def prompt(self, r: VQARecord) -> list[int]:
         return encode_dialog(self.tok, [Message("user", r.question, n_images=1)])
 
-    def train_batch(self, records: list[VQARecord]) -> tuple[torch.Tensor, torch.Tensor, ImageBatch]:
-        rows = [encode_training_example(self.tok, [Message("user", r.question, n_images=1),
-                                                   Message("assistant", r.answer)]) for r in records]
-        T = max(len(t) for t, _ in rows)
-        tokens = torch.full((len(rows), T), self.tok.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
-        for i, (t, lab) in enumerate(rows):
-            tokens[i, : len(t)], labels[i, : len(lab)] = torch.tensor(t), torch.tensor(lab)
-        return tokens, labels, self.images(records)
+    def train_batch(self, records: list[VQARecord]) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """-> tokens (B, T), labels (B, T), and the model's media keyword arguments."""
+        tokens, labels = pad_examples(self.tok, [
+            encode_training_example(self.tok, [Message("user", r.question, n_images=1), Message("assistant", r.answer)])
+            for r in records])
+        return tokens, labels, self.media(records)
 
     def images(self, records: list[VQARecord]) -> ImageBatch:
         return ImageBatch.from_collated(collate_tiled([[self.tiled(r.image)] for r in records])).trimmed()
 
+    def media(self, records: list[VQARecord]) -> dict:
+        return {"images": self.images(records)}
 
-def train_vqa(model: MultimodalLlama, enc: VQAEncoder, records: list[VQARecord], cfg: VQATrainConfig,
-              progress: bool = True) -> list[float]:
-    """AdamW with warmup + cosine decay on the adapter (LM frozen). Returns the loss curve."""
+
+def pad_examples(tok: Tokenizer, rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, labels) pairs -> right-padded (B, T) tensors (pad id / ignored labels)."""
+    T = max(len(t) for t, _ in rows)
+    tokens = torch.full((len(rows), T), tok.pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    for i, (t, lab) in enumerate(rows):
+        tokens[i, : len(t)], labels[i, : len(lab)] = torch.tensor(t), torch.tensor(lab)
+    return tokens, labels
+
+
+def train_vqa(model: MultimodalLlama, enc, records: list, cfg: VQATrainConfig, progress: bool = True) -> list[float]:
+    """AdamW with warmup + cosine decay on the adapter (LM frozen). Returns the loss curve.
+
+    ``enc`` turns records into batches (`VQAEncoder` for images, ``video.vqa.VideoQAEncoder`` for videos).
+    """
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     task = ImageTextTask(model).train()
@@ -95,8 +107,8 @@ def train_vqa(model: MultimodalLlama, enc: VQAEncoder, records: list[VQARecord],
     losses = []
     bar = tqdm(range(cfg.steps), desc="train", disable=not progress, mininterval=2)
     for _ in bar:
-        tokens, labels, images = enc.train_batch(rng.sample(records, cfg.batch_size))
-        loss = task(tokens, labels, images)["loss"]
+        tokens, labels, media = enc.train_batch(rng.sample(records, cfg.batch_size))
+        loss = task(tokens, labels, **media)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
@@ -109,7 +121,7 @@ def train_vqa(model: MultimodalLlama, enc: VQAEncoder, records: list[VQARecord],
 
 
 @torch.inference_mode()
-def answer(model: MultimodalLlama, enc: VQAEncoder, records: list[VQARecord], max_new_tokens: int = 6,
+def answer(model: MultimodalLlama, enc, records: list, max_new_tokens: int = 6,
            batch_size: int = 64) -> list[str]:
     """Greedy answers, batched by prompt length (prompts of one question kind have equal length)."""
     out: dict[int, str] = {}
@@ -120,31 +132,30 @@ def answer(model: MultimodalLlama, enc: VQAEncoder, records: list[VQARecord], ma
         for s in range(0, len(idxs), batch_size):
             chunk = idxs[s : s + batch_size]
             prompt = torch.tensor([enc.prompt(records[i]) for i in chunk])
-            ids = generate_ids(model, prompt, enc.images([records[i] for i in chunk]),
-                               SamplingConfig(max_new_tokens=max_new_tokens), stop_ids=enc.tok.stop_ids)
+            ids = generate_ids(model, prompt, sampling=SamplingConfig(max_new_tokens=max_new_tokens),
+                               stop_ids=enc.tok.stop_ids, **enc.media([records[i] for i in chunk]))
             for i, row in zip(chunk, ids):
                 out[i] = enc.tok.decode(row).strip()
     return [out[i] for i in range(len(records))]
 
 
 @torch.inference_mode()
-def candidate_accuracy(model: MultimodalLlama, enc: VQAEncoder, records: list[VQARecord], use_images: bool) -> float:
+def candidate_accuracy(model: MultimodalLlama, enc, records: list, use_media: bool) -> float:
     """Accuracy when choosing the most likely answer among the candidates (log-likelihood of answer + eot).
 
-    With ``use_images=False`` the images are withheld: this is the frozen LM on its own.
+    With ``use_media=False`` the images/videos are withheld: this is the frozen LM on its own.
     """
     correct = 0
     for r in records:
         prompt = enc.prompt(r)
-        if not use_images:  # the LM's own vocabulary has no image token: drop it
+        if not use_media:  # the LM's own vocabulary has no image/video token: drop it
             prompt = [t for t in prompt if t < model.cfg.lm.vocab_size]
         rows = [prompt + enc.tok.encode(c) + [enc.tok.eot_id] for c in r.candidates]
         T = max(map(len, rows))
         n_prompt = len(prompt)
         tokens = torch.tensor([row + [enc.tok.pad_id] * (T - len(row)) for row in rows])
-        images = enc.images([r] * len(rows)) if use_images else None
-        if use_images:
-            logp = model(tokens, images).log_softmax(-1)
+        if use_media:
+            logp = model(tokens, **enc.media([r] * len(rows))).log_softmax(-1)
         else:
             logp = model.lm(tokens).log_softmax(-1)  # the frozen LM alone, no adapter at all
         scores = []
@@ -156,11 +167,12 @@ def candidate_accuracy(model: MultimodalLlama, enc: VQAEncoder, records: list[VQ
 
 
 def pretrain_text_lm(lm: Llama, tok: Tokenizer, steps: int = 200, batch_size: int = 64, lr: float = 3e-3,
-                     seed: int = 0, progress: bool = True) -> list[float]:
+                     seed: int = 0, progress: bool = True, questions: dict | None = None) -> list[float]:
     """Stage 1 of the recipe in miniature: train the tiny LM on text-only dialogs, then it gets frozen.
 
-    The dialogs are the VQA questions with answers drawn uniformly from each question's candidates, so
-    the LM learns the chat format and the answer vocabulary but, never seeing an image, stays at chance.
+    The dialogs are the VQA questions (``questions``: kind -> (question, candidates); default the image
+    set's) with answers drawn uniformly from each question's candidates, so the LM learns the chat
+    format and the answer vocabulary but, never seeing an image, stays at chance.
     """
     from data_curation.synthetic_vqa import QUESTIONS
 
@@ -170,18 +182,14 @@ def pretrain_text_lm(lm: Llama, tok: Tokenizer, steps: int = 200, batch_size: in
     for p in lm.parameters():
         p.requires_grad_(True)
     opt = torch.optim.AdamW(lm.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    kinds = list(QUESTIONS.values())
+    kinds = list((questions or QUESTIONS).values())
     losses = []
     for _ in tqdm(range(steps), desc="pretrain LM", disable=not progress, mininterval=2):
         rows = []
         for _ in range(batch_size):
             q, cands = rng.choice(kinds)
             rows.append(encode_training_example(tok, [Message("user", q), Message("assistant", rng.choice(cands))]))
-        T = max(len(t) for t, _ in rows)
-        tokens = torch.full((len(rows), T), tok.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
-        for i, (t, lab) in enumerate(rows):
-            tokens[i, : len(t)], labels[i, : len(lab)] = torch.tensor(t), torch.tensor(lab)
+        tokens, labels = pad_examples(tok, rows)
         logits = lm(tokens)[:, :-1]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
@@ -233,7 +241,7 @@ def run_vqa_benchmark(steps: int, seed: int, work_dir: str | Path, clip_steps: i
     enc = VQAEncoder(tok, model.cfg)
     train = make_vqa_set(n_train, seed=seed)
     test = make_vqa_set(n_test, seed=seed + 10_000)
-    frozen_alone = candidate_accuracy(model, enc, test, use_images=False)
+    frozen_alone = candidate_accuracy(model, enc, test, use_media=False)
     t_adapter = time.perf_counter()
     losses = train_vqa(model, enc, train, VQATrainConfig(steps=steps, seed=seed), progress)
     t_adapter = time.perf_counter() - t_adapter
