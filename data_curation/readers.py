@@ -397,7 +397,9 @@ def _wds_samples(shards: list[Path], caption_key: str) -> Iterator[Sample]:
             yield sample
 
 
-def _read_shard(shard: Path, caption_key: str) -> Iterator[Sample]:
+def _read_shard(shard: Path, caption_key: str, group=None) -> Iterator[Sample]:
+    """One sample per member group of a webdataset tar; ``group`` builds it (default: image groups)."""
+    group = group or _wds_group
     shard_key = sanitize_key(f"{shard.stem}__shard_error")
     try:
         fileobj = open(shard, "rb")
@@ -418,7 +420,7 @@ def _read_shard(shard: Path, caption_key: str) -> Iterator[Sample]:
                     key, ext = _split_member(info.name)
                     if key != group_key:
                         if group_key is not None:
-                            yield _wds_group(shard, group_key, members, caption_key)
+                            yield group(shard, group_key, members, caption_key)
                         group_key, members = key, {}
                     reading = True
                     f = tf.extractfile(info)
@@ -432,7 +434,7 @@ def _read_shard(shard: Path, caption_key: str) -> Iterator[Sample]:
                 "read", f"unreadable or truncated tar {shard} {where}: {e}")
             return
     if group_key is not None:
-        yield _wds_group(shard, group_key, members, caption_key)
+        yield group(shard, group_key, members, caption_key)
     if not _has_end_marker(shard, end_offset):
         yield Sample(key=shard_key, source=f"{shard}:{last}").fail(
             "read", f"truncated or corrupt tar {shard}: no valid header or end-of-archive marker after member "

@@ -1,0 +1,614 @@
+"""The video shard builder (Llama 3 sec. 7.4): video-text pairs -> per-sample filters -> webdataset shards.
+
+Stages, in order, each dropping or failing a sample with a reason (``data_curation.records``):
+caption rules + case fixing -> language id -> decode (probe, then ``decode.frames`` uniform frames) ->
+OCR text overlay (frames at 25/50/75%) -> CLIP middle-frame score -> CLIP video score (mean of the
+frame embeddings) -> motion score (frames at 2 fps). No aesthetic or resolution filter, as in the paper;
+no de-duplication or resampling, so unlike ``shards.py`` there is no global pass and each chunk of
+``samples_per_shard`` inputs becomes its shard directly:
+
+* ``shard_i.tar``: ``key.mp4`` (the input's bytes, not re-encoded; the extension follows the container:
+  mp4 / mov / webm / mkv / avi), ``key.txt`` (the cleaned caption), ``key.json`` (scores, duration, fps,
+  size, status, the input's other metadata);
+* ``shard_i.parquet``: a status row (ok / dropped / error, stage, reason, scores) for every input of
+  chunk ``i``; ``shard_i_stats.json``: its counts, written last, the resume marker. Every file is written
+  to a temporary name and renamed, so a rerun after a kill skips finished shards and redoes the rest;
+* ``report.json`` and ``report/*.png``: counts per stage and reason, duration / resolution / aspect ratio /
+  motion score statistics and histograms.
+
+Every chunk's videos are held in memory while it is processed (``samples_per_shard`` x average size,
+for up to ``2 * workers`` chunks in flight), hence the small default of 100 per shard.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import multiprocessing as mp
+import os
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+from tqdm import tqdm
+
+from data_curation.curation_config import ConfigError, LanguageConfig, _build, config_to_dict
+from data_curation.readers import (CurationInputError, _folder_samples, _is_pattern, _read_shard, _short_hash,
+                                   _unique_keys, _wds_group, WDS_IMAGE_EXTS, expand_shards,
+                                   read_manifest, sanitize_key)
+from data_curation.records import DROPPED, ERROR, OK, Sample
+from data_curation.shards import BuildResult, StageSetupError, _atomic_write, _chunks
+from data_curation.video_filters import VideoCaptionRules
+
+VIDEO_EXTS = ("mp4", "m4v", "mov", "webm", "mkv", "avi")  # also the webdataset member preference order
+SIDECAR_EXTS = (".txt", ".json")
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    backend: str = "auto"  # video.reader: auto (decord, PyAV fallback) | decord | pyav
+    timeout_s: float = 60.0  # per decode call; a hung decoder is killed and the sample is an error
+    frames: int = 9  # uniform frames for OCR (25/50/75%: exact when frames - 1 is a multiple of 4) and CLIP
+
+
+@dataclass(frozen=True)
+class VideoOCRConfig:
+    enabled: bool = True
+    lang: str = "eng"
+    min_conf: float = 60.0  # words below this Tesseract confidence do not count
+    timeout: float = 30.0  # seconds per frame
+    max_area: float = 0.1  # drop when text boxes cover more than this share of the frame
+    reduce: str = "mean"  # over the 3 frames: mean | max
+
+
+@dataclass(frozen=True)
+class VideoClipConfig:
+    enabled: bool = True
+    model: str = "ViT-B-32"
+    pretrained: str | None = "laion2b_s34b_b79k"
+    frame_threshold: float = 0.2  # middle frame vs caption (cosine)
+    video_threshold: float = 0.2  # mean frame embedding vs caption (cosine)
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class MotionConfig:
+    enabled: bool = True
+    fps: float = 2.0  # frames sampled per second of video (2 to 64 frames)
+    max_frames: int = 64
+    short_side: int = 64  # frames resized to this short side before optical flow (0: native size)
+    min_score: float = 0.002  # mean flow / frame diagonal per 1/fps seconds; below: static, dropped
+
+
+@dataclass(frozen=True)
+class VideoCurationConfig:
+    samples_per_shard: int = 100
+    workers: int = 2
+    video_key: str = "video"  # manifest column holding the video path (relative to the manifest) or bytes
+    caption_key: str = "caption"  # manifest column / sidecar or member JSON field holding the caption
+    caption: VideoCaptionRules = field(default_factory=VideoCaptionRules)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    ocr: VideoOCRConfig = field(default_factory=VideoOCRConfig)
+    clip: VideoClipConfig = field(default_factory=VideoClipConfig)
+    motion: MotionConfig = field(default_factory=MotionConfig)
+
+    def __post_init__(self) -> None:
+        if self.samples_per_shard < 1 or self.workers < 1:
+            raise ConfigError("samples_per_shard and workers must be >= 1")
+        if self.decode.backend not in ("auto", "decord", "pyav"):
+            raise ConfigError(f"decode.backend: {self.decode.backend!r} is not auto | decord | pyav")
+        if not 1 <= self.decode.frames <= 64:
+            raise ConfigError(f"decode.frames: {self.decode.frames} is not in [1, 64]")
+        if self.ocr.reduce not in ("mean", "max"):
+            raise ConfigError(f"ocr.reduce: {self.ocr.reduce!r} is not mean | max")
+        if self.motion.fps <= 0 or not 2 <= self.motion.max_frames <= 64 or self.motion.short_side < 0:
+            raise ConfigError("motion: fps must be > 0, max_frames in [2, 64], short_side >= 0")
+
+
+_SECTIONS = {f.name: f.default_factory for f in fields(VideoCurationConfig) if is_dataclass(f.default_factory)}
+
+
+def load_video_config(path: str | Path | None, overrides: dict | None = None) -> VideoCurationConfig:
+    """Read ``video_curation.yaml`` (None: all defaults); ``overrides`` is merged over the top level.
+    Unknown keys, at any level, are a ``ConfigError`` naming them; a stage set to null is disabled."""
+    data: Any = {}
+    where = "config"
+    if path is not None:
+        where = str(path)
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: not found") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    data = {**data, **(overrides or {})}
+    known = {f.name for f in fields(VideoCurationConfig)}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+    kwargs = {k: _build(_SECTIONS[k], v, f"{where}.{k}") if k in _SECTIONS else v for k, v in data.items()}
+    try:
+        return VideoCurationConfig(**kwargs)
+    except (ConfigError, TypeError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------- readers
+
+
+def open_video_input(spec: str | Path, *, video_key: str = "video",
+                     caption_key: str = "caption") -> Iterator[Sample]:
+    """A folder of videos with sidecar captions, a JSONL / parquet manifest (``video_key`` + caption), or
+    webdataset tars (a ``.tar``, a glob or brace pattern) of ``key.mp4`` + ``key.txt`` / ``key.json``.
+    The video's bytes travel in ``Sample.image_bytes``. Job-level problems raise ``CurationInputError``."""
+    text, path = str(spec), Path(spec)
+    if isinstance(spec, str) and not path.exists() and _is_pattern(text):
+        return read_video_webdataset(text, caption_key=caption_key)
+    if not path.exists():
+        raise CurationInputError(f"input not found: {path}")
+    if path.is_dir():
+        return read_video_folder(path, caption_key=caption_key)
+    if path.suffix.lower() in (".jsonl", ".parquet"):
+        return read_manifest(path, image_key=video_key, caption_key=caption_key)
+    if path.suffix.lower() == ".tar":
+        return read_video_webdataset([path], caption_key=caption_key)
+    raise CurationInputError(f"unknown input kind: {path} (expected a folder, .jsonl, .parquet, .tar or a "
+                             "pattern of .tar shards)")
+
+
+def read_video_folder(path: str | Path, *, caption_key: str = "caption") -> Iterator[Sample]:
+    """``readers.read_folder`` for videos (``VIDEO_EXTS``): sidecar ``x.txt`` / ``x.json`` captions; orphan
+    sidecars and other files are error Samples of their own."""
+    root = Path(path)
+    if not root.is_dir():
+        raise CurationInputError(f"not a folder: {root}")
+    files = sorted((p for p in root.rglob("*") if not p.is_dir()), key=lambda p: p.relative_to(root).as_posix())
+    if not files:
+        raise CurationInputError(f"empty input folder: {root} (no files)")
+    rel = {p: p.relative_to(root).as_posix() for p in files}
+    stem_of = {p: os.path.splitext(rel[p])[0] for p in files}
+    is_video = {p: p.suffix.lower().lstrip(".") in VIDEO_EXTS for p in files}
+    video_stems = {stem_of[p] for p in files if is_video[p]}
+    sidecars: dict[tuple[str, str], Path] = {}
+    plan = []  # readers._folder_samples' plan: (file, image | orphan | duplicate | unsupported)
+    for p in files:
+        suffix = p.suffix.lower()
+        if is_video[p]:
+            plan.append((p, "image"))
+        elif suffix in SIDECAR_EXTS:
+            if stem_of[p] not in video_stems:
+                plan.append((p, "orphan"))
+            elif (stem_of[p], suffix) in sidecars:
+                plan.append((p, "duplicate"))
+            else:
+                sidecars[(stem_of[p], suffix)] = p
+        else:
+            plan.append((p, "unsupported"))
+    keys = _unique_keys([(sanitize_key(stem_of[p] if kind == "image" else rel[p]), rel[p]) for p, kind in plan])
+    samples = _folder_samples(plan, keys, rel, stem_of, sidecars, caption_key)
+    return (_say_video(s) for s in samples)
+
+
+def _say_video(s: Sample) -> Sample:
+    if s.reason:
+        s.reason = s.reason.replace("no image named", "no video named")
+    return s
+
+
+def read_video_webdataset(paths: str | Path | Iterable[str | Path], *,
+                          caption_key: str = "caption") -> Iterator[Sample]:
+    """``readers.read_webdataset`` for videos: groups of ``key.<video ext>`` + ``key.txt`` / ``key.json``
+    (video2dataset's layout). Truncated or missing shards give an error Sample naming the shard."""
+    shards = expand_shards(paths)
+    return _video_wds_samples(shards, caption_key)
+
+
+def _video_wds_samples(shards: list[Path], caption_key: str) -> Iterator[Sample]:
+    seen: set[str] = set()
+    for shard in shards:
+        for s in _read_video_shard(shard, caption_key):
+            if s.key in seen:
+                s.key = sanitize_key(f"{shard.stem}__{s.key}")
+                s.key = f"{s.key}-{_short_hash(str(shard))}" if s.key in seen else s.key
+            seen.add(s.key)
+            yield s
+
+
+def _video_group(shard: Path, key: str, members: dict[str, tuple[str, bytes]], caption_key: str) -> Sample:
+    ext = next((e for e in VIDEO_EXTS if e in members), None)
+    if ext is None:
+        have = ", ".join(sorted(n for n, _ in members.values()))
+        first = next(iter(members.values()))[0]
+        return Sample(key=sanitize_key(key), source=f"{shard}:{first}").fail(
+            "read", f"{shard.name}: sample {key} has no video member ({'/'.join(VIDEO_EXTS)}; has {have})")
+    # readers._wds_group does the caption / metadata parsing once the video sits in its image slot
+    members = {e: m for e, m in members.items() if e not in WDS_IMAGE_EXTS and e != ext} | {"jpg": members[ext]}
+    return _wds_group(shard, key, members, caption_key)
+
+
+def _read_video_shard(shard: Path, caption_key: str) -> Iterator[Sample]:
+    """``readers._read_shard`` with video groups."""
+    return _read_shard(shard, caption_key, group=_video_group)
+
+
+def container_ext(data: bytes, source: str = "") -> str:
+    """The tar member extension for a video's bytes: from the container's magic bytes, else the source's
+    suffix, else mp4."""
+    if data[4:8] == b"ftyp":
+        return "mov" if data[8:12] == b"qt  " else "mp4"
+    if data[:4] == b"\x1a\x45\xdf\xa3":
+        return "webm" if b"webm" in data[:64] else "mkv"
+    if data[:4] == b"RIFF" and data[8:12] == b"AVI ":
+        return "avi"
+    suffix = Path(source.rsplit(":", 1)[-1]).suffix.lower().lstrip(".")
+    return suffix if suffix in VIDEO_EXTS else "mp4"
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+def _reader_name(s: Sample) -> str:
+    """The name ``VideoReader`` reports errors under and picks its decoder by (PyAV for .webm / .avi): the
+    source, plus the sniffed container as a suffix when the source has none (manifest rows)."""
+    if Path(s.source.rsplit(":", 1)[-1]).suffix.lower().lstrip(".") in VIDEO_EXTS:
+        return s.source
+    return f"{s.source}#.{container_ext(s.image_bytes or b'')}"
+
+
+class VideoProcessor:
+    """Runs the per-sample stages; built once per worker (models load once)."""
+
+    def __init__(self, cfg: VideoCurationConfig):
+        try:
+            self._setup(cfg)
+        except Exception as e:  # one message naming the stage's file or model, before any work starts
+            raise StageSetupError(f"cannot set up the video curation stages: {type(e).__name__}: {e}") from e
+
+    def _setup(self, cfg: VideoCurationConfig) -> None:
+        from video.reader import VideoReader
+
+        self.cfg = cfg
+        self.reader = VideoReader(cfg.decode.backend, cfg.decode.timeout_s)
+        self.lang = self.ocr = self.clip = None
+        if cfg.language.enabled:
+            from data_curation.filters import LanguageId
+
+            self.lang = LanguageId(cfg.language.allowed, cfg.language.min_score)
+        if cfg.ocr.enabled:
+            from data_curation.ocr import TesseractOCR
+
+            self.ocr = TesseractOCR(lang=cfg.ocr.lang, min_conf=cfg.ocr.min_conf, timeout=cfg.ocr.timeout)
+        if cfg.clip.enabled:
+            from data_curation.filters import ClipScorer
+
+            self.clip = ClipScorer.load(cfg.clip.model, cfg.clip.pretrained)
+
+    def process(self, samples: list[Sample]) -> list[Sample]:
+        for s in samples:
+            if s.ok:
+                try:
+                    self._per_sample(s)
+                except Exception as e:  # an unexpected failure on one sample never stops the job
+                    s.fail(s.stage or "stage", f"{type(e).__name__}: {e}")
+        return samples
+
+    def _per_sample(self, s: Sample) -> None:
+        from data_curation.video_filters import (clip_video_scores, frame_positions, motion_score,
+                                                 sample_for_motion, text_overlay, video_caption_reason)
+        from video.reader import VideoReadError
+
+        cfg, f = self.cfg, s.fields
+        s.stage = "caption"
+        cleaned, reason = video_caption_reason(s.caption, cfg.caption)
+        if cleaned != s.caption:
+            f["caption_raw"] = s.caption
+        s.caption = cleaned
+        if reason:
+            s.drop("caption", reason)
+            return
+        if self.lang is not None:
+            s.stage = "language"
+            reason, lang, score = self.lang.reason(s.caption)
+            f.update(lang=lang, lang_score=round(float(score), 4))
+            if reason:
+                s.drop("language", reason)
+                return
+        s.stage = "decode"
+        if s.image_bytes is None:
+            s.fail("decode", f"{s.source}: no video bytes")
+            return
+        name = _reader_name(s)
+        try:
+            info = self.reader.probe(s.image_bytes, name)
+            f.update(duration_s=round(info.duration_s, 3), fps=round(info.fps, 3), n_frames=info.n_frames,
+                     width=info.width, height=info.height)
+            content = self.reader.sample(s.image_bytes, cfg.decode.frames, name) if self.ocr or self.clip else None
+        except VideoReadError as e:
+            s.fail("decode", str(e))
+            return
+        if self.ocr is not None:
+            s.stage = "ocr"
+            at = frame_positions(len(content.frames), (0.25, 0.5, 0.75))
+            overlay = text_overlay(self.ocr, content.frames[at], cfg.ocr.reduce)
+            f.update(ocr_area=round(overlay.score, 5), ocr_area_per_frame=[round(a, 5) for a in overlay.per_frame],
+                     ocr_text=overlay.text)
+            if overlay.score > cfg.ocr.max_area:
+                s.drop("ocr", f"text_area({overlay.score:.3f}>{cfg.ocr.max_area})")
+                return
+        if self.clip is not None:
+            s.stage = "clip_frame"
+            mid = frame_positions(len(content.frames), (0.5,))[0]
+            frame_score, video_score = clip_video_scores(self.clip, content.frames, s.caption, mid,
+                                                         cfg.clip.batch_size)
+            f.update(clip_frame_score=round(frame_score, 5), clip_video_score=round(video_score, 5))
+            if frame_score < cfg.clip.frame_threshold:
+                s.drop("clip_frame", f"clip_frame_score({frame_score:.3f}<{cfg.clip.frame_threshold})")
+                return
+            if video_score < cfg.clip.video_threshold:
+                s.drop("clip_video", f"clip_video_score({video_score:.3f}<{cfg.clip.video_threshold})")
+                return
+        if cfg.motion.enabled:
+            s.stage = "motion"
+            try:
+                frames = sample_for_motion(self.reader, s.image_bytes, name, cfg.motion.fps, cfg.motion.max_frames,
+                                           info=info)
+            except VideoReadError as e:
+                s.fail("motion", str(e))
+                return
+            score = motion_score(frames.frames[frames.frame_mask], cfg.motion.short_side)
+            f.update(motion_score=round(score, 6), motion_frames=int(frames.frame_mask.sum()))
+            if score < cfg.motion.min_score:
+                s.drop("motion", f"low_motion({score:.5f}<{cfg.motion.min_score})")
+                return
+        s.stage = None
+
+
+# ---------------------------------------------------------------------------------------------- shards
+
+
+SCORE_COLUMNS = ("duration_s", "fps", "width", "height", "motion_score", "ocr_area", "clip_frame_score",
+                 "clip_video_score")
+STATUS_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("status", pa.string()),
+                           ("stage", pa.string()), ("reason", pa.string()), ("shard", pa.string())]
+                          + [(c, pa.float64()) for c in SCORE_COLUMNS])
+
+
+def write_video_shard(out: Path, index: int, samples: list[Sample]) -> dict:
+    """``shard_i.tar`` (kept samples), ``shard_i.parquet`` (every input) and, last, ``shard_i_stats.json``."""
+    import webdataset as wds
+
+    name = f"shard_{index:05d}"
+    rows, counts = [], {"inputs": len(samples), OK: 0, DROPPED: 0, ERROR: 0}
+    tmp_tar = out / f"{name}.tar.tmp"
+    with open(tmp_tar, "wb") as fh:
+        writer = wds.TarWriter(fh, mtime=0.0)
+        for s in samples:
+            if s.ok:
+                record = {"caption": s.caption, "source": s.source, "status": s.status, **s.fields, "meta": s.meta}
+                ext = container_ext(s.image_bytes, s.source)
+                writer.write({"__key__": s.key, ext: s.image_bytes, "txt": s.caption,
+                              "json": json.dumps(record, default=str).encode()})
+            counts[s.status] += 1
+            rows.append({**s.status_row(), "shard": f"{name}.tar" if s.ok else None,
+                         **{c: s.fields.get(c) for c in SCORE_COLUMNS}})
+        writer.close()
+    assert counts[OK] + counts[DROPPED] + counts[ERROR] == counts["inputs"], counts
+    sink = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=STATUS_SCHEMA), sink)
+    _atomic_write(out / f"{name}.parquet", sink.getvalue())
+    os.replace(tmp_tar, out / f"{name}.tar")
+    stats = {"shard": name, **counts, "written_at": time.time()}
+    _atomic_write(out / f"{name}_stats.json", json.dumps(stats).encode())  # last: the resume marker
+    return stats
+
+
+_WORKER: VideoProcessor | None = None
+
+
+def _init_worker(cfg: VideoCurationConfig, threads: int) -> None:
+    global _WORKER
+    import cv2
+    import torch
+
+    torch.set_num_threads(threads)
+    cv2.setNumThreads(threads)
+    _WORKER = VideoProcessor(cfg)
+
+
+def _run_chunk(args: tuple[int, list[Sample], str]) -> tuple[int, int]:
+    index, samples, out = args
+    write_video_shard(Path(out), index, _WORKER.process(samples))
+    return index, len(samples)
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def _summary(values: list[float]) -> dict:
+    if not values:
+        return {"n": 0}
+    v = np.asarray(values, np.float64)
+    return {"n": int(v.size), "mean": round(float(v.mean()), 4), "median": round(float(np.median(v)), 4),
+            "p10": round(float(np.percentile(v, 10)), 4), "p90": round(float(np.percentile(v, 90)), 4),
+            "min": round(float(v.min()), 4), "max": round(float(v.max()), 4)}
+
+
+def _share(flags: list[bool]) -> float | None:
+    return round(float(np.mean(flags)), 4) if flags else None
+
+
+def _video_stats(rows: list[dict]) -> dict:
+    """The paper's statistics (sec. 7.4: mean / median duration, share under a minute, short side over
+    720 px, aspect ratios between 1:2 and 2:1) plus the motion score."""
+    sized = [r for r in rows if r["width"] and r["height"]]
+    durations = [r["duration_s"] for r in rows if r["duration_s"] is not None]
+    short = [min(r["width"], r["height"]) for r in sized]
+    aspect = [r["width"] / r["height"] for r in sized]
+    return {
+        "videos": len(rows),
+        "duration_s": {**_summary(durations), "share_under_60s": _share([d < 60 for d in durations])},
+        "short_side": {**_summary(short), "share_over_720": _share([x > 720 for x in short])},
+        "aspect_ratio": {**_summary(aspect), "share_1to2_to_2to1": _share([0.5 <= a <= 2.0 for a in aspect])},
+        "motion_score": _summary([r["motion_score"] for r in rows if r["motion_score"] is not None]),
+    }
+
+
+def _plots(out: Path, decoded: list[dict], kept: list[dict], cfg: VideoCurationConfig) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rep = out / "report"
+    rep.mkdir(exist_ok=True)
+    specs = [("duration_hist.png", lambda r: r["duration_s"], "duration (s)", None),
+             ("resolution_hist.png", lambda r: min(r["width"], r["height"]), "short side (px)", None),
+             ("aspect_ratio_hist.png", lambda r: r["width"] / r["height"], "aspect ratio (width / height)", None),
+             ("motion_score_hist.png", lambda r: r["motion_score"], "motion score (mean flow / frame diagonal)",
+              cfg.motion.min_score if cfg.motion.enabled else None)]
+    written = []
+    for name, get, xlabel, threshold in specs:
+        series = {label: [get(r) for r in rows if r["width"] and get(r) is not None]
+                  for label, rows in (("decoded", decoded), ("kept", kept))}
+        if not series["decoded"]:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        bins = np.histogram_bin_edges(series["decoded"], bins=40)
+        for label, values in series.items():
+            ax.hist(values, bins=bins, alpha=0.6, label=f"{label} ({len(values)})")
+        if threshold is not None:
+            ax.axvline(threshold, color="red", linestyle="--", label=f"threshold {threshold:g}")
+        ax.set(xlabel=xlabel, ylabel="videos", title=name.removesuffix("_hist.png").replace("_", " "))
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(rep / name, dpi=100)
+        plt.close(fig)
+        written.append(f"report/{name}")
+    return written
+
+
+def _reason_kind(row: dict) -> str:
+    """A reason without the file name a decode error starts with and without its numbers, for counting."""
+    reason = row["reason"] or ""
+    if reason.startswith(row["source"]):
+        reason = reason.split(": ", 1)[-1]
+    return reason.split("(")[0].strip()
+
+
+def write_video_report(out: Path, n_shards: int, cfg: VideoCurationConfig, seconds: dict) -> dict:
+    """Aggregate every shard's status parquet into ``report.json`` + plots; checks the counts add up."""
+    rows: list[dict] = []
+    for i in range(n_shards):
+        stats = json.loads((out / f"shard_{i:05d}_stats.json").read_text())
+        t = pq.read_table(out / f"shard_{i:05d}.parquet").to_pylist()
+        if len(t) != stats["inputs"]:
+            raise RuntimeError(f"shard_{i:05d}: {len(t)} status rows but {stats['inputs']} inputs")
+        rows += t
+    status = Counter(r["status"] for r in rows)
+    if sum(status.values()) != len(rows) or set(status) - {OK, DROPPED, ERROR}:
+        raise RuntimeError(f"status counts {dict(status)} do not add up to {len(rows)} inputs")
+    decoded = [r for r in rows if r["width"]]
+    kept = [r for r in decoded if r["status"] == OK]
+    report = {
+        "inputs": len(rows),
+        "shards": n_shards,
+        "counts": {"kept": status[OK], "dropped": status[DROPPED], "error": status[ERROR]},
+        "by_stage": dict(sorted(Counter(f"{r['status']}:{r['stage']}" for r in rows if r["status"] != OK).items())),
+        "by_reason": dict(sorted(Counter(f"{r['stage']}:{_reason_kind(r)}" for r in rows
+                                         if r["status"] != OK).items())),
+        "stats_decoded": _video_stats(decoded),
+        "stats_kept": _video_stats(kept),
+        "seconds": seconds,
+        "videos_per_s": round(len(rows) / max(seconds["total"], 1e-9), 2),
+        "stages_enabled": {k: v.get("enabled", True) for k, v in config_to_dict(cfg).items()
+                           if isinstance(v, dict)},
+    }
+    report["plots"] = _plots(out, decoded, kept, cfg)
+    _atomic_write(out / "report.json", json.dumps(report, indent=2).encode())
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def _run_jobs(jobs: Iterator[tuple[int, list[Sample], str]], cfg: VideoCurationConfig, progress: bool) -> None:
+    bar = tqdm(desc="videos", unit="video", disable=not progress)
+    if cfg.workers == 1:
+        for job in jobs:
+            bar.update(_run_chunk(job)[1])
+    else:
+        ctx = mp.get_context("spawn")  # a bounded window of chunks in flight, as in shards.build_shards
+        with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg, 1)) as pool:
+            pending: list = []
+            for job in jobs:
+                pending.append(pool.apply_async(_run_chunk, (job,)))
+                while len(pending) >= 2 * cfg.workers:
+                    bar.update(pending.pop(0).get()[1])
+            for res in pending:
+                bar.update(res.get()[1])
+    bar.close()
+
+
+def build_video_shards(input_spec: str | Path, out_dir: str | Path, cfg: VideoCurationConfig, progress: bool = True,
+                       max_chunks: int | None = None) -> BuildResult:
+    """Curate the videos of ``input_spec`` into ``out_dir`` (resuming finished shards) and write the report.
+    ``max_chunks`` stops after that many new shards (to simulate an interrupted job in tests). A rerun
+    with nothing left to do loads no model and rewrites nothing."""
+    global _WORKER
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # The worker count does not change any result, so a resumed job may use another one.
+    cfg_json = json.dumps({k: v for k, v in config_to_dict(cfg).items() if k != "workers"}, sort_keys=True)
+    cfg_file = out / "config.json"
+    if cfg_file.exists() and cfg_file.read_text() != cfg_json:
+        raise ValueError(f"{out}: already built with a different config ({cfg_file}); use a new output folder")
+    inputs = open_video_input(input_spec, video_key=cfg.video_key, caption_key=cfg.caption_key)
+    t0 = time.perf_counter()
+    n_chunks, started, stopped = 0, 0, False
+
+    def todo() -> Iterator[tuple[int, list[Sample], str]]:
+        nonlocal n_chunks, started, stopped
+        for i, chunk in _chunks(inputs, cfg.samples_per_shard):
+            if (out / f"shard_{i:05d}_stats.json").exists():
+                n_chunks = i + 1
+                continue
+            if max_chunks is not None and started >= max_chunks:
+                stopped = True
+                return
+            n_chunks, started = i + 1, started + 1
+            yield i, chunk, str(out)
+
+    jobs = todo()
+    first = next(jobs, None)
+    if first is not None:
+        # Stage models load here first: a bad CLIP path or a missing tesseract is one named error up front,
+        # not a pool of workers failing in their initializer.
+        _init_worker(cfg, threads=max(1, os.cpu_count() or 1))
+        _atomic_write(cfg_file, cfg_json.encode())
+        _run_jobs(itertools.chain([first], jobs), cfg, progress)
+        _WORKER = None  # free the main process's copy of the stage models
+    if not cfg_file.exists():
+        _atomic_write(cfg_file, cfg_json.encode())
+    if stopped:
+        return BuildResult(out, -1, started, {}, {})
+    missing = [i for i in range(n_chunks) if not (out / f"shard_{i:05d}_stats.json").exists()]
+    if missing:
+        raise RuntimeError(f"{out}: shards {missing[:5]} were not written")
+    if started == 0 and (out / "report.json").exists():
+        report = json.loads((out / "report.json").read_text())
+    else:
+        report = write_video_report(out, n_chunks, cfg, {"total": round(time.perf_counter() - t0, 2)})
+    return BuildResult(out, report["inputs"], n_chunks, report["counts"], report)
