@@ -164,23 +164,41 @@ class MultimodalLlama(nn.Module):
         out[real] = feats
         return out.reshape(B, -1, feats.shape[-1])
 
+    def encode_frames(self, videos: VideoBatch) -> Tensor:
+        """Projected encoder tokens of every frame: (B, V, F, tiles * P, D), zero for repeated and padded
+        frames. Only real frames of real videos go through the encoder."""
+        B, V, F_ = videos.frame_mask.shape
+        frame_mask = videos.frame_mask & videos.video_mask[..., None]
+        feats = self.projector(self.vision(videos.tiles[frame_mask], videos.layouts[frame_mask],
+                                           videos.tile_mask[frame_mask]))
+        out = feats.new_zeros(B, V, F_, feats.shape[1] * feats.shape[2], feats.shape[3])
+        out[frame_mask] = feats.flatten(1, 2)
+        return out
+
     def encode_videos(self, videos: VideoBatch) -> tuple[Tensor, Tensor]:
         """-> aggregated video tokens (B, V * K * L, D) and chunk mask (B, V, K), K = ceil(F / chunk_frames).
 
-        Only real frames of real videos go through the encoder (repeats and padding stay zero and masked).
+        Repeated frames, padded frames and padded videos are zero and masked; ``videos.frame_features``,
+        when set, replaces the encoder (see `VideoBatch`).
         """
         if self.video is None:
             raise ValueError("this model has no video adapter (cfg.video is None)")
-        B, V, F_ = videos.frame_mask.shape
+        if videos.frame_features is None:
+            frames = self.encode_frames(videos)
+        elif self.training and any(p.requires_grad for p in [*self.vision.parameters(), *self.projector.parameters()]):
+            raise ValueError("VideoBatch.frame_features were given while the image encoder or projector trains: "
+                             "precomputed features would give them no gradient (freeze them or pass tiles only)")
+        else:
+            frames = videos.frame_features
+        B, V, F_, T_P, D = frames.shape
+        n_tiles = videos.tile_mask.shape[-1]
+        if T_P % n_tiles:
+            raise ValueError(f"frame_features carry {T_P} tokens per frame, not a multiple of the batch's "
+                             f"{n_tiles} tile slots (compute them with encode_frames on the same, trimmed, batch)")
         real_video = videos.video_mask.flatten()
         frame_mask = videos.frame_mask.flatten(0, 1)[real_video]  # (n, F)
-        tiles, layouts, tile_mask = (t.flatten(0, 1)[real_video] for t in (videos.tiles, videos.layouts, videos.tile_mask))
-        feats = self.projector(self.vision(tiles[frame_mask], layouts[frame_mask], tile_mask[frame_mask]))
-        n, (_, n_tiles, P, D) = frame_mask.shape[0], feats.shape
-        frames = feats.new_zeros(n, F_, n_tiles * P, D)
-        frames[frame_mask] = feats.flatten(1, 2)
-        token_mask = frame_token_mask(frame_mask, tile_mask[:, :, :n_tiles], P)
-        agg, chunk_mask = self.video.aggregate(frames, token_mask)  # (n, K * L, D), (n, K)
+        token_mask = frame_token_mask(frame_mask, videos.tile_mask.flatten(0, 1)[real_video], T_P // n_tiles)
+        agg, chunk_mask = self.video.aggregate(frames.flatten(0, 1)[real_video], token_mask)  # (n, K * L, D), (n, K)
         out = agg.new_zeros(B * V, *agg.shape[1:])
         out[real_video] = agg
         chunks = chunk_mask.new_zeros(B * V, chunk_mask.shape[1])

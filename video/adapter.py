@@ -12,7 +12,7 @@ before it sees nothing. The aggregated frames play the role of an image's tiles 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import Tensor, nn
 
@@ -61,27 +61,34 @@ def video_schedule(image_schedule: list[int], every: int) -> list[int]:
 @dataclass
 class VideoBatch:
     """Videos of a batch: tiles (B, V, F, tiles, 3, S, S), layouts (B, V, F, 2), tile_mask (B, V, F, tiles),
-    frame_mask (B, V, F) (False: padding or a repeated frame), video_mask (B, V) (False: padding slot)."""
+    frame_mask (B, V, F) (False: padding or a repeated frame), video_mask (B, V) (False: padding slot).
+
+    ``frame_features`` (B, V, F, tiles * P, D), optional: the projected encoder tokens of every frame,
+    precomputed with ``MultimodalLlama.encode_frames`` while the encoder and projector are frozen (the
+    paper's video stage), so training steps skip the encoder. When set, the model uses it instead of
+    ``tiles``; a trainable encoder would get no gradient through it, and the model refuses that.
+    """
 
     tiles: Tensor
     layouts: Tensor
     tile_mask: Tensor
     frame_mask: Tensor
     video_mask: Tensor
+    frame_features: Tensor | None = None
 
     @classmethod
     def from_collated(cls, batch: dict) -> "VideoBatch":
-        return cls(batch["tiles"], batch["layouts"], batch["tile_mask"], batch["frame_mask"], batch["video_mask"])
+        return cls(batch["tiles"], batch["layouts"], batch["tile_mask"], batch["frame_mask"], batch["video_mask"],
+                   batch.get("frame_features"))
 
     def trimmed(self) -> "VideoBatch":
         """Drop tile slots no frame uses (one-tile frames encode 1 tile, not max_tiles)."""
         n = max(1, int(self.tile_mask.sum(-1).max()))
-        return VideoBatch(self.tiles[..., :n, :, :, :], self.layouts, self.tile_mask[..., :n], self.frame_mask,
-                          self.video_mask)
+        return replace(self, tiles=self.tiles[..., :n, :, :, :], tile_mask=self.tile_mask[..., :n])
 
     def to(self, device) -> "VideoBatch":
-        return VideoBatch(*(t.to(device) for t in (self.tiles, self.layouts, self.tile_mask, self.frame_mask,
-                                                     self.video_mask)))
+        return VideoBatch(*(None if t is None else t.to(device) for t in (
+            self.tiles, self.layouts, self.tile_mask, self.frame_mask, self.video_mask, self.frame_features)))
 
 
 class VideoAdapter(nn.Module):
