@@ -23,7 +23,9 @@ DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 BALL_COLOURS = {"white": (240, 240, 240)}
 BACKGROUNDS = ((20, 20, 20),)
 QUESTION = "Which way does the ball move?"
-MOTION_QUESTIONS = {"direction": (QUESTION, tuple(DIRECTIONS))}
+PLACES = tuple(f"{row} {col}" for row in ("top", "middle", "bottom") for col in ("left", "centre", "right"))
+POSITION_QUESTION = "Where is the ball?"  # answerable from one frame: what the image stage learns
+MOTION_QUESTIONS = {"direction": (QUESTION, tuple(DIRECTIONS)), "position": (POSITION_QUESTION, PLACES)}
 
 
 @dataclass
@@ -35,12 +37,16 @@ class MotionClip:
     colour: str
     centres: list[tuple[float, float]]  # the ball's (x, y) in each frame
 
-    def frame_caption(self, t: int) -> str:
-        """Where the ball is in frame t, on a 3 x 3 grid: "a red ball at the top left"."""
+    def place(self, t: int) -> str:
+        """Where the ball is in frame t, on a 3 x 3 grid: "top left"."""
         x, y = self.centres[t]
         col = ("left", "centre", "right")[min(2, int(3 * x / self.size))]
         row = ("top", "middle", "bottom")[min(2, int(3 * y / self.size))]
-        return f"a {self.colour} ball at the {row} {col}"
+        return f"{row} {col}"
+
+    def frame_caption(self, t: int) -> str:
+        """"a white ball at the top left"."""
+        return f"a {self.colour} ball at the {self.place(t)}"
 
 
 def render_frames(rng: random.Random, direction: str, n_frames: int, size: int = 56,
@@ -110,4 +116,4 @@ def frame_caption_set(clips: list[MotionClip], reader, per_clip: int = 3) -> tup
 
 
 def motion_corpus_text() -> list[str]:
-    return [QUESTION, *DIRECTIONS, *BALL_COLOURS, "a ball at the top middle bottom left centre right", "video"]
+    return [QUESTION, POSITION_QUESTION, *DIRECTIONS, *PLACES, *BALL_COLOURS, "a ball at the", "video"]
