@@ -141,13 +141,15 @@ def _parse_caption_json(text: str, where: str, caption_key: str) -> tuple[str | 
     return caption, obj, None
 
 
-def read_folder(path: str | Path, *, caption_key: str = "caption") -> Iterator[Sample]:
+def read_folder(path: str | Path, *, caption_key: str = "caption", media_exts: frozenset[str] = FOLDER_IMAGE_EXTS,
+                media: str = "image") -> Iterator[Sample]:
     """Images under ``path`` (recursive, sorted) with sidecar captions ``x.txt`` or ``x.json``.
 
     ``x.txt`` (UTF-8) gives the caption; ``x.json`` (an object) gives the caption under ``caption_key``
     when there is no ``x.txt``, and its other keys become ``meta``. Sidecars belong to the images with
     the same relative path minus extension; a sidecar with no image, or a file of any other type,
-    comes out as an error Sample of its own. ``source`` is the file's path.
+    comes out as an error Sample of its own. ``source`` is the file's path. ``media_exts`` (with dots)
+    and ``media`` (the word used in messages) make it read other media, e.g. videos.
     """
     root = Path(path)
     if not root.is_dir():
@@ -159,12 +161,12 @@ def read_folder(path: str | Path, *, caption_key: str = "caption") -> Iterator[S
 
     rel = {p: p.relative_to(root).as_posix() for p in files}
     stem_of = {p: posixpath.splitext(rel[p])[0] for p in files}
-    image_stems = {stem_of[p] for p in files if p.suffix.lower() in FOLDER_IMAGE_EXTS}
+    image_stems = {stem_of[p] for p in files if p.suffix.lower() in media_exts}
     sidecars: dict[tuple[str, str], Path] = {}
     plan = []  # (file, kind) in listing order; kind: image | orphan | duplicate | unsupported
     for p in files:
         suffix = p.suffix.lower()
-        if suffix in FOLDER_IMAGE_EXTS:
+        if suffix in media_exts:
             plan.append((p, "image"))
         elif suffix in SIDECAR_EXTS:
             if stem_of[p] not in image_stems:
@@ -176,14 +178,14 @@ def read_folder(path: str | Path, *, caption_key: str = "caption") -> Iterator[S
         else:
             plan.append((p, "unsupported"))
     keys = _unique_keys([(sanitize_key(stem_of[p] if kind == "image" else rel[p]), rel[p]) for p, kind in plan])
-    return _folder_samples(plan, keys, rel, stem_of, sidecars, caption_key)
+    return _folder_samples(plan, keys, rel, stem_of, sidecars, caption_key, media)
 
 
-def _folder_samples(plan, keys, rel, stem_of, sidecars, caption_key) -> Iterator[Sample]:
+def _folder_samples(plan, keys, rel, stem_of, sidecars, caption_key, media="image") -> Iterator[Sample]:
     for (p, kind), key in zip(plan, keys):
         sample = Sample(key=key, source=str(p))
         if kind == "orphan":
-            yield sample.fail("read", f"orphan caption file {rel[p]}: no image named {stem_of[p]}.*")
+            yield sample.fail("read", f"orphan caption file {rel[p]}: no {media} named {stem_of[p]}.*")
             continue
         if kind == "duplicate":
             used = sidecars[(stem_of[p], p.suffix.lower())]

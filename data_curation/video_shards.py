@@ -41,15 +41,14 @@ import yaml
 from tqdm import tqdm
 
 from data_curation.curation_config import ConfigError, LanguageConfig, _build, config_to_dict
-from data_curation.readers import (CurationInputError, _folder_samples, _is_pattern, _read_shard, _short_hash,
-                                   _unique_keys, _wds_group, WDS_IMAGE_EXTS, expand_shards,
+from data_curation.readers import (CurationInputError, read_folder, _is_pattern, _read_shard, _short_hash,
+                                   _wds_group, WDS_IMAGE_EXTS, expand_shards,
                                    read_manifest, sanitize_key)
 from data_curation.records import DROPPED, ERROR, OK, Sample
 from data_curation.shards import BuildResult, StageSetupError, _atomic_write, _chunks
 from data_curation.video_filters import VideoCaptionRules
 
 VIDEO_EXTS = ("mp4", "m4v", "mov", "webm", "mkv", "avi")  # also the webdataset member preference order
-SIDECAR_EXTS = (".txt", ".json")
 
 # ---------------------------------------------------------------------------------------------- config
 
@@ -172,40 +171,8 @@ def open_video_input(spec: str | Path, *, video_key: str = "video",
 def read_video_folder(path: str | Path, *, caption_key: str = "caption") -> Iterator[Sample]:
     """``readers.read_folder`` for videos (``VIDEO_EXTS``): sidecar ``x.txt`` / ``x.json`` captions; orphan
     sidecars and other files are error Samples of their own."""
-    root = Path(path)
-    if not root.is_dir():
-        raise CurationInputError(f"not a folder: {root}")
-    files = sorted((p for p in root.rglob("*") if not p.is_dir()), key=lambda p: p.relative_to(root).as_posix())
-    if not files:
-        raise CurationInputError(f"empty input folder: {root} (no files)")
-    rel = {p: p.relative_to(root).as_posix() for p in files}
-    stem_of = {p: os.path.splitext(rel[p])[0] for p in files}
-    is_video = {p: p.suffix.lower().lstrip(".") in VIDEO_EXTS for p in files}
-    video_stems = {stem_of[p] for p in files if is_video[p]}
-    sidecars: dict[tuple[str, str], Path] = {}
-    plan = []  # readers._folder_samples' plan: (file, image | orphan | duplicate | unsupported)
-    for p in files:
-        suffix = p.suffix.lower()
-        if is_video[p]:
-            plan.append((p, "image"))
-        elif suffix in SIDECAR_EXTS:
-            if stem_of[p] not in video_stems:
-                plan.append((p, "orphan"))
-            elif (stem_of[p], suffix) in sidecars:
-                plan.append((p, "duplicate"))
-            else:
-                sidecars[(stem_of[p], suffix)] = p
-        else:
-            plan.append((p, "unsupported"))
-    keys = _unique_keys([(sanitize_key(stem_of[p] if kind == "image" else rel[p]), rel[p]) for p, kind in plan])
-    samples = _folder_samples(plan, keys, rel, stem_of, sidecars, caption_key)
-    return (_say_video(s) for s in samples)
-
-
-def _say_video(s: Sample) -> Sample:
-    if s.reason:
-        s.reason = s.reason.replace("no image named", "no video named")
-    return s
+    return read_folder(path, caption_key=caption_key, media_exts=frozenset(f".{e}" for e in VIDEO_EXTS),
+                       media="video")
 
 
 def read_video_webdataset(paths: str | Path | Iterable[str | Path], *,
