@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from adapters.checkpoint import CheckpointError, load_llama, load_state_dict_strict, read_json, read_safetensors_file
 from adapters.llama import Llama, LlamaConfig, RopeScaling, rope_frequencies
 from adapters.multimodal import MultimodalConfig, MultimodalLlama
+from video.adapter import VideoAdapterConfig
 from vision.encoder import VisionEncoderConfig
 
 FORMAT = "llama3-mm/1"
@@ -47,6 +48,8 @@ def config_from_dict(d: dict, where: str = "config.json") -> MultimodalConfig:
     vision = dict(_strict(VisionEncoderConfig, d["vision"], f"{where}: vision"))
     vision["taps"] = tuple(vision["taps"])
     d["lm"], d["vision"] = LlamaConfig(**lm), VisionEncoderConfig(**vision)
+    if d.get("video") is not None:
+        d["video"] = VideoAdapterConfig(**_strict(VideoAdapterConfig, d["video"], f"{where}: video"))
     return MultimodalConfig(**d)
 
 

@@ -135,6 +135,9 @@ class MultimodalLlama(nn.Module):
         self._video_at: dict[int, int] = {}
         if cfg.video is not None:
             self.video_schedule = video_schedule(self.schedule, cfg.video.every)
+            if not self.video_schedule:
+                raise ValueError(f"VideoAdapterConfig.every = {cfg.video.every} leaves no video cross-attention block: "
+                                 f"the LM has only {len(self.schedule)} image cross-attention blocks")
             self._video_at = {layer: i for i, layer in enumerate(self.video_schedule)}
             self.video = VideoAdapter(cfg.video, cfg.lm, cfg.vision.n_tokens, len(self.video_schedule))
             if not cfg.video.train_image_adapter:  # the video stage trains on top of a finished image model
@@ -192,12 +195,13 @@ class MultimodalLlama(nn.Module):
             frames = videos.frame_features
         B, V, F_, T_P, D = frames.shape
         n_tiles = videos.tile_mask.shape[-1]
-        if T_P % n_tiles:
-            raise ValueError(f"frame_features carry {T_P} tokens per frame, not a multiple of the batch's "
-                             f"{n_tiles} tile slots (compute them with encode_frames on the same, trimmed, batch)")
+        if T_P != n_tiles * self.cfg.vision.n_tokens:
+            raise ValueError(f"frame_features carry {T_P} tokens per frame, not the batch's {n_tiles} tile slots x "
+                             f"{self.cfg.vision.n_tokens} tokens (compute them with encode_frames on the same, "
+                             f"trimmed, batch)")
         real_video = videos.video_mask.flatten()
         frame_mask = videos.frame_mask.flatten(0, 1)[real_video]  # (n, F)
-        token_mask = frame_token_mask(frame_mask, videos.tile_mask.flatten(0, 1)[real_video], T_P // n_tiles)
+        token_mask = frame_token_mask(frame_mask, videos.tile_mask.flatten(0, 1)[real_video], self.cfg.vision.n_tokens)
         agg, chunk_mask = self.video.aggregate(frames.flatten(0, 1)[real_video], token_mask)  # (n, K * L, D), (n, K)
         out = agg.new_zeros(B * V, *agg.shape[1:])
         out[real_video] = agg

@@ -69,13 +69,18 @@ def main(argv: list[str] | None = None) -> int:
     vcfg = model.cfg.vision
     tiled = tile_image(image, TilingConfig(tile_size=vcfg.tile_size, max_tiles=vcfg.max_tiles))
     images = ImageBatch.from_collated(collate_tiled([[tiled]]))
-    prompt = torch.tensor([encode_dialog(tok, [Message("user", args.question, n_images=1)])])
+    stream_answer(model, tok, Message("user", args.question, n_images=1), args, images=images)
+    return 0
+
+
+def stream_answer(model, tok: Tokenizer, message: Message, args, images=None, videos=None) -> None:
+    """Generate the answer to one user message and print it as it comes (sampling from ``args``)."""
+    prompt = torch.tensor([encode_dialog(tok, [message])])
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    ids = (int(t[0]) for t in generate(model, prompt, images, sampling, tok.stop_ids))
+    ids = (int(t[0]) for t in generate(model, prompt, images, sampling, tok.stop_ids, videos=videos))
     for piece in stream_text(tok, ids, tok.stop_ids):
         print(piece, end="", flush=True)
     print()
-    return 0
 
 
 if __name__ == "__main__":

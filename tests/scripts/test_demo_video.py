@@ -1,0 +1,65 @@
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from adapters.llama import build_llama
+from adapters.model_io import save_checkpoint
+from adapters.multimodal import build_multimodal
+from adapters.vqa import build_tiny_tokenizer
+from scripts import demo_video
+from video.synthetic import QUESTION, make_motion_clips, motion_corpus_text
+from video.vqa import tiny_video_config
+
+MAX_FRAMES = 12
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny untrained video model's checkpoint, its image-only twin's, and a 9-frame clip."""
+    root = tmp_path_factory.mktemp("demo_video")
+    tok = build_tiny_tokenizer(root, texts=motion_corpus_text())
+    cfg = tiny_video_config(tok, MAX_FRAMES)
+    torch.manual_seed(0)
+    lm = build_llama(cfg.lm)
+    tok_path = root / "tokenizer.model"
+    video_ckpt = save_checkpoint(build_multimodal(cfg, lm), root / "video", tokenizer_path=tok_path)
+    image_model = build_multimodal(replace(cfg, video=None), lm)
+    image_ckpt = save_checkpoint(image_model, root / "image", tokenizer_path=tok_path)
+    clip = root / "clip.mp4"
+    clip.write_bytes(make_motion_clips(1, seed=0, max_frames=9)[0].video)
+    return {"video": video_ckpt, "image": image_ckpt, "clip": clip, "root": root}
+
+
+def run(assets, *extra, video=None, ckpt="video"):
+    return demo_video.main(["--video", str(video or assets["clip"]), "--question", QUESTION,
+                            "--checkpoint", str(assets[ckpt]), "--max-new-tokens", "4", *extra])
+
+
+def test_demo_streams_an_answer_and_reports_the_frames(assets, capsys):
+    assert run(assets, "--frames", str(MAX_FRAMES), "--backend", "pyav") == 0
+    out, err = capsys.readouterr()
+    # 12 frames from a 9-frame clip: 3 of them repeat an earlier frame.
+    assert f"clip.mp4: read {MAX_FRAMES} frames with pyav, 3 of them repeats (the video has 9 frames" in err
+    assert out.strip() and out.endswith("\n")
+
+
+def test_corrupt_video_is_a_named_error(assets, capsys):
+    bad = assets["root"] / "broken.mp4"
+    bad.write_bytes(np.random.default_rng(0).bytes(4096))
+    assert run(assets, "--frames", "4", "--timeout", "0", video=bad) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "broken.mp4" in err
+
+
+@pytest.mark.parametrize("frames", [0, MAX_FRAMES + 1])
+def test_frames_outside_the_checkpoints_range(assets, capsys, frames):
+    assert run(assets, "--frames", str(frames)) == 2
+    assert f"--frames must be in [1, {MAX_FRAMES}]" in capsys.readouterr().err
+
+
+def test_image_only_checkpoint_is_refused(assets, capsys):
+    assert run(assets, "--frames", "4", ckpt="image") == 2
+    err = capsys.readouterr().err
+    assert "no video adapter" in err and str(assets["image"]) in err
