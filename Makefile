@@ -25,6 +25,10 @@ install: $(STAMP)
 demo: $(STAMP) system-deps
 	$(PY) -m scripts.inspect_image assets/coffee.jpg --preset tiny --out runs/demo/coffee_tiles.png
 	$(PY) -m scripts.demo_pipeline --out runs/demo
+	$(PY) -m scripts.bench_learning video --save runs/demo/video
+	$(PY) -m scripts.demo_video --checkpoint runs/demo/video/checkpoint \
+		--video runs/demo/video/heldout/videos/00000.mp4 --question "Which way does the ball move?"
+	head -n 1 runs/demo/video/heldout/records.jsonl
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q

@@ -13,7 +13,12 @@ import torch
 
 from adapters.llama import LLAMA_PRESETS, Llama
 from adapters.multimodal import MultimodalLlama, multimodal_config
+from video.adapter import VideoAdapterConfig
 from vision.encoder import build_vision_encoder, vision_config
+
+# Llama 3 paper, sec. 7.4: the video aggregator + video cross-attention layers have 0.6B parameters
+# with the 8B LM and 4.6B with the 70B (the 11B and 90B multimodal presets).
+PAPER_VIDEO_PARAMS = {"11B": 0.6e9, "90B": 4.6e9}
 
 
 def count(module: torch.nn.Module, prefix: str = "") -> int:
@@ -21,7 +26,7 @@ def count(module: torch.nn.Module, prefix: str = "") -> int:
 
 
 def collect() -> dict:
-    stats: dict = {"llama": {}, "vision": {}, "multimodal": {}}
+    stats: dict = {"llama": {}, "vision": {}, "multimodal": {}, "video": {}}
     with torch.device("meta"):
         for name in ("8B", "70B", "405B"):
             stats["llama"][name] = count(Llama(LLAMA_PRESETS[name]))
@@ -48,6 +53,19 @@ def collect() -> dict:
                 "learnable_embedding": count(m, "learnable_embedding"),
                 "trainable": sum(p.numel() for p in m.parameters() if p.requires_grad),
             }
+        for name, paper in PAPER_VIDEO_PARAMS.items():
+            cfg = multimodal_config(name, video=VideoAdapterConfig())
+            m = MultimodalLlama(cfg, Llama(cfg.lm))
+            agg, xattn = count(m, "video.aggregator."), count(m, "video.cross_attention_layers.")
+            stats["video"][name] = {
+                "lm": f"{cfg.lm.dim}-wide, {cfg.lm.n_layers} layers",
+                "aggregator": agg,
+                "video_cross_attention_layers": xattn,
+                "n_video_cross_attention_layers": len(m.video.cross_attention_layers),
+                "total": agg + xattn,
+                "paper": int(paper),
+                "ratio_to_paper": round((agg + xattn) / paper, 3),
+            }
     return stats
 
 
@@ -73,6 +91,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:4s} total {b(s['total'])}: frozen LM {b(s['frozen_lm'])}, vision {m(s['vision_encoder'])}, "
               f"projector {m(s['projector'])}, {s['n_cross_attention_layers']} cross-attention layers "
               f"{b(s['cross_attention_layers'])}; trainable {b(s['trainable'])}")
+    print("Video adapter (one perceiver layer at the LM width + a video cross-attention block before every 4th "
+          "image block)")
+    for name, s in stats["video"].items():
+        print(f"  {name:4s} aggregator {m(s['aggregator'])} + {s['n_video_cross_attention_layers']} video "
+              f"cross-attention layers {m(s['video_cross_attention_layers'])} = {b(s['total'])} "
+              f"(paper {b(s['paper'])}, x{s['ratio_to_paper']})")
+    print("  The video cross-attention blocks are image blocks' copies (fixed by the paper); the aggregator's size\n"
+          "  is not given. One perceiver layer scales with dim^2, so no single aggregator matches both paper\n"
+          "  figures: 0.6B - 2 blocks leaves ~0.16B for the 8B LM, 4.6B - 5 blocks ~0.32B for the 70B (x2,\n"
+          "  where dim^2 gives x4). Ours is a standard Flamingo layer (FFN x4): 3% over for 8B, 8% over for 70B.")
     return 0
 
 
