@@ -6,12 +6,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test install clean system-deps
 
-# Debian packages the curation stages call (OCR); installed when running as root, else checked.
+# Debian packages the tests call: Tesseract (OCR filter) and espeak-ng (synthetic speech); installed when
+# running as root, else checked.
 system-deps:
-	@if ! command -v tesseract >/dev/null 2>&1 || ! tesseract --list-langs 2>/dev/null | grep -qx eng; then \
+	@if ! command -v tesseract >/dev/null 2>&1 || ! tesseract --list-langs 2>/dev/null | grep -qx eng \
+			|| ! command -v espeak-ng >/dev/null 2>&1; then \
 		if [ "$$(id -u)" = 0 ]; then \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends tesseract-ocr tesseract-ocr-eng; \
-		else echo "tesseract-ocr + tesseract-ocr-eng are needed (apt-get install tesseract-ocr tesseract-ocr-eng)"; exit 1; fi; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends tesseract-ocr tesseract-ocr-eng espeak-ng; \
+		else echo "tesseract-ocr, tesseract-ocr-eng and espeak-ng are needed (apt-get install tesseract-ocr tesseract-ocr-eng espeak-ng)"; exit 1; fi; \
 	fi
 
 $(STAMP): pyproject.toml
