@@ -28,12 +28,13 @@ convolution or normalisation statistics, and a sequence's output does not depend
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adapters.presets import preset_config
 from adapters.llama import apply_rope, rope_frequencies, rope_table
 
 
@@ -79,12 +80,7 @@ CONFORMER_PRESETS: dict[str, ConformerConfig] = {
 
 def conformer_config(name: str, **overrides) -> ConformerConfig:
     """A preset with overrides; an unknown preset raises ``ValueError``, an unknown field ``TypeError``."""
-    if name not in CONFORMER_PRESETS:
-        raise ValueError(f"unknown Conformer preset {name!r}; choose from {sorted(CONFORMER_PRESETS)}")
-    unknown = set(overrides) - {f.name for f in fields(ConformerConfig)}
-    if unknown:
-        raise TypeError(f"unknown ConformerConfig field(s): {sorted(unknown)}")
-    return replace(CONFORMER_PRESETS[name], **overrides)
+    return preset_config(CONFORMER_PRESETS, name, "Conformer", **overrides)
 
 
 def length_mask(lengths: Tensor, T: int) -> Tensor:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import open_clip
@@ -32,6 +32,7 @@ from open_clip.model import CLIPVisionCfg, _build_vision_tower, resize_pos_embed
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
 
+from adapters.presets import preset_config
 from vision.encoder_layers import (
     GatedTransformer,
     TilePositionEmbedding,
@@ -107,12 +108,7 @@ VISION_PRESETS: dict[str, VisionEncoderConfig] = {
 
 def vision_config(name: str, **overrides) -> VisionEncoderConfig:
     """A preset with overrides; an unknown field raises ``TypeError``."""
-    if name not in VISION_PRESETS:
-        raise KeyError(f"unknown vision preset {name!r}; choose from {sorted(VISION_PRESETS)}")
-    unknown = set(overrides) - {f.name for f in fields(VisionEncoderConfig)}
-    if unknown:
-        raise TypeError(f"unknown VisionEncoderConfig field(s): {sorted(unknown)}")
-    return replace(VISION_PRESETS[name], **overrides)
+    return preset_config(VISION_PRESETS, name, "vision", **overrides)
 
 
 # ----------------------------------------------------------------------------------------------
