@@ -112,8 +112,13 @@ def _read_error(path: Path, rel: str) -> str | None:
     return None
 
 
-def _read_text(path: Path, rel: str) -> tuple[str | None, str | None]:
-    """(text, None) or (None, reason)."""
+def _text_noun(media: str) -> str:
+    """What the text beside a media file is called in messages."""
+    return "transcript" if media == "audio" else "caption"
+
+
+def _read_text(path: Path, rel: str, noun: str) -> tuple[str | None, str | None]:
+    """(text, None) or (None, reason); ``noun`` names the file in the reason."""
     err = _read_error(path, rel)
     if err is not None:
         return None, err
@@ -124,7 +129,7 @@ def _read_text(path: Path, rel: str) -> tuple[str | None, str | None]:
     try:
         return data.decode("utf-8-sig"), None
     except UnicodeDecodeError as e:
-        return None, f"caption file {rel} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})"
+        return None, f"{noun} file {rel} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})"
 
 
 def _parse_caption_json(text: str, where: str, caption_key: str) -> tuple[str | None, dict[str, Any], str | None]:
@@ -149,7 +154,8 @@ def read_folder(path: str | Path, *, caption_key: str = "caption", media_exts: f
     when there is no ``x.txt``, and its other keys become ``meta``. Sidecars belong to the images with
     the same relative path minus extension; a sidecar with no image, or a file of any other type,
     comes out as an error Sample of its own. ``source`` is the file's path. ``media_exts`` (with dots)
-    and ``media`` (the word used in messages) make it read other media, e.g. videos.
+    and ``media`` (the word used in messages: image | video | audio; audio's sidecars are "transcript"s)
+    make it read other media.
     """
     root = Path(path)
     if not root.is_dir():
@@ -182,14 +188,15 @@ def read_folder(path: str | Path, *, caption_key: str = "caption", media_exts: f
 
 
 def _folder_samples(plan, keys, rel, stem_of, sidecars, caption_key, media="image") -> Iterator[Sample]:
+    text = _text_noun(media)
     for (p, kind), key in zip(plan, keys):
         sample = Sample(key=key, source=str(p))
         if kind == "orphan":
-            yield sample.fail("read", f"orphan caption file {rel[p]}: no {media} named {stem_of[p]}.*")
+            yield sample.fail("read", f"orphan {text} file {rel[p]}: no {media} named {stem_of[p]}.*")
             continue
         if kind == "duplicate":
             used = sidecars[(stem_of[p], p.suffix.lower())]
-            yield sample.fail("read", f"duplicate caption file {rel[p]}: {rel[used]} is used for {stem_of[p]}")
+            yield sample.fail("read", f"duplicate {text} file {rel[p]}: {rel[used]} is used for {stem_of[p]}")
             continue
         if kind == "unsupported":
             suffix = p.suffix.lower() or "(no extension)"
@@ -207,23 +214,23 @@ def _folder_samples(plan, keys, rel, stem_of, sidecars, caption_key, media="imag
         stem = stem_of[p]
         txt, js = sidecars.get((stem, ".txt")), sidecars.get((stem, ".json"))
         if txt is None and js is None:
-            yield sample.fail("read", f"missing caption: no {stem}.txt or {stem}.json")
+            yield sample.fail("read", f"missing {text}: no {stem}.txt or {stem}.json")
             continue
         caption = None
         if js is not None:
-            text, err = _read_text(js, rel[js])
+            raw, err = _read_text(js, rel[js], text)
             if err is None:
-                caption, sample.meta, err = _parse_caption_json(text, rel[js], caption_key)
+                caption, sample.meta, err = _parse_caption_json(raw, rel[js], caption_key)
             if err is not None:
                 yield sample.fail("read", err)
                 continue
         if txt is not None:
-            caption, err = _read_text(txt, rel[txt])
+            caption, err = _read_text(txt, rel[txt], text)
             if err is not None:
                 yield sample.fail("read", err)
                 continue
         if caption is None:
-            yield sample.fail("read", f"missing caption: no {stem}.txt and no {caption_key!r} in {rel[js]}")
+            yield sample.fail("read", f"missing {text}: no {stem}.txt and no {caption_key!r} in {rel[js]}")
             continue
         sample.caption = caption.strip()
         yield sample
@@ -232,14 +239,15 @@ def _folder_samples(plan, keys, rel, stem_of, sidecars, caption_key, media="imag
 # ----------------------------------------------------------------------------------------- manifest
 
 
-def read_manifest(path: str | Path, *, image_key: str = "image", caption_key: str = "caption") -> Iterator[Sample]:
+def read_manifest(path: str | Path, *, image_key: str = "image", caption_key: str = "caption",
+                  media: str = "image") -> Iterator[Sample]:
     """Rows of a JSONL or parquet manifest: an image path (relative to the manifest's folder, or
     absolute) under ``image_key``, a caption under ``caption_key``; other columns go to ``meta``.
 
     A parquet image cell may also hold the encoded bytes (or a ``{"bytes": ...}`` struct, as HF
     datasets store images). ``source`` is ``"<manifest>:LINE"`` (1-based line) for JSONL and
     ``"<manifest>:ROW"`` (0-based row) for parquet; the key is ``<manifest stem>_<line or row>``.
-    Blank JSONL lines are not rows.
+    Blank JSONL lines are not rows. ``media`` is the word for the file in messages (image | video | audio).
     """
     path = Path(path)
     if not path.is_file():
@@ -250,7 +258,7 @@ def read_manifest(path: str | Path, *, image_key: str = "image", caption_key: st
             lines = open(path, "rb")  # streamed line by line; closed when the generator ends
         except OSError as e:
             raise CurationInputError(f"cannot read manifest {path}: {e.strerror or e}") from e
-        return _jsonl_samples(path, lines, image_key, caption_key)
+        return _jsonl_samples(path, lines, image_key, caption_key, media)
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -258,11 +266,11 @@ def read_manifest(path: str | Path, *, image_key: str = "image", caption_key: st
             pf = pq.ParquetFile(path)
         except Exception as e:  # pyarrow raises ArrowInvalid / OSError for a bad footer
             raise CurationInputError(f"cannot read parquet manifest {path}: {e}") from e
-        return _parquet_samples(path, pf, image_key, caption_key)
+        return _parquet_samples(path, pf, image_key, caption_key, media)
     raise CurationInputError(f"unknown manifest kind: {path} (expected .jsonl or .parquet)")
 
 
-def _jsonl_samples(path: Path, lines: BinaryIO, image_key: str, caption_key: str) -> Iterator[Sample]:
+def _jsonl_samples(path: Path, lines: BinaryIO, image_key: str, caption_key: str, media: str) -> Iterator[Sample]:
     stem = sanitize_key(path.stem)
     with lines:
         for lineno, raw in enumerate(lines, start=1):
@@ -281,10 +289,10 @@ def _jsonl_samples(path: Path, lines: BinaryIO, image_key: str, caption_key: str
             if not isinstance(row, dict):
                 yield sample.fail("read", f"{where} is not a JSON object")
                 continue
-            yield _fill_from_row(sample, row, path.parent, image_key, caption_key, where)
+            yield _fill_from_row(sample, row, path.parent, image_key, caption_key, where, media)
 
 
-def _parquet_samples(path: Path, pf, image_key: str, caption_key: str) -> Iterator[Sample]:
+def _parquet_samples(path: Path, pf, image_key: str, caption_key: str, media: str) -> Iterator[Sample]:
     stem = sanitize_key(path.stem)
     row0 = 0
     for rg in range(pf.num_row_groups):
@@ -299,12 +307,12 @@ def _parquet_samples(path: Path, pf, image_key: str, caption_key: str) -> Iterat
             continue
         for i, row in enumerate(rows, start=row0):
             sample = Sample(key=f"{stem}_{i:09d}", source=f"{path}:{i}")
-            yield _fill_from_row(sample, row, path.parent, image_key, caption_key, f"{path.name} row {i}")
+            yield _fill_from_row(sample, row, path.parent, image_key, caption_key, f"{path.name} row {i}", media)
         row0 += n
 
 
 def _fill_from_row(sample: Sample, row: dict[str, Any], base: Path, image_key: str, caption_key: str,
-                   where: str) -> Sample:
+                   where: str, media: str) -> Sample:
     missing = [k for k in (image_key, caption_key) if row.get(k) is None]
     if missing:
         return sample.fail("read", f"{where}: missing field {', '.join(repr(k) for k in missing)}")
@@ -318,14 +326,15 @@ def _fill_from_row(sample: Sample, row: dict[str, Any], base: Path, image_key: s
         sample.image_bytes = bytes(image)
     elif isinstance(image, str):
         if re.match(r"^[a-z][a-z0-9+.-]*://", image, re.I):
-            return sample.fail("read", f"{where}: image {image!r} is a URL; download it first (img2dataset)")
+            tool = " (img2dataset)" if media == "image" else ""
+            return sample.fail("read", f"{where}: {media} {image!r} is a URL; download it first{tool}")
         image_path = Path(image) if Path(image).is_absolute() else base / image
         try:
             sample.image_bytes = image_path.read_bytes()
         except FileNotFoundError:
-            return sample.fail("read", f"{where}: image file not found: {image_path}")
+            return sample.fail("read", f"{where}: {media} file not found: {image_path}")
         except OSError as e:
-            return sample.fail("read", f"{where}: cannot read image {image_path}: {e.strerror or e}")
+            return sample.fail("read", f"{where}: cannot read {media} {image_path}: {e.strerror or e}")
     else:
         return sample.fail("read", f"{where}: {image_key!r} is a {type(image).__name__}, not a path or bytes")
     sample.caption = caption.strip()

@@ -25,8 +25,6 @@ import json
 import multiprocessing as mp
 import os
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,30 +36,9 @@ from tqdm import tqdm
 from data_curation.curation_config import CurationConfig, config_to_dict
 from data_curation.records import DROPPED, OK, Sample
 from data_curation.readers import decode_image, open_input
+from data_curation.shard_jobs import STATUS_SCHEMA, BuildResult, StageSetupError, _atomic_write, _chunks
 
 EMB_DIM = 512
-
-
-class StageSetupError(RuntimeError):
-    """A stage's model or resource cannot be loaded (SSCD file, CLIP model, blocklist, tesseract, classifier)."""
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _chunks(samples: Iterable[Sample], size: int) -> Iterator[tuple[int, list[Sample]]]:
-    chunk: list[Sample] = []
-    index = 0
-    for s in samples:
-        chunk.append(s)
-        if len(chunk) == size:
-            yield index, chunk
-            index, chunk = index + 1, []
-    if chunk:
-        yield index, chunk
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,10 +295,6 @@ def global_stages(work: Path, n_chunks: int, cfg: CurationConfig) -> pa.Table:
 # Pass 3: shards
 
 
-STATUS_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("status", pa.string()),
-                           ("stage", pa.string()), ("reason", pa.string()), ("shard", pa.string())])
-
-
 def write_shard(out: Path, work: Path, index: int, decisions: dict[str, tuple[str, float, bool, bool]]) -> dict:
     import webdataset as wds
 
@@ -360,15 +333,6 @@ def write_shard(out: Path, work: Path, index: int, decisions: dict[str, tuple[st
 
 # ----------------------------------------------------------------------------------------------
 # Driver
-
-
-@dataclass
-class BuildResult:
-    out: Path
-    n_inputs: int
-    n_shards: int
-    counts: dict
-    report: dict
 
 
 def build_shards(input_spec: str | Path, out_dir: str | Path, cfg: CurationConfig, progress: bool = True,

@@ -22,30 +22,22 @@ for up to ``2 * workers`` chunks in flight), hence the small default of 100 per 
 
 from __future__ import annotations
 
-import io
-import itertools
 import json
-import multiprocessing as mp
-import os
-import time
-from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
-from tqdm import tqdm
 
 from data_curation.curation_config import ConfigError, LanguageConfig, _build, config_to_dict
 from data_curation.readers import (CurationInputError, read_folder, _is_pattern, _read_shard, _short_hash,
                                    _wds_group, WDS_IMAGE_EXTS, expand_shards,
                                    read_manifest, sanitize_key)
-from data_curation.records import DROPPED, ERROR, OK, Sample
-from data_curation.shards import BuildResult, StageSetupError, _atomic_write, _chunks
+from data_curation.records import Sample
+from data_curation.shard_jobs import (BuildResult, StageSetupError, _atomic_write, _share, _summary, report_head,
+                                      run_shard_job, write_status_shard)
 from data_curation.video_filters import VideoCaptionRules
 
 VIDEO_EXTS = ("mp4", "m4v", "mov", "webm", "mkv", "avi")  # also the webdataset member preference order
@@ -161,7 +153,7 @@ def open_video_input(spec: str | Path, *, video_key: str = "video",
     if path.is_dir():
         return read_video_folder(path, caption_key=caption_key)
     if path.suffix.lower() in (".jsonl", ".parquet"):
-        return read_manifest(path, image_key=video_key, caption_key=caption_key)
+        return read_manifest(path, image_key=video_key, caption_key=caption_key, media="video")
     if path.suffix.lower() == ".tar":
         return read_video_webdataset([path], caption_key=caption_key)
     raise CurationInputError(f"unknown input kind: {path} (expected a folder, .jsonl, .parquet, .tar or a "
@@ -245,8 +237,12 @@ class VideoProcessor:
             raise StageSetupError(f"cannot set up the video curation stages: {type(e).__name__}: {e}") from e
 
     def _setup(self, cfg: VideoCurationConfig) -> None:
+        import cv2
+        import torch
+
         from video.reader import VideoReader
 
+        cv2.setNumThreads(torch.get_num_threads())  # the worker's share (shard_jobs sets torch's), not every core
         self.cfg = cfg
         self.reader = VideoReader(cfg.decode.backend, cfg.decode.timeout_s)
         self.lang = self.ocr = self.clip = None
@@ -348,73 +344,20 @@ class VideoProcessor:
 
 SCORE_COLUMNS = ("duration_s", "fps", "width", "height", "motion_score", "ocr_area", "clip_frame_score",
                  "clip_video_score")
-STATUS_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("status", pa.string()),
-                           ("stage", pa.string()), ("reason", pa.string()), ("shard", pa.string())]
-                          + [(c, pa.float64()) for c in SCORE_COLUMNS])
+
+
+def _members(s: Sample) -> dict[str, bytes | str]:
+    record = {"caption": s.caption, "source": s.source, "status": s.status, **s.fields, "meta": s.meta}
+    return {container_ext(s.image_bytes, s.source): s.image_bytes, "txt": s.caption,
+            "json": json.dumps(record, default=str).encode()}
 
 
 def write_video_shard(out: Path, index: int, samples: list[Sample]) -> dict:
     """``shard_i.tar`` (kept samples), ``shard_i.parquet`` (every input) and, last, ``shard_i_stats.json``."""
-    import webdataset as wds
-
-    name = f"shard_{index:05d}"
-    rows, counts = [], {"inputs": len(samples), OK: 0, DROPPED: 0, ERROR: 0}
-    tmp_tar = out / f"{name}.tar.tmp"
-    with open(tmp_tar, "wb") as fh:
-        writer = wds.TarWriter(fh, mtime=0.0)
-        for s in samples:
-            if s.ok:
-                record = {"caption": s.caption, "source": s.source, "status": s.status, **s.fields, "meta": s.meta}
-                ext = container_ext(s.image_bytes, s.source)
-                writer.write({"__key__": s.key, ext: s.image_bytes, "txt": s.caption,
-                              "json": json.dumps(record, default=str).encode()})
-            counts[s.status] += 1
-            rows.append({**s.status_row(), "shard": f"{name}.tar" if s.ok else None,
-                         **{c: s.fields.get(c) for c in SCORE_COLUMNS}})
-        writer.close()
-    assert counts[OK] + counts[DROPPED] + counts[ERROR] == counts["inputs"], counts
-    sink = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=STATUS_SCHEMA), sink)
-    _atomic_write(out / f"{name}.parquet", sink.getvalue())
-    os.replace(tmp_tar, out / f"{name}.tar")
-    stats = {"shard": name, **counts, "written_at": time.time()}
-    _atomic_write(out / f"{name}_stats.json", json.dumps(stats).encode())  # last: the resume marker
-    return stats
-
-
-_WORKER: VideoProcessor | None = None
-
-
-def _init_worker(cfg: VideoCurationConfig, threads: int) -> None:
-    global _WORKER
-    import cv2
-    import torch
-
-    torch.set_num_threads(threads)
-    cv2.setNumThreads(threads)
-    _WORKER = VideoProcessor(cfg)
-
-
-def _run_chunk(args: tuple[int, list[Sample], str]) -> tuple[int, int]:
-    index, samples, out = args
-    write_video_shard(Path(out), index, _WORKER.process(samples))
-    return index, len(samples)
+    return write_status_shard(out, index, samples, _members, SCORE_COLUMNS)
 
 
 # ---------------------------------------------------------------------------------------------- report
-
-
-def _summary(values: list[float]) -> dict:
-    if not values:
-        return {"n": 0}
-    v = np.asarray(values, np.float64)
-    return {"n": int(v.size), "mean": round(float(v.mean()), 4), "median": round(float(np.median(v)), 4),
-            "p10": round(float(np.percentile(v, 10)), 4), "p90": round(float(np.percentile(v, 90)), 4),
-            "min": round(float(v.min()), 4), "max": round(float(v.max()), 4)}
-
-
-def _share(flags: list[bool]) -> float | None:
-    return round(float(np.mean(flags)), 4) if flags else None
 
 
 def _video_stats(rows: list[dict]) -> dict:
@@ -467,42 +410,12 @@ def _plots(out: Path, decoded: list[dict], kept: list[dict], cfg: VideoCurationC
     return written
 
 
-def _reason_kind(row: dict) -> str:
-    """A reason without the file name a decode error starts with and without its numbers, for counting."""
-    reason = row["reason"] or ""
-    if reason.startswith(row["source"]):
-        reason = reason.split(": ", 1)[-1]
-    return reason.split("(")[0].strip()
-
-
 def write_video_report(out: Path, n_shards: int, cfg: VideoCurationConfig, seconds: dict) -> dict:
     """Aggregate every shard's status parquet into ``report.json`` + plots; checks the counts add up."""
-    rows: list[dict] = []
-    for i in range(n_shards):
-        stats = json.loads((out / f"shard_{i:05d}_stats.json").read_text())
-        t = pq.read_table(out / f"shard_{i:05d}.parquet").to_pylist()
-        if len(t) != stats["inputs"]:
-            raise RuntimeError(f"shard_{i:05d}: {len(t)} status rows but {stats['inputs']} inputs")
-        rows += t
-    status = Counter(r["status"] for r in rows)
-    if sum(status.values()) != len(rows) or set(status) - {OK, DROPPED, ERROR}:
-        raise RuntimeError(f"status counts {dict(status)} do not add up to {len(rows)} inputs")
-    decoded = [r for r in rows if r["width"]]
-    kept = [r for r in decoded if r["status"] == OK]
-    report = {
-        "inputs": len(rows),
-        "shards": n_shards,
-        "counts": {"kept": status[OK], "dropped": status[DROPPED], "error": status[ERROR]},
-        "by_stage": dict(sorted(Counter(f"{r['status']}:{r['stage']}" for r in rows if r["status"] != OK).items())),
-        "by_reason": dict(sorted(Counter(f"{r['stage']}:{_reason_kind(r)}" for r in rows
-                                         if r["status"] != OK).items())),
-        "stats_decoded": _video_stats(decoded),
-        "stats_kept": _video_stats(kept),
-        "seconds": seconds,
-        "videos_per_s": round(len(rows) / max(seconds["total"], 1e-9), 2),
-        "stages_enabled": {k: v.get("enabled", True) for k, v in config_to_dict(cfg).items()
-                           if isinstance(v, dict)},
-    }
+    report, decoded, kept = report_head(out, n_shards, seconds, decoded=lambda r: bool(r["width"]),
+                                        stats=_video_stats, unit="video")
+    report["stages_enabled"] = {k: v.get("enabled", True) for k, v in config_to_dict(cfg).items()
+                                if isinstance(v, dict)}
     report["plots"] = _plots(out, decoded, kept, cfg)
     _atomic_write(out / "report.json", json.dumps(report, indent=2).encode())
     return report
@@ -511,71 +424,11 @@ def write_video_report(out: Path, n_shards: int, cfg: VideoCurationConfig, secon
 # ---------------------------------------------------------------------------------------------- driver
 
 
-def _run_jobs(jobs: Iterator[tuple[int, list[Sample], str]], cfg: VideoCurationConfig, progress: bool) -> None:
-    bar = tqdm(desc="videos", unit="video", disable=not progress)
-    if cfg.workers == 1:
-        for job in jobs:
-            bar.update(_run_chunk(job)[1])
-    else:
-        ctx = mp.get_context("spawn")  # a bounded window of chunks in flight, as in shards.build_shards
-        with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg, 1)) as pool:
-            pending: list = []
-            for job in jobs:
-                pending.append(pool.apply_async(_run_chunk, (job,)))
-                while len(pending) >= 2 * cfg.workers:
-                    bar.update(pending.pop(0).get()[1])
-            for res in pending:
-                bar.update(res.get()[1])
-    bar.close()
-
-
 def build_video_shards(input_spec: str | Path, out_dir: str | Path, cfg: VideoCurationConfig, progress: bool = True,
                        max_chunks: int | None = None) -> BuildResult:
     """Curate the videos of ``input_spec`` into ``out_dir`` (resuming finished shards) and write the report.
     ``max_chunks`` stops after that many new shards (to simulate an interrupted job in tests). A rerun
     with nothing left to do loads no model and rewrites nothing."""
-    global _WORKER
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # The worker count does not change any result, so a resumed job may use another one.
-    cfg_json = json.dumps({k: v for k, v in config_to_dict(cfg).items() if k != "workers"}, sort_keys=True)
-    cfg_file = out / "config.json"
-    if cfg_file.exists() and cfg_file.read_text() != cfg_json:
-        raise ValueError(f"{out}: already built with a different config ({cfg_file}); use a new output folder")
-    inputs = open_video_input(input_spec, video_key=cfg.video_key, caption_key=cfg.caption_key)
-    t0 = time.perf_counter()
-    n_chunks, started, stopped = 0, 0, False
-
-    def todo() -> Iterator[tuple[int, list[Sample], str]]:
-        nonlocal n_chunks, started, stopped
-        for i, chunk in _chunks(inputs, cfg.samples_per_shard):
-            if (out / f"shard_{i:05d}_stats.json").exists():
-                n_chunks = i + 1
-                continue
-            if max_chunks is not None and started >= max_chunks:
-                stopped = True
-                return
-            n_chunks, started = i + 1, started + 1
-            yield i, chunk, str(out)
-
-    jobs = todo()
-    first = next(jobs, None)
-    if first is not None:
-        # Stage models load here first: a bad CLIP path or a missing tesseract is one named error up front,
-        # not a pool of workers failing in their initializer.
-        _init_worker(cfg, threads=max(1, os.cpu_count() or 1))
-        _atomic_write(cfg_file, cfg_json.encode())
-        _run_jobs(itertools.chain([first], jobs), cfg, progress)
-        _WORKER = None  # free the main process's copy of the stage models
-    if not cfg_file.exists():
-        _atomic_write(cfg_file, cfg_json.encode())
-    if stopped:
-        return BuildResult(out, -1, started, {}, {})
-    missing = [i for i in range(n_chunks) if not (out / f"shard_{i:05d}_stats.json").exists()]
-    if missing:
-        raise RuntimeError(f"{out}: shards {missing[:5]} were not written")
-    if started == 0 and (out / "report.json").exists():
-        report = json.loads((out / "report.json").read_text())
-    else:
-        report = write_video_report(out, n_chunks, cfg, {"total": round(time.perf_counter() - t0, 2)})
-    return BuildResult(out, report["inputs"], n_chunks, report["counts"], report)
+    return run_shard_job(lambda: open_video_input(input_spec, video_key=cfg.video_key, caption_key=cfg.caption_key),
+                         Path(out_dir), cfg, make_processor=VideoProcessor, write_shard=write_video_shard,
+                         write_report=write_video_report, progress=progress, max_chunks=max_chunks, unit="video")

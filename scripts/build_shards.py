@@ -8,40 +8,24 @@ language id, image rules, safety (pHash blocklist, classifier hook, face blurrin
 FAISS de-duplication and n-gram resampling, then writes OUT/shard_NNNNN.{tar,parquet} and
 shard_NNNNN_stats.json (written last: rerunning after a kill resumes), plus OUT/report.json and plots
 under OUT/report/. See data_curation/shards.py for the passes and configs/curation.yaml for every option.
+Exit code 2: a config, input or stage setup error (the message names it).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
+from scripts._shard_cli import shard_main
 
-from data_curation.curation_config import ConfigError, load_config
-from data_curation.readers import CurationInputError
+
+def _builder():
+    from data_curation.curation_config import load_config
+    from data_curation.shards import build_shards
+
+    return load_config, build_shards
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input")
-    p.add_argument("out")
-    p.add_argument("--config", default=None, help="curation.yaml (default: every stage at its defaults)")
-    p.add_argument("--workers", type=int, default=None, help="override the config's worker count")
-    p.add_argument("--json", action="store_true", help="print only the report JSON")
-    args = p.parse_args(argv)
-    from data_curation.shards import StageSetupError, build_shards
-
-    try:
-        cfg = load_config(args.config, {"workers": args.workers} if args.workers else None)
-        result = build_shards(args.input, args.out, cfg, progress=not args.json)
-    except (ConfigError, CurationInputError, StageSetupError, FileNotFoundError) as e:
-        print(f"build_shards: {e}", file=sys.stderr)
-        return 2
-    r = result.report
-    if not args.json:
-        print(f"{r['inputs']} inputs -> {r['counts']['kept']} kept, {r['counts']['dropped']} dropped, "
-              f"{r['counts']['error']} errors in {r['shards']} shards under {result.out}", file=sys.stderr)
-    print(json.dumps(r, indent=None if args.json else 2))
-    return 0
+    return shard_main(argv, doc=__doc__, name="build_shards", builder=_builder,
+                      config_help="curation.yaml (default: every stage at its defaults)")
 
 
 if __name__ == "__main__":

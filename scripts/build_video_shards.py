@@ -13,39 +13,18 @@ Exit code 2: a config, input or stage setup error (the message names it).
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
+from scripts._shard_cli import shard_main
 
-from data_curation.curation_config import ConfigError
-from data_curation.readers import CurationInputError
+
+def _builder():
+    from data_curation.video_shards import build_video_shards, load_video_config
+
+    return load_video_config, build_video_shards
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input")
-    p.add_argument("out")
-    p.add_argument("--config", default=None, help="video_curation.yaml (default: every stage at its defaults)")
-    p.add_argument("--workers", type=int, default=None, help="override the config's worker count")
-    p.add_argument("--json", action="store_true", help="print only the report JSON")
-    args = p.parse_args(argv)
-    from data_curation.shards import StageSetupError
-    from data_curation.video_shards import build_video_shards, load_video_config
-
-    try:
-        cfg = load_video_config(args.config, {"workers": args.workers} if args.workers else None)
-        result = build_video_shards(args.input, args.out, cfg, progress=not args.json)
-    except (ConfigError, CurationInputError, StageSetupError, FileNotFoundError) as e:
-        print(f"build_video_shards: {e}", file=sys.stderr)
-        return 2
-    r = result.report
-    if not args.json:
-        print(f"{r['inputs']} inputs -> {r['counts']['kept']} kept, {r['counts']['dropped']} dropped, "
-              f"{r['counts']['error']} errors in {r['shards']} shards under {result.out}", file=sys.stderr)
-        for key, n in r["by_reason"].items():
-            print(f"  {key}: {n}", file=sys.stderr)
-    print(json.dumps(r, indent=None if args.json else 2))
-    return 0
+    return shard_main(argv, doc=__doc__, name="build_video_shards", builder=_builder,
+                      config_help="video_curation.yaml (default: every stage at its defaults)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,263 @@
+"""The audio shard builder: speech-transcript pairs -> per-sample checks + VAD -> webdataset shards.
+
+Inputs come through the shared readers: a folder of audio files with sidecar transcripts (``x.wav`` /
+``x.flac`` / ``x.ogg`` / ``x.opus`` / ``x.mp3`` + ``x.txt``, or ``x.json`` with ``text_key``) or a JSONL /
+parquet manifest (``{"audio": path, "text": ...}``; paths relative to the manifest). Stages, in order, each
+dropping or failing a sample with a reason (``data_curation.records``): transcript present -> decode
+(``speech.audio.load_audio``: mono, 16 kHz; an unreadable file is an error naming it) -> duration
+(``min_duration_s`` .. ``max_duration_s``; longer clips are dropped, never cut, since the transcript is of
+the whole clip) -> silence (RMS below ``silence_db``) -> clipping (share of full-scale samples above
+``max_clipped_fraction``) -> VAD (``data_curation.vad``: speech fraction above ``vad.threshold``, 0.7).
+No global pass, so each chunk of ``samples_per_shard`` inputs becomes its shard directly, as in
+``video_shards``; both run through ``shard_jobs``, with the same files, resume rule and report:
+
+* ``shard_i.tar``: ``key.flac`` (16 kHz mono 16-bit FLAC of the decoded audio), ``key.txt`` (the transcript),
+  ``key.json`` (duration, source rate / channels, RMS, clipped fraction, VAD score, mean speech
+  probability and speech segments, the input's other metadata);
+* ``shard_i.parquet``: a status row (ok / dropped / error, stage, reason, measurements) for every input of
+  chunk ``i``; ``shard_i_stats.json``: its counts, written last, the resume marker;
+* ``report.json`` and ``report/*.png``: counts per stage and reason, duration / VAD score / level statistics.
+
+A chunk's input files are held in memory while it is processed (``samples_per_shard`` x average file size,
+for up to ``2 * workers`` chunks in flight): 500 clips of 10 s 16-bit WAV are about 160 MB.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import yaml
+
+from data_curation.curation_config import ConfigError, _build, config_to_dict
+from data_curation.readers import CurationInputError, read_folder, read_manifest
+from data_curation.records import Sample
+from data_curation.shard_jobs import (BuildResult, StageSetupError, _atomic_write, _summary, report_head,
+                                      run_shard_job, write_status_shard)
+from data_curation.vad import VadConfig
+from speech.audio import SAMPLE_RATE
+
+AUDIO_EXTS = ("flac", "wav", "ogg", "opus", "mp3")  # what libsndfile (>= 1.1) decodes
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class AudioCurationConfig:
+    samples_per_shard: int = 500
+    workers: int = 2
+    audio_key: str = "audio"  # manifest column holding the audio path (relative to the manifest) or bytes
+    text_key: str = "text"  # manifest column / sidecar .json field holding the transcript
+    min_duration_s: float = 0.5
+    max_duration_s: float = 60.0  # the paper's longest speech segment (sec. 8); longer clips are dropped
+    silence_db: float = -60.0  # RMS in dBFS below which a clip is silent (speech.audio.SILENCE_DB)
+    max_clipped_fraction: float = 0.001  # share of samples at full scale (|x| >= 0.999) above which: dropped
+    vad: VadConfig = field(default_factory=VadConfig)
+
+    def __post_init__(self) -> None:
+        if self.samples_per_shard < 1 or self.workers < 1:
+            raise ConfigError("samples_per_shard and workers must be >= 1")
+        if not 0 <= self.min_duration_s < self.max_duration_s:
+            raise ConfigError(f"need 0 <= min_duration_s < max_duration_s, got {self.min_duration_s}, "
+                              f"{self.max_duration_s}")
+        if not 0 <= self.max_clipped_fraction <= 1:
+            raise ConfigError(f"max_clipped_fraction: {self.max_clipped_fraction} is not in [0, 1]")
+
+
+def load_audio_config(path: str | Path | None, overrides: dict | None = None) -> AudioCurationConfig:
+    """Read ``audio_curation.yaml`` (None: all defaults); ``overrides`` is merged over the top level.
+    Unknown keys, at any level, are a ``ConfigError`` naming them; ``vad: null`` disables the VAD."""
+    where = "config" if path is None else str(path)
+    try:
+        data = (yaml.safe_load(Path(path).read_text(encoding="utf-8")) if path is not None else None) or {}
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{where}: cannot read it as YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    data = {**data, **(overrides or {})}
+    if "vad" in data:
+        data["vad"] = _build(VadConfig, data["vad"], f"{where}.vad")
+    return _build(AudioCurationConfig, data, where)
+
+
+# --------------------------------------------------------------------------------------------- readers
+
+
+def open_audio_input(spec: str | Path, *, audio_key: str = "audio", text_key: str = "text") -> Iterator[Sample]:
+    """A folder of audio files with sidecar transcripts, or a JSONL / parquet manifest; the file's bytes
+    travel in ``Sample.image_bytes``, the transcript in ``Sample.caption``. Orphan sidecars and other files
+    are error Samples of their own; job-level problems raise ``CurationInputError``."""
+    path = Path(spec)
+    if not path.exists():
+        raise CurationInputError(f"input not found: {path}")
+    if path.is_dir():
+        return read_folder(path, caption_key=text_key, media_exts=frozenset(f".{e}" for e in AUDIO_EXTS),
+                           media="audio")
+    if path.suffix.lower() in (".jsonl", ".parquet"):
+        return read_manifest(path, image_key=audio_key, caption_key=text_key, media="audio")
+    raise CurationInputError(f"unknown input kind: {path} (expected a folder of audio files with transcripts, "
+                             "or a .jsonl / .parquet manifest)")
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+class AudioProcessor:
+    """Runs the per-sample stages; built once per worker (the VAD model loads once)."""
+
+    def __init__(self, cfg: AudioCurationConfig):
+        self.cfg = cfg
+        try:
+            from data_curation.vad import VoiceActivity
+
+            self.vad = VoiceActivity(cfg.vad) if cfg.vad.enabled else None
+        except Exception as e:  # one message naming the model, before any work starts
+            raise StageSetupError(f"cannot set up the audio curation stages: {type(e).__name__}: {e}") from e
+
+    def process(self, samples: list[Sample]) -> list[Sample]:
+        """Sets every sample's status; a kept sample's ``image_bytes`` become its 16 kHz FLAC, the others'
+        are released (they would only be carried to the writer)."""
+        for s in samples:
+            try:
+                s.image_bytes = self._per_sample(s) if s.ok else None
+            except Exception as e:  # an unexpected failure on one sample never stops the job
+                s.image_bytes = None
+                s.fail(s.stage or "stage", f"{s.source}: {type(e).__name__}: {e}")
+        return samples
+
+    def _per_sample(self, s: Sample) -> bytes | None:
+        from speech.audio import AudioReadError, load_audio
+
+        cfg, f = self.cfg, s.fields
+        if not s.caption:
+            s.drop("text", "empty_transcript")
+            return None
+        s.stage = "decode"
+        if s.image_bytes is None:
+            s.fail("decode", f"{s.source}: no audio bytes")
+            return None
+        try:
+            audio = load_audio(s.image_bytes, SAMPLE_RATE, max_seconds=cfg.max_duration_s, long="crop")
+        except AudioReadError as e:  # its name is "<bytes>": name the input instead
+            s.fail("decode", f"{s.source}: {e.reason}")
+            return None
+        duration = audio.duration_s
+        if duration >= cfg.max_duration_s:  # cropped while decoding; the header has the whole length
+            duration = max(duration, sf.info(io.BytesIO(s.image_bytes)).duration)
+        f.update(duration_s=round(duration, 3), source_rate=audio.source_rate,
+                 source_channels=audio.source_channels, rms_db=round(audio.rms_db, 2),
+                 clipped_fraction=round(audio.clipped_fraction, 6))
+        lo, hi, db, clipped = cfg.min_duration_s, cfg.max_duration_s, audio.rms_db, audio.clipped_fraction
+        max_clip = cfg.max_clipped_fraction
+        checks = (("duration", duration < lo, f"too_short({duration:.2f}<{lo:g}s)"),
+                  ("duration", duration > hi, f"too_long({duration:.2f}>{hi:g}s)"),
+                  ("silence", db < cfg.silence_db, f"silent(rms {db:.1f}<{cfg.silence_db:g} dBFS)"),
+                  ("clipping", clipped > max_clip, f"clipped({clipped:.4f}>{max_clip:g})"))
+        for stage, failed, reason in checks:
+            if failed:
+                s.drop(stage, reason)
+                return None
+        if self.vad is not None:
+            s.stage = "vad"
+            vad = self.vad.analyze(audio.samples)
+            f.update(vad_score=round(vad.score, 4), vad_mean_prob=round(vad.mean_prob, 4),
+                     speech_segments=[[round(a, 3), round(b, 3)] for a, b in vad.segments])
+            if not vad.score > cfg.vad.threshold:  # "keep VAD score above 0.7"
+                s.drop("vad", f"vad_score({vad.score:.3f}<={cfg.vad.threshold:g})")
+                return None
+        s.stage = None
+        flac = io.BytesIO()
+        sf.write(flac, audio.samples, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
+        return flac.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- shards
+
+
+SCORE_COLUMNS = ("duration_s", "source_rate", "source_channels", "rms_db", "clipped_fraction", "vad_score")
+
+
+def _members(s: Sample) -> dict[str, bytes | str]:
+    record = {"text": s.caption, "source": s.source, "status": s.status, **s.fields, "meta": s.meta}
+    return {"flac": s.image_bytes, "txt": s.caption, "json": json.dumps(record, default=str).encode()}
+
+
+def write_audio_shard(out: Path, index: int, samples: list[Sample]) -> dict:
+    """``shard_i.tar`` (kept samples: key.flac, key.txt, key.json), ``shard_i.parquet`` (every input) and,
+    last, ``shard_i_stats.json``."""
+    return write_status_shard(out, index, samples, _members, SCORE_COLUMNS)
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def _audio_stats(rows: list[dict]) -> dict:
+    durations = [r["duration_s"] for r in rows if r["duration_s"] is not None]
+    return {
+        "clips": len(rows),
+        "hours": round(sum(durations) / 3600, 4),
+        "duration_s": _summary(durations),
+        "vad_score": _summary([r["vad_score"] for r in rows if r["vad_score"] is not None]),
+        "rms_db": _summary([r["rms_db"] for r in rows if r["rms_db"] is not None]),
+        "clipped_fraction": _summary([r["clipped_fraction"] for r in rows if r["clipped_fraction"] is not None]),
+        **{c: {str(int(k)): n for k, n in sorted(Counter(r[c] for r in rows).items())}
+           for c in ("source_rate", "source_channels")},
+    }
+
+
+def _histograms(out: Path, decoded: list[dict], kept: list[dict], cfg: AudioCurationConfig) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (out / "report").mkdir(exist_ok=True)
+    written = []
+    for column, xlabel, line in (("duration_s", "duration (s)", None),
+                                 ("vad_score", "VAD score (speech fraction)", cfg.vad.threshold)):
+        decoded_v = [r[column] for r in decoded if r[column] is not None]
+        if not decoded_v:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        bins = np.histogram_bin_edges(decoded_v, bins=40)
+        ax.hist(decoded_v, bins=bins, alpha=0.6, label=f"decoded ({len(decoded_v)})")
+        ax.hist([r[column] for r in kept], bins=bins, alpha=0.6, label=f"kept ({len(kept)})")
+        if line is not None and cfg.vad.enabled:
+            ax.axvline(line, color="red", linestyle="--", label=f"threshold {line:g}")
+        ax.set(xlabel=xlabel, ylabel="clips")
+        ax.legend()
+        fig.tight_layout()
+        name = f"report/{column.removesuffix('_s')}_hist.png"
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+def write_audio_report(out: Path, n_shards: int, cfg: AudioCurationConfig, seconds: dict) -> dict:
+    """Aggregate every shard's status parquet into ``report.json`` + plots; checks the counts add up."""
+    report, decoded, kept = report_head(out, n_shards, seconds, decoded=lambda r: r["source_rate"] is not None,
+                                        stats=_audio_stats, unit="clip")
+    report["vad"] = config_to_dict(cfg.vad)
+    report["plots"] = _histograms(out, decoded, kept, cfg)
+    _atomic_write(out / "report.json", json.dumps(report, indent=2).encode())
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def build_audio_shards(input_spec: str | Path, out_dir: str | Path, cfg: AudioCurationConfig,
+                       progress: bool = True, max_chunks: int | None = None) -> BuildResult:
+    """Curate the clips of ``input_spec`` into ``out_dir`` (resuming finished shards) and write the report.
+    ``max_chunks`` stops after that many new shards (to simulate an interrupted job in tests). A rerun
+    with nothing left to do loads no model and rewrites nothing."""
+    return run_shard_job(lambda: open_audio_input(input_spec, audio_key=cfg.audio_key, text_key=cfg.text_key),
+                         Path(out_dir), cfg, make_processor=AudioProcessor, write_shard=write_audio_shard,
+                         write_report=write_audio_report, progress=progress, max_chunks=max_chunks)
