@@ -13,6 +13,8 @@ import torch
 
 from adapters.llama import LLAMA_PRESETS, Llama
 from adapters.multimodal import MultimodalLlama, multimodal_config
+from speech.adapter import adapter_param_count
+from speech.conformer import param_count as conformer_param_count
 from video.adapter import VideoAdapterConfig
 from vision.encoder import build_vision_encoder, vision_config
 
@@ -26,7 +28,9 @@ def count(module: torch.nn.Module, prefix: str = "") -> int:
 
 
 def collect() -> dict:
-    stats: dict = {"llama": {}, "vision": {}, "multimodal": {}, "video": {}}
+    stats: dict = {"llama": {}, "vision": {}, "multimodal": {}, "video": {},
+                   "speech": {"conformer_1B": conformer_param_count("1B"),
+                              "adapter_8B": adapter_param_count("8B"), "adapter_70B": adapter_param_count("70B")}}
     with torch.device("meta"):
         for name in ("8B", "70B", "405B"):
             stats["llama"][name] = count(Llama(LLAMA_PRESETS[name]))
@@ -101,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
           "  is not given. One perceiver layer scales with dim^2, so no single aggregator matches both paper\n"
           "  figures: 0.6B - 2 blocks leaves ~0.16B for the 8B LM, 4.6B - 5 blocks ~0.32B for the 70B (x2,\n"
           "  where dim^2 gives x4). Ours is a standard Flamingo layer (FFN x4): 3% over for 8B, 8% over for 70B.")
+    sp = stats["speech"]
+    print(f"Speech: Conformer 1B {b(sp['conformer_1B'])} (paper: about 1B); adapter {m(sp['adapter_8B'])} with the 8B "
+          f"LM, {m(sp['adapter_70B'])} with the 70B (paper: about 100M)")
     return 0
 
 

@@ -16,3 +16,9 @@ def test_text_report_runs(capsys):
     assert model_stats.main([]) == 0
     out = capsys.readouterr().out
     assert "Video adapter" in out and "paper" in out
+
+
+def test_speech_sizes_are_near_the_papers():
+    sp = model_stats.collect()["speech"]
+    assert 0.95e9 <= sp["conformer_1B"] <= 1.05e9  # "about 1B"
+    assert 0.08e9 <= sp["adapter_8B"] <= 0.12e9  # "about 100M"
