@@ -34,8 +34,8 @@ from adapters.vqa import run_vqa_benchmark
 from data_curation.synthetic_vqa import save_vqa_set
 from video.vqa import run_video_benchmark, save_video_qa_set
 
-DEFAULT_STEPS = {"image": 600, "video": 300}
-DEFAULT_CLIP_STEPS = {"image": 600, "video": 300}
+DEFAULT_STEPS = {"image": 600, "video": 600}
+DEFAULT_CLIP_STEPS = {"image": 600, "video": 600}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("modality", choices=sorted(DEFAULT_STEPS), help="which adapter to train")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--clip-steps", type=int, default=None,
-                   help="contrastive encoder pre-training steps (image 600, video 300; 0: random encoder)")
+                   help="contrastive encoder pre-training steps (default 600; 0: random encoder)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", default=None, help="where the tokenizer is written (default: a temp dir)")
     p.add_argument("--json", action="store_true", help="print only the JSON result")

@@ -144,7 +144,7 @@ def _accuracy(preds: list[str], records: list) -> float:
 
 def run_video_benchmark(
     steps: int, seed: int, work_dir: str | Path, n_train: int = 1600, n_test: int = 200, num_frames: int = 16,
-    image_steps: int | None = None, train_encoder: bool = False, lr: float = 1e-2, clip_steps: int = 300,
+    image_steps: int | None = None, train_encoder: bool = False, lr: float = 1e-2, clip_steps: int = 600,
     progress: bool = True,
 ) -> tuple[dict, MultimodalLlama, VideoQAEncoder, list[VideoQARecord]]:
     """The recipe of the module docstring; held-out accuracy of the video model and the image-only one.

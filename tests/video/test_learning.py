@@ -15,7 +15,7 @@ def test_video_adapter_learns_motion_that_one_frame_cannot_show(tmp_path, capsys
     assert abs(m["frozen_lm_alone_accuracy"] - chance) < 0.1
     assert abs(m["image_only_heldout_accuracy"] - chance) < 0.1
     # The image model did learn what one frame shows (where the ball is): its features carry the place.
-    assert m["image_model_position_accuracy"] >= 0.9
+    assert m["image_model_position_accuracy"] >= 0.9, m
     # With the video adapter on top of it, held-out clips' directions are read from the motion.
-    assert m["heldout_accuracy"] >= 0.9
-    assert min(m["heldout_accuracy_by_direction"].values()) >= 0.8
+    assert m["heldout_accuracy"] >= 0.9, m
+    assert min(m["heldout_accuracy_by_direction"].values()) >= 0.8, m
