@@ -446,13 +446,13 @@ def _read_shard(shard: Path, caption_key: str, group=None) -> Iterator[Sample]:
             return
     if group_key is not None:
         yield group(shard, group_key, members, caption_key)
-    if not _has_end_marker(shard, end_offset):
+    if not has_tar_end_marker(shard, end_offset):
         yield Sample(key=shard_key, source=f"{shard}:{last}").fail(
             "read", f"truncated or corrupt tar {shard}: no valid header or end-of-archive marker after member "
                     f"{last} (an interrupted write?); anything after it is lost")
 
 
-def _has_end_marker(shard: Path, offset: int) -> bool:
+def has_tar_end_marker(shard: Path, offset: int) -> bool:
     """A complete tar ends with zero blocks where the next header would be."""
     try:
         with open(shard, "rb") as f:

@@ -1,10 +1,10 @@
-"""Proof that the image and video adapters learn, on CPU: rendered data, tiny frozen LM, held-out accuracy.
+"""Proof that the image, video and speech adapters learn, on CPU: synthetic data, tiny frozen LM, held out.
 
-    python -m scripts.bench_learning image|video [--steps N] [--clip-steps N] [--seed S] [--json]
+    python -m scripts.bench_learning image|video|speech [--steps N] [--clip-steps N] [--seed S] [--json]
         [--work-dir DIR] [--save DIR]
 
---save DIR writes the trained model to DIR/checkpoint (for scripts.demo_vqa / scripts.demo_video) and the
-held-out set to DIR/heldout (records.jsonl + the images or mp4 clips).
+--save DIR writes the trained model to DIR/checkpoint (for scripts.demo_vqa / demo_video / demo_asr) and the
+held-out set to DIR/heldout (records.jsonl + the images, mp4 clips or wavs).
 
 image:
 Renders shapes/colours/positions/counts with PIL and follows the recipe in miniature: CLIP-pretrains
@@ -18,6 +18,11 @@ video: renders clips of a ball moving left/right/up/down (PIL -> H.264 mp4 -> re
 an image model on single frames, then a video adapter on top of it (encoder, projector, image layers and
 LM frozen). Reports held-out direction accuracy next to an image-only model trained on the middle frame
 (one frame cannot tell the direction: chance is 0.25). See `video.vqa`.
+
+speech: 3-5 digit strings spoken by espeak-ng (8 voices, random speed and pitch), a tiny LM pre-trained
+on text-only ASR dialogs and frozen, then a randomly initialised tiny Conformer encoder + speech adapter
+trained on the clips (--clip-steps does not apply). Reports held-out WER / CER next to the no-audio
+baseline (the frozen LM alone on the ASR prompt). See `speech.asr`.
 """
 
 from __future__ import annotations
@@ -32,9 +37,10 @@ import torch
 from adapters.model_io import save_checkpoint
 from adapters.vqa import run_vqa_benchmark
 from data_curation.synthetic_vqa import save_vqa_set
+from speech.asr import run_asr_benchmark, save_asr_set, save_speech_checkpoint
 from video.vqa import run_video_benchmark, save_video_qa_set
 
-DEFAULT_STEPS = {"image": 600, "video": 600}
+DEFAULT_STEPS = {"image": 600, "video": 600, "speech": 400}
 DEFAULT_CLIP_STEPS = {"image": 600, "video": 600}
 
 
@@ -50,16 +56,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save", default=None, help="write DIR/checkpoint and DIR/heldout")
     args = p.parse_args(argv)
     steps = args.steps or DEFAULT_STEPS[args.modality]
-    clip_steps = DEFAULT_CLIP_STEPS[args.modality] if args.clip_steps is None else args.clip_steps
-    run = run_vqa_benchmark if args.modality == "image" else run_video_benchmark
+    if args.modality == "speech" and args.clip_steps is not None:
+        p.error("--clip-steps applies to image and video (the speech encoder starts from random weights)")
+    clip_steps = DEFAULT_CLIP_STEPS.get(args.modality) if args.clip_steps is None else args.clip_steps
     with tempfile.TemporaryDirectory() as tmp:
         work_dir = Path(args.work_dir or tmp)
-        metrics, model, _, test = run(steps, args.seed, work_dir, clip_steps=clip_steps, progress=not args.json)
+        progress = not args.json
+        if args.modality == "speech":
+            metrics, model, _, test = run_asr_benchmark(steps, args.seed, work_dir, progress=progress)
+        else:
+            run = run_vqa_benchmark if args.modality == "image" else run_video_benchmark
+            metrics, model, _, test = run(steps, args.seed, work_dir, clip_steps=clip_steps, progress=progress)
         if args.save:
             save = Path(args.save)
-            metrics["checkpoint"] = str(save_checkpoint(model, save / "checkpoint", work_dir / "tokenizer.model"))
-            metrics["heldout"] = str((save_vqa_set if args.modality == "image" else save_video_qa_set)(
-                test, save / "heldout"))
+            saver = save_speech_checkpoint if args.modality == "speech" else save_checkpoint
+            metrics["checkpoint"] = str(saver(model, save / "checkpoint", work_dir / "tokenizer.model"))
+            save_set = {"image": save_vqa_set, "video": save_video_qa_set, "speech": save_asr_set}[args.modality]
+            metrics["heldout"] = str(save_set(test, save / "heldout"))
     metrics["modality"] = args.modality
     metrics["torch_threads"] = torch.get_num_threads()
     print(json.dumps(metrics, indent=None if args.json else 2))

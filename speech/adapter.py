@@ -30,6 +30,7 @@ Splice rules (the SALMONN / LLaMA-Omni bugs of notes sec. 4 are the reason for e
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -424,16 +425,16 @@ def build_speech_llama(cfg: SpeechLlamaConfig | str, lm: Llama | None = None) ->
 
 
 @torch.inference_mode()
-def speech_generate(
+def speech_decode(
     model: SpeechLlama,
     tokens: Tensor,
     waves: Tensor | None,
     lengths: Tensor | None,
     max_new_tokens: int,
-    stop_ids=(),
     token_lengths: Tensor | None = None,
-) -> list[list[int]]:
-    """Greedy decoding with the LM's KV cache; per row the generated ids, cut before its first stop id.
+) -> Iterator[Tensor]:
+    """Greedy decoding with the LM's KV cache: yields the next token of every row, (B,), up to
+    ``max_new_tokens`` times; the caller stops early (at stop ids) by leaving the loop.
 
     tokens (B, T) prompts (placeholders as in `SpeechLlama.prepare_inputs`), waves (N, samples) and
     lengths (N,) the clips. Rows of different spliced lengths are left-padded so every row's next token
@@ -447,24 +448,38 @@ def speech_generate(
     B, S, _ = inputs.embeds.shape
     cache = model.lm.new_cache(B, S + max_new_tokens)
     h = model.hidden(inputs.embeds, inputs.positions, inputs.attention_mask(), cache)
-    logits = model.lm.output(h[:, -1]).float()
-    stops = set(stop_ids)
-    rows: list[list[int]] = [[] for _ in range(B)]
-    done = [False] * B
     key_valid = torch.cat([inputs.valid, inputs.valid.new_ones(B, max_new_tokens)], 1)
     for step in range(max_new_tokens):
-        nxt = logits.argmax(-1)
+        nxt = model.lm.output(h[:, -1]).float().argmax(-1)
+        yield nxt
+        if step == max_new_tokens - 1:
+            return
+        pos = S + step
+        h = model.hidden(model.lm.tok_embeddings(nxt[:, None]), (inputs.lengths + step)[:, None],
+                         key_valid[:, None, None, : pos + 1], cache, pos)
+
+
+def speech_generate(
+    model: SpeechLlama,
+    tokens: Tensor,
+    waves: Tensor | None,
+    lengths: Tensor | None,
+    max_new_tokens: int,
+    stop_ids=(),
+    token_lengths: Tensor | None = None,
+) -> list[list[int]]:
+    """`speech_decode` collected: per row the generated ids, cut before its first stop id."""
+    stops = set(stop_ids)
+    rows: list[list[int]] = [[] for _ in range(tokens.shape[0])]
+    done = [False] * len(rows)
+    for nxt in speech_decode(model, tokens, waves, lengths, max_new_tokens, token_lengths):
         for b, t in enumerate(nxt.tolist()):
             if not done[b]:
                 done[b] = t in stops
                 if not done[b]:
                     rows[b].append(t)
-        if all(done) or step == max_new_tokens - 1:
+        if all(done):
             break
-        pos = S + step
-        h = model.hidden(model.lm.tok_embeddings(nxt[:, None]), (inputs.lengths + step)[:, None],
-                         key_valid[:, None, None, : pos + 1], cache, pos)
-        logits = model.lm.output(h[:, -1]).float()
     return rows
 
 

@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from adapters.vqa import build_tiny_tokenizer
+from scripts import demo_asr
+from speech.asr import asr_corpus_text, save_speech_checkpoint, tiny_asr_config
+from speech.adapter import build_speech_llama
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """An untrained tiny speech model's checkpoint and a 2.5 s stereo 44.1 kHz tone."""
+    root = tmp_path_factory.mktemp("demo_asr")
+    tok = build_tiny_tokenizer(root, texts=asr_corpus_text())
+    torch.manual_seed(0)
+    ckpt = save_speech_checkpoint(build_speech_llama(tiny_asr_config(tok)), root / "ckpt", root / "tokenizer.model")
+    t = np.arange(int(2.5 * 44_100)) / 44_100
+    tone = 0.3 * np.sin(2 * np.pi * 440 * t)
+    wav = root / "tone.wav"
+    sf.write(wav, np.stack([tone, tone], 1), 44_100)
+    return {"ckpt": ckpt, "wav": wav, "root": root}
+
+
+def run(assets, *extra, audio=None, ckpt=None):
+    return demo_asr.main(["--audio", str(audio or assets["wav"]), "--checkpoint", str(ckpt or assets["ckpt"]),
+                          "--max-new-tokens", "3", *extra])
+
+
+@pytest.mark.parametrize("task", ["asr", "ast"])
+def test_streams_a_transcript_and_describes_the_audio(assets, capsys, task):
+    assert run(assets, "--task", task) == 0
+    out, err = capsys.readouterr()
+    assert "tone.wav: 2.50 s, read at 44100 Hz x 2 channel(s)" in err and "pieces" not in err
+    assert out.endswith("\n") and out.strip()
+
+
+def test_long_audio_is_decoded_in_pieces(assets, capsys):
+    assert run(assets, "--chunk-seconds", "1") == 0
+    out, err = capsys.readouterr()
+    assert "3 pieces" in err
+    assert len(out.split()) >= 3  # one transcript per piece, joined by spaces
+
+
+def test_same_text_as_the_batch_decoder(assets, capsys):
+    """The streamed greedy transcript equals speech_generate's on the same clip."""
+    from adapters.tokenizer import Tokenizer
+    from speech.adapter import asr_prompt, encode_speech_dialog, speech_generate
+    from speech.asr import load_speech_checkpoint
+    from speech.audio import load_audio
+
+    assert run(assets) == 0
+    out = capsys.readouterr().out
+    model = load_speech_checkpoint(assets["ckpt"])
+    tok = Tokenizer(assets["ckpt"] / "tokenizer.model")
+    x = torch.from_numpy(load_audio(assets["wav"]).samples)[None]
+    ids = speech_generate(model, torch.tensor([encode_speech_dialog(tok, asr_prompt())]), x,
+                          torch.tensor([x.shape[1]]), 3, stop_ids=tok.stop_ids)[0]
+    assert out == tok.decode(ids) + "\n"
+
+
+def test_corrupt_audio_is_a_named_error(assets, capsys):
+    bad = assets["root"] / "broken.flac"
+    bad.write_bytes(np.random.default_rng(0).bytes(2048))
+    assert run(assets, audio=bad) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "broken.flac" in err
+
+
+def test_missing_checkpoint_is_a_named_error(assets, capsys):
+    missing = assets["root"] / "nowhere"
+    assert run(assets, ckpt=missing) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_bad_chunk_length_is_refused(assets):
+    with pytest.raises(SystemExit):
+        run(assets, "--chunk-seconds", "0")

@@ -1,0 +1,93 @@
+"""The spoken-digit ASR recipe's parts: synthesis, the LM's copy dialogs, the checkpoint round trip."""
+
+import json
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from adapters.checkpoint import CheckpointError
+from adapters.task import IGNORE_INDEX
+from adapters.tokenizer import Tokenizer
+from adapters.vqa import build_tiny_tokenizer
+from speech import asr
+from speech.adapter import build_speech_llama
+
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> Tokenizer:
+    return build_tiny_tokenizer(tmp_path_factory.mktemp("asr_tok"), texts=asr.asr_corpus_text())
+
+
+@needs_espeak
+def test_synthesized_digits_are_speech_of_the_text(tmp_path):
+    utts = asr.synthesize_digits(4, seed=3, out_dir=tmp_path, workers=2)
+    again = asr.synthesize_digits(4, seed=3, workers=2)
+    assert [u.text for u in utts] == [u.text for u in again]  # a seed fixes texts, voices, speed, pitch
+    for u in utts:
+        words = u.text.split()
+        assert 3 <= len(words) <= 5 and set(words) <= set(asr.DIGITS)
+        assert u.voice in asr.VOICES and asr.SPEED_WPM[0] <= u.speed <= asr.SPEED_WPM[1]
+        assert u.samples.dtype == np.float32 and 0.8 < u.duration_s < 6
+        assert np.abs(u.samples).max() > 0.05  # not silence
+    assert len(list(tmp_path.glob("*.wav"))) == 4
+    assert [u.text for u in asr.synthesize_digits(4, seed=4, workers=2)] != [u.text for u in utts]
+
+
+def test_missing_espeak_is_a_named_error(monkeypatch):
+    monkeypatch.setattr(asr.shutil, "which", lambda name: None)
+    with pytest.raises(asr.EspeakError, match="apt-get install espeak-ng"):
+        asr.synthesize_digits(1, seed=0)
+
+
+def test_copy_dialog_labels_only_the_answer(tok):
+    rng = random.Random(0)
+    pool = asr.noise_pool(tok)
+    digit_ids = {i for w in asr.DIGITS for i in (*tok.encode(w), *tok.encode(" " + w))}
+    assert pool and not digit_ids & set(pool)
+    for _ in range(20):
+        digits = asr.random_digit_string(rng)
+        tokens, labels = asr.copy_dialog(tok, digits, rng, max_noise=3, pool=pool, max_repeat=4)
+        target = [t for t, y in zip(tokens, labels) if y != IGNORE_INDEX]
+        assert target == [*tok.encode(digits), tok.eot_id]
+        assert [y for y in labels if y != IGNORE_INDEX] == target
+        # The user turn holds the digits (each repeated, with noise between) and nothing else from DIGITS.
+        prompt = tokens[: len(tokens) - len(target)]
+        heard = tok.decode([t for t in prompt if t in digit_ids]).split()
+        collapse = lambda ws: [w for i, w in enumerate(ws) if i == 0 or w != ws[i - 1]]  # noqa: E731
+        assert len(heard) >= len(digits.split()) and collapse(heard) == collapse(digits.split())
+
+
+def test_checkpoint_round_trip_and_strict_errors(tok, tmp_path):
+    torch.manual_seed(0)
+    model = build_speech_llama(asr.tiny_asr_config(tok)).eval()
+    ckpt = asr.save_speech_checkpoint(model, tmp_path / "ckpt", tok.path)
+    loaded = asr.load_speech_checkpoint(ckpt)
+    assert loaded.cfg == model.cfg and (ckpt / "tokenizer.model").exists()
+    assert not any(p.requires_grad for p in loaded.lm.parameters())
+    waves = torch.randn(2, 8000) * 0.1
+    utts = [asr.SpokenDigits("one two three", w.numpy(), "en-us", 175, 50) for w in waves]
+    assert asr.transcribe(loaded, tok, utts, max_new_tokens=4) == asr.transcribe(model, tok, utts, max_new_tokens=4)
+
+    meta = json.loads((ckpt / "config.json").read_text())
+    bad = dict(meta, format="llama3-speech/0")
+    (ckpt / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(CheckpointError, match="format"):
+        asr.load_speech_checkpoint(ckpt)
+    bad = json.loads(json.dumps(meta))
+    bad["config"]["encoder"]["n_heads_typo"] = 4
+    (ckpt / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(CheckpointError, match=r"config.json: encoder: unknown keys \['n_heads_typo'\]"):
+        asr.load_speech_checkpoint(ckpt)
+
+
+def test_no_audio_baseline_ignores_the_clip(tok):
+    torch.manual_seed(0)
+    model = build_speech_llama(asr.tiny_asr_config(tok)).eval()
+    a = [asr.SpokenDigits("one", (torch.randn(6000) * 0.1).numpy(), "en-us", 175, 50)]
+    b = [asr.SpokenDigits("one", np.zeros(9000, np.float32), "en-us", 175, 50)]
+    assert asr.transcribe(model, tok, a, use_audio=False) == asr.transcribe(model, tok, b, use_audio=False)
