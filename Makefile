@@ -31,6 +31,10 @@ demo: $(STAMP) system-deps
 	$(PY) -m scripts.demo_video --checkpoint runs/demo/video/checkpoint \
 		--video runs/demo/video/heldout/videos/00000.mp4 --question "Which way does the ball move?"
 	head -n 1 runs/demo/video/heldout/records.jsonl
+	$(PY) -m scripts.bench_learning speech --save runs/demo/speech
+	$(PY) -m scripts.demo_asr --checkpoint runs/demo/speech/checkpoint \
+		--audio runs/demo/speech/heldout/audio/00000.wav
+	head -n 1 runs/demo/speech/heldout/records.jsonl
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q
