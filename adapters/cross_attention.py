@@ -57,7 +57,10 @@ class CrossAttention(nn.Module):
         """Projected vision tokens (B, N, D) -> k, v (B, kv_heads, N, head_dim), computed once per image.
 
         Kept at the KV-head count (not expanded to all heads): 4x less cache memory at 8/32 heads.
+        ``vision`` may be wider than the layer's dtype (the model keeps it FP32): the cast happens here,
+        per consumer, so autograd sums the gradients of all cross-attention layers in that wider dtype.
         """
+        vision = vision.to(self.wk.weight.dtype)
         B, N, _ = vision.shape
         k = self.k_norm(self.wk(vision).view(B, N, self.n_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.wv(vision).view(B, N, self.n_kv_heads, self.head_dim).transpose(1, 2)

@@ -211,14 +211,18 @@ class MultimodalLlama(nn.Module):
 
     def video_context(self, tokens: Tensor, videos: VideoBatch) -> VisionContext:
         vis, chunk_mask = self.encode_videos(videos)
-        vis = vis.to(self.lm.tok_embeddings.weight.dtype)
+        vis = vis.float()  # FP32 gradient accumulation over the video blocks (see `vision_context`)
         kv = [blk.attention.vision_kv(vis) for blk in self.video.cross_attention_layers]
         tokens_per_chunk = vis.shape[1] // (chunk_mask.shape[1] * chunk_mask.shape[2])
         text_video = text_image_mask(tokens, self.cfg.video_token_id, videos.video_mask, media="video")
         return VisionContext(kv, text_video, chunk_mask, tokens_per_chunk)
 
     def vision_context(self, tokens: Tensor, images: ImageBatch) -> VisionContext:
-        vis = self.encode_images(images).to(self.lm.tok_embeddings.weight.dtype)
+        # Every cross-attention layer reads these tokens. Kept FP32 and cast per consumer (in
+        # ``vision_kv``), autograd sums the layers' gradients in FP32: bf16 accumulation over all layers
+        # diverged in Llama 3 training (paper, "Model scaling"). Forward values are unchanged (the cast of
+        # the upcast bf16 tokens is exact).
+        vis = self.encode_images(images).float()
         kv = [blk.attention.vision_kv(vis) for blk in self.cross_attention_layers]
         tokens_per_tile = vis.shape[1] // (images.tile_mask.shape[1] * images.tile_mask.shape[2])
         text_image = text_image_mask(tokens, self.cfg.image_token_id, images.image_mask)
