@@ -33,9 +33,8 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-import yaml
 
-from data_curation.curation_config import ConfigError, _build, config_to_dict
+from data_curation.curation_config import ConfigError, _build, config_to_dict, read_yaml_mapping
 from data_curation.readers import CurationInputError, read_folder, read_manifest
 from data_curation.records import Sample
 from data_curation.shard_jobs import (BuildResult, StageSetupError, _atomic_write, _summary, report_head,
@@ -74,13 +73,7 @@ def load_audio_config(path: str | Path | None, overrides: dict | None = None) ->
     """Read ``audio_curation.yaml`` (None: all defaults); ``overrides`` is merged over the top level.
     Unknown keys, at any level, are a ``ConfigError`` naming them; ``vad: null`` disables the VAD."""
     where = "config" if path is None else str(path)
-    try:
-        data = (yaml.safe_load(Path(path).read_text(encoding="utf-8")) if path is not None else None) or {}
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{where}: cannot read it as YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    data = {**data, **(overrides or {})}
+    data = {**(read_yaml_mapping(path) if path is not None else {}), **(overrides or {})}
     if "vad" in data:
         data["vad"] = _build(VadConfig, data["vad"], f"{where}.vad")
     return _build(AudioCurationConfig, data, where)

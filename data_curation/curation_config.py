@@ -129,24 +129,27 @@ def _build(cls, data: Any, where: str):
         raise ConfigError(f"{where}: {e}") from None
 
 
+def read_yaml_mapping(path: str | Path, error: type[Exception] = ConfigError) -> dict:
+    """A YAML file whose top level is a mapping (empty file: {}); problems raise ``error`` naming the file."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise error(f"{path}: not found") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
 _SECTIONS = {f.name: f.default_factory for f in fields(CurationConfig)
              if callable(getattr(f, "default_factory", None)) and is_dataclass(f.default_factory)}
 
 
 def load_config(path: str | Path | None, overrides: dict | None = None) -> CurationConfig:
     """Read ``curation.yaml`` (None: all defaults); ``overrides`` is merged over the top level."""
-    data: dict = {}
-    where = "config"
-    if path is not None:
-        where = str(path)
-        try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: not found") from None
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    data = {**data, **(overrides or {})}
-    return _build(CurationConfig, data, where)
+    data = read_yaml_mapping(path, ConfigError) if path is not None else {}
+    return _build(CurationConfig, {**data, **(overrides or {})}, str(path) if path is not None else "config")
 
 
 def config_to_dict(cfg: Any) -> Any:

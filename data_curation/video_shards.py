@@ -26,12 +26,11 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import yaml
 
-from data_curation.curation_config import ConfigError, LanguageConfig, _build, config_to_dict
+from data_curation.curation_config import (ConfigError, LanguageConfig, _build, config_to_dict,
+                                           read_yaml_mapping)
 from data_curation.readers import (CurationInputError, read_folder, _is_pattern, _read_shard, _short_hash,
                                    _wds_group, WDS_IMAGE_EXTS, expand_shards,
                                    read_manifest, sanitize_key)
@@ -113,19 +112,8 @@ _SECTIONS = {f.name: f.default_factory for f in fields(VideoCurationConfig) if i
 def load_video_config(path: str | Path | None, overrides: dict | None = None) -> VideoCurationConfig:
     """Read ``video_curation.yaml`` (None: all defaults); ``overrides`` is merged over the top level.
     Unknown keys, at any level, are a ``ConfigError`` naming them; a stage set to null is disabled."""
-    data: Any = {}
-    where = "config"
-    if path is not None:
-        where = str(path)
-        try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: not found") from None
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    data = {**data, **(overrides or {})}
+    where = str(path) if path is not None else "config"
+    data = {**(read_yaml_mapping(path) if path is not None else {}), **(overrides or {})}
     known = {f.name for f in fields(VideoCurationConfig)}
     unknown = set(data) - known
     if unknown:

@@ -1,0 +1,166 @@
+"""training.data and training.config: shard order, per-rank split, exact resume, packing, named errors."""
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from adapters.task import IGNORE_INDEX
+from adapters.vqa import build_tiny_tokenizer
+from training.config import TrainConfigError, load_deepspeed_config, load_run_config, resolve_deepspeed
+from training.data import (BadSampleError, ImageCaptionCodec, ShardError, ShardStream, TrainBatches, encode_text,
+                           expand_shards)
+from vision.tiling import TilingConfig
+
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+LONG = " on a plain background with nothing else in the picture"
+
+
+def caption_texts() -> list[str]:
+    return [f"a {c} square{LONG}" for c in COLORS] + ["Describe the image."]
+
+
+def jpeg(color, size=(56, 40)) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size[1], size[0], 3), color, np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def make_image_shards(root: Path, n_shards: int = 3, per_shard: int = 5) -> str:
+    """Tiny image-caption shards (key.jpg, key.txt, key.json) of solid colours; every other caption long."""
+    root.mkdir(parents=True, exist_ok=True)
+    for s in range(n_shards):
+        with wds.TarWriter(str(root / f"shard_{s:05d}.tar")) as w:
+            for i in range(per_shard):
+                name = list(COLORS)[(s * per_shard + i) % len(COLORS)]
+                cap = f"a {name} square" + (LONG if i % 2 else "")
+                w.write({"__key__": f"s{s}_{i:03d}", "jpg": jpeg(COLORS[name], (56, 32 + 8 * (i % 3))),
+                         "txt": cap, "json": {"caption": cap}})
+    return f"{root}/shard_{{00000..{n_shards - 1:05d}}}.tar"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    return make_image_shards(root), build_tiny_tokenizer(root, texts=caption_texts())
+
+
+def batches(pattern, tok, rank=0, world=1, seed=0, buffer=4, max_tokens=120, max_rows=4, on_error="raise"):
+    stream = ShardStream(expand_shards(pattern), rank, world, seed, buffer)
+    codec = ImageCaptionCodec(tok, TilingConfig(tile_size=56, max_tiles=2))
+    return TrainBatches(stream, codec, tok.pad_id, max_seq_len=40, max_tokens=max_tokens, max_rows=max_rows,
+                        on_error=on_error)
+
+
+def keys(it, n):
+    return [next(it).keys for _ in range(n)]
+
+
+def test_shuffle_is_seeded_per_epoch_and_ranks_split_the_shards(shards):
+    pattern, _ = shards
+    stream = ShardStream(expand_shards(pattern), seed=0, shuffle_buffer=4)
+    first = [s.key for s in stream.epoch(0)]
+    assert first == [s.key for s in ShardStream(expand_shards(pattern), seed=0, shuffle_buffer=4).epoch(0)]
+    assert sorted(first) == sorted(s.key for s in stream.epoch(1)) and first != [s.key for s in stream.epoch(1)]
+    assert first != [s.key for s in ShardStream(expand_shards(pattern), seed=1, shuffle_buffer=4).epoch(0)]
+    assert len(first) == 15 and len(set(first)) == 15
+    per_rank = [[s.key for s in ShardStream(expand_shards(pattern), r, 2, seed=0).epoch(0)] for r in (0, 1)]
+    assert not set(per_rank[0]) & set(per_rank[1]) and sorted(per_rank[0] + per_rank[1]) == sorted(first)
+
+
+def test_resume_gives_the_same_next_batches(shards):
+    pattern, tok = shards
+    ref = batches(pattern, tok)
+    taken = [next(ref) for _ in range(9)]  # ~2 epochs: the resume point and the rest cross an epoch boundary
+    it = batches(pattern, tok)
+    for _ in range(4):
+        next(it)
+    state = json.loads(json.dumps(it.state_dict()))  # what a checkpoint stores
+    resumed = batches(pattern, tok)
+    resumed.load_state_dict(state)
+    for want in taken[4:]:
+        got = next(resumed)
+        assert got.keys == want.keys
+        assert (got.tokens == want.tokens).all() and (got.labels == want.labels).all()
+        assert (got.media["images"].tiles == want.media["images"].tiles).all()
+    assert resumed.samples_delivered == sum(len(b.keys) for b in taken)
+
+
+def test_packing_fills_the_token_budget_with_whole_samples(shards):
+    pattern, tok = shards
+    it = batches(pattern, tok, max_tokens=90, max_rows=6)
+    seen = []
+    for _ in range(20):
+        mb = next(it)
+        B, T = mb.tokens.shape
+        assert B <= 6 and B * T <= 90 and len(mb.keys) == B
+        assert mb.media["images"].tiles.shape[:2] == (B, 1)
+        seen += mb.keys
+        if it.state_dict()["epoch"] >= 1:
+            break
+    epoch0 = seen[: 15]
+    assert sorted(epoch0) == sorted(set(epoch0)) and len(set(epoch0)) == 15  # every sample once per epoch
+    short = batches(pattern, tok, max_tokens=90, max_rows=6)
+    sizes = {len(mb.keys) for mb in (next(short) for _ in range(6))}
+    assert max(sizes) > 1  # short captions share a micro-batch
+    # Caption format: <bos><|image|> caption <eos>, labels on the caption and eos only.
+    toks, labels = encode_text(tok, tok.n_words, "a red square", "caption", "")
+    assert toks[:2] == [tok.bos_id, tok.n_words] and labels[:2] == [IGNORE_INDEX] * 2
+    assert labels[2:] == toks[2:] and toks[-1] == tok.eos_id
+
+
+def test_bad_samples_raise_or_are_counted_by_shard_and_key(tmp_path, shards):
+    _, tok = shards
+    bad = tmp_path / "bad_00000.tar"
+    with wds.TarWriter(str(bad)) as w:
+        w.write({"__key__": "good", "jpg": jpeg(COLORS["red"]), "txt": "a red square"})
+        w.write({"__key__": "broken", "jpg": b"not a jpeg at all", "txt": "a blue square"})
+        w.write({"__key__": "nocap", "jpg": jpeg(COLORS["blue"])})
+    with pytest.raises(BadSampleError, match=r"bad_00000.tar: sample (broken|nocap)"):
+        strict = batches(str(bad), tok, buffer=1, max_rows=1)
+        for _ in range(3):
+            next(strict)
+    it = batches(str(bad), tok, buffer=1, max_rows=1, on_error="count")
+    assert next(it).keys == [f"{bad}:good"]
+    next(it)  # the next epoch's good sample: the two bad ones were counted on the way
+    assert it.bad == {str(bad): ["broken", "nocap"]} and it.n_bad == 2
+
+
+def test_missing_or_truncated_shards_are_named(tmp_path, shards):
+    pattern, tok = shards
+    with pytest.raises(ShardError, match=r"shard_00003.tar not found \(5 of 8 missing\)"):
+        expand_shards(pattern.replace("00002}", "00007}"))
+    trunc = tmp_path / "trunc.tar"
+    data = Path(pattern.split("{")[0] + "00000.tar").read_bytes()
+    trunc.write_bytes(data[: len(data) // 2 + 100])
+    with pytest.raises(ShardError, match="trunc.tar"):
+        list(ShardStream([trunc]).epoch(0))
+    cut = tmp_path / "cut.tar"  # cut exactly between members: tarfile alone would stop silently
+    cut.write_bytes(data[:6656])
+    with pytest.raises(ShardError, match="cut.tar: truncated tar"):
+        list(ShardStream([cut]).epoch(0))
+    with pytest.raises(ShardError, match="3 shard\\(s\\) for 4 ranks"):
+        ShardStream(expand_shards(pattern), 0, 4)
+
+
+def test_config_is_strict_and_names_the_file_and_key(tmp_path):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("kind: image\ntrain:\n  steps: 3\n  stpes: 4\n")
+    with pytest.raises(TrainConfigError, match=r"run.yaml: unknown key train.stpes"):
+        load_run_config(cfg_file)
+    cfg = load_run_config(None, ["train.steps=7", "optim.lr=3e-4"])
+    assert cfg.train.steps == 7 and cfg.optim.lr == 3e-4
+    with pytest.raises(TrainConfigError, match="optim.lr must be float"):
+        load_run_config(None, ["optim.lr=fast"])
+    for name in ("image_stage1", "image_stage2", "video", "speech"):
+        load_run_config(Path("configs/train") / f"{name}.yaml")  # the shipped examples stay valid
+    ds = load_deepspeed_config("configs/deepspeed/zero1_bf16_fp32accum.json")
+    assert resolve_deepspeed(ds, 4, "x")["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds[
+        "gradient_accumulation_steps"] * 4
+    with pytest.raises(TrainConfigError, match="needs zero_optimization.stage 1"):
+        resolve_deepspeed({**ds, "zero_optimization": {"stage": 2}}, 1, "zero2_fp32accum.json")
+    resolve_deepspeed(load_deepspeed_config("configs/deepspeed/zero2.json"), 2, "zero2.json")

@@ -1,0 +1,252 @@
+"""The run config of the training scripts: nested dataclasses <- YAML <- ``--set a.b=value`` overrides.
+
+Merged once at the entry point (CONVENTIONS 7) and written, resolved, into the run directory as
+``config.yaml`` beside the DeepSpeed JSON actually used (``deepspeed.json``). Unknown keys anywhere raise
+`TrainConfigError` naming the file and the dotted key, so a typo never silently keeps a default.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from data_curation.curation_config import read_yaml_mapping
+
+KINDS = ("image", "video", "speech")
+PARALLEL = ("data", "pipeline")
+
+
+class TrainConfigError(ValueError):
+    """A run or DeepSpeed config that cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model trains and where its weights start.
+
+    preset: a `multimodal_config` / `speech_llama_config` preset ("tiny", "11B", ...); its vocab is resized
+        to the tokenizer's ``n_words`` when ``lm`` is None (tiny runs with a random frozen LM).
+    lm: a Llama 3 checkpoint directory (Meta or HF layout) for the frozen LM; None = random (tests only).
+    init_from: a checkpoint directory of ours (`adapters.model_io`) to start from: stage 2 anneals from
+        the stage-1 export, the video stage starts from an image export.
+    tile_size / max_tiles: per-tile resolution; stage 2 raises ``tile_size`` (position tables are
+        interpolated when ``init_from`` was trained at another size, see `training.trainer`).
+    """
+
+    preset: str = "tiny"
+    tokenizer: str = ""  # tokenizer.model (tiktoken); copied into every export
+    lm: str | None = None
+    init_from: str | None = None
+    encoder_from: str | None = None  # speech: a BEST-RQ output dir (scripts.pretrain_speech_encoder)
+    tile_size: int | None = None  # None: the preset's (or init_from's)
+    max_tiles: int | None = None
+    train_vision: bool = True
+    num_frames: int = 16  # video: frames sampled per clip ("pre-training uses 16 frames", sec. 7.3)
+    seed: int = 0  # initialisation of the new layers (and of a random LM)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Webdataset shards and how samples become micro-batches (see `training.data`).
+
+    shards: a path, glob or brace pattern (``out/shards/shard_{00000..00003}.tar``).
+    format: "caption" = ``<bos><|image|>caption<eos>`` (pre-training: loss on the caption and eos);
+        "chat" = the Llama 3 chat format with ``prompt`` as the user turn and the text as the answer
+        (speech always uses its chat format, ``prompt`` as the system turn, default ASR).
+    max_tokens: token budget of one micro-batch (rows x longest row); short texts give more rows.
+    max_rows: most samples (rows) per micro-batch.
+    """
+
+    shards: str = ""
+    format: str = "caption"
+    prompt: str = ""  # chat: the user turn ("" = "Describe the image/video."); speech: the system prompt
+    max_seq_len: int = 256  # longer texts are an error naming the sample, never truncated silently
+    max_tokens: int = 2048
+    max_rows: int = 8
+    shuffle_buffer: int = 64
+    seed: int = 0
+    on_error: str = "raise"  # "raise" or "count" (bad samples counted per shard and key in the log)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-4
+    encoder_lr_scale: float = 0.1  # the pre-trained image encoder moves slower than the new layers
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at train.steps
+
+
+@dataclass(frozen=True)
+class TrainLoopConfig:
+    steps: int = 1000  # optimizer steps (each = gradient_accumulation_steps micro-batches per rank)
+    run_dir: str = "runs/train"
+    save_every: int = 500
+    log_every: int = 10
+    export: bool = True  # write run_dir/export (config.json + model.safetensors + tokenizer.model) at the end
+    resume: bool = True  # continue from run_dir/checkpoints/latest when it exists
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    kind: str = "image"
+    parallel: str = "data"
+    deepspeed: str = "configs/deepspeed/zero1_bf16_fp32accum.json"
+    pipeline_stages: int = 2
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.kind in KINDS, "kind", f"{self.kind!r} is not one of {KINDS}"),
+            (self.parallel in PARALLEL, "parallel", f"{self.parallel!r} is not one of {PARALLEL}"),
+            (self.data.format in ("caption", "chat"), "data.format",
+             f"{self.data.format!r} is not caption | chat"),
+            (self.data.on_error in ("raise", "count"), "data.on_error",
+             f"{self.data.on_error!r} is not raise | count"),
+            (self.data.max_rows >= 1 and self.data.max_tokens >= self.data.max_seq_len, "data.max_tokens",
+             "max_rows must be >= 1 and max_tokens >= max_seq_len (one full-length sample must fit)"),
+            (self.train.steps >= 1 and self.train.save_every >= 1 and self.train.log_every >= 1, "train",
+             "steps, save_every and log_every must be >= 1"),
+            (0 <= self.optim.min_lr_ratio <= 1 and self.optim.warmup >= 0, "optim",
+             "warmup >= 0, 0 <= min_lr_ratio <= 1"),
+        ]
+        for ok, key, msg in checks:
+            if not ok:
+                raise TrainConfigError(f"{key}: {msg}")
+
+
+def _is_number(v) -> bool:
+    try:
+        float(v)
+        return True
+    except ValueError:
+        return False
+
+
+def _build(cls, data: Any, file: str, prefix: str = ""):
+    """``data`` (a mapping from ``file`` at dotted ``prefix``) -> ``cls``, strictly."""
+    where = f"{file}: {prefix or 'top level'}"
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise TrainConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise TrainConfigError(f"{file}: unknown key {prefix + '.' if prefix else ''}{unknown[0]} "
+                               f"(known in {prefix or 'the top level'}: {sorted(known)})")
+    kwargs = {}
+    for k, v in data.items():
+        if is_dataclass(hints[k]):
+            kwargs[k] = _build(hints[k], v, file, f"{prefix}.{k}" if prefix else k)
+        elif isinstance(v, list):
+            kwargs[k] = tuple(v)
+        elif hints[k] is float and isinstance(v, (int, str)) and not isinstance(v, bool) and _is_number(v):
+            kwargs[k] = float(v)  # YAML 1.1 reads "3e-4" (no dot) as a string
+        elif hints[k] in (int, float, bool, str) and (not isinstance(v, hints[k]) or
+                                                        (hints[k] is int and isinstance(v, bool))):
+            raise TrainConfigError(f"{file}: {prefix + '.' if prefix else ''}{k} must be "
+                                   f"{hints[k].__name__}, got {v!r}")
+        else:
+            kwargs[k] = v
+    try:
+        return cls(**kwargs)
+    except (TrainConfigError, TypeError, ValueError) as e:
+        raise TrainConfigError(f"{file}: {prefix + ': ' if prefix else ''}{e}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.steps=10"`` -> (["train", "steps"], 10); the value is read as YAML (numbers, lists, null)."""
+    if "=" not in text:
+        raise TrainConfigError(f"--set {text!r}: expected KEY=VALUE (e.g. train.steps=10)")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults <- YAML file <- dotted overrides; every unknown key raises `TrainConfigError`."""
+    where = str(path) if path is not None else "run config"
+    data = read_yaml_mapping(path, TrainConfigError) if path is not None else {}
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise TrainConfigError(f"--set {text}: {k} is not a section")
+        node[keys[-1]] = value
+    return _build(RunConfig, data, where)
+
+
+def to_dict(cfg: Any) -> Any:
+    if is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in fields(cfg)}
+    if isinstance(cfg, tuple):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def load_deepspeed_config(path: str | Path) -> dict:
+    try:
+        ds = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TrainConfigError(f"deepspeed: {path}: not found") from None
+    except json.JSONDecodeError as e:
+        raise TrainConfigError(f"deepspeed: {path}: not valid JSON ({e})") from None
+    if not isinstance(ds, dict):
+        raise TrainConfigError(f"deepspeed: {path}: expected a JSON object")
+    if "optimizer" in ds or "scheduler" in ds:
+        # One source of truth: AdamW groups and the warmup + cosine schedule come from the run config.
+        raise TrainConfigError(f"deepspeed: {path}: 'optimizer' / 'scheduler' belong in the run config's optim "
+                               "section (the trainer builds them), remove them here")
+    return ds
+
+
+def resolve_deepspeed(ds: dict, world_size: int, where: str) -> dict:
+    """Fill ``train_batch_size`` (= micro x accumulation x data-parallel world), checking a given one, and
+    refuse the bf16 + fp32-accumulation mix that DeepSpeed supports only with ZeRO stage 1."""
+    ds = json.loads(json.dumps(ds))
+    micro = int(ds.setdefault("train_micro_batch_size_per_gpu", 1))
+    gas = int(ds.setdefault("gradient_accumulation_steps", 1))
+    want = micro * gas * world_size
+    if ds.setdefault("train_batch_size", want) != want:
+        raise TrainConfigError(f"deepspeed: {where}: train_batch_size {ds['train_batch_size']} != micro {micro} "
+                               f"x accumulation {gas} x world {world_size}")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    accum = ds.get("data_types", {}).get("grad_accum_dtype")
+    if ds.get("bf16", {}).get("enabled") and accum == "fp32" and stage != 1:
+        raise TrainConfigError(f"deepspeed: {where}: bf16 with data_types.grad_accum_dtype fp32 needs "
+                               f"zero_optimization.stage 1 (got {stage}); ZeRO-2 takes fp32 or plain bf16")
+    return ds
+
+
+def write_resolved(cfg: RunConfig, ds: dict, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    (run_dir / "deepspeed.json").write_text(json.dumps(ds, indent=2))
+
+
+def with_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply dotted overrides to an already built config (tests and scripts that start from one)."""
+    data = to_dict(cfg)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                raise TrainConfigError(f"--set {text}: unknown section {k}")
+            node = node[k]
+        if keys[-1] not in node:
+            raise TrainConfigError(f"--set {text}: unknown key {'.'.join(keys)}")
+        node[keys[-1]] = value
+    return _build(RunConfig, data, "overrides")

@@ -1,0 +1,396 @@
+"""Training data from webdataset shards: shuffled, split per rank, resumable, packed by token budget.
+
+Order. Each epoch ``e`` shuffles the shard list with ``Random(seed, e)``; rank ``r`` of ``W`` reads shards
+``r::W`` of that order (so at least ``W`` shards are needed), sample by sample through a shuffle buffer of
+``shuffle_buffer`` samples seeded with ``(seed, e, r)``. The stream is endless (epoch after epoch): ranks
+whose shards differ in size simply move to the next epoch at different steps, and no rank runs dry.
+
+Resume. A position is ``(epoch, index)``: the index-th sample this rank's stream yields in that epoch.
+`TrainBatches.state_dict` holds the position of the first sample not yet in a delivered micro-batch (a
+sample held back because it did not fit counts as not delivered); resuming rebuilds that epoch's order
+and skips ``index`` raw samples without decoding them, so the next micro-batch equals the uninterrupted
+run's exactly. The skip re-reads those samples' bytes: cheap next to training on them.
+
+Packing. A micro-batch is filled greedily with whole samples, in stream order, while it holds at most
+``max_rows`` samples and ``rows x longest`` stays within ``max_tokens``: short captions give many rows
+(the paper's "short texts allow micro-batch 8 instead of 1"), long ones few. Each sample keeps its own
+row, so a text token attends (causally) only to its own sample's text and, through cross-attention, only
+to its own image. Packing several samples into one row would need a document mask in the LM's
+self-attention (`adapters.llama.build_attention_mask` has ``doc_ids``; ``MultimodalLlama.forward`` does
+not take them yet), without which the samples sharing a row would read each other's text.
+
+Bad samples (undecodable image or video, missing member, text over ``max_seq_len``) raise `BadSampleError`
+naming the shard and key, or with ``on_error="count"`` are counted per shard with their keys (never
+silently dropped); a missing or unreadable shard always raises `ShardError`.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import random
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import braceexpand
+import numpy as np
+import torch
+
+from adapters.chat import Message, encode_training_example, image_input_id, video_input_id
+from adapters.multimodal import ImageBatch
+from adapters.task import IGNORE_INDEX
+from adapters.tokenizer import Tokenizer
+from data_curation.readers import has_tar_end_marker
+from vision.image_io import ImageLoadError, load_image_bytes
+from vision.tiling import TilingConfig, TilingError, collate_tiled, tile_image
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
+
+
+class ShardError(FileNotFoundError):
+    """A shard that is missing or unreadable; the message names it (and the member where reading stopped)."""
+
+
+class BadSampleError(ValueError):
+    """A sample that cannot become a training example; the message names its shard and key."""
+
+
+def expand_shards(pattern: str) -> list[Path]:
+    """Brace patterns and globs (several separated by spaces) -> shard paths; every one must exist."""
+    paths: list[Path] = []
+    for spec in pattern.split():
+        for name in braceexpand.braceexpand(spec):
+            if any(c in name for c in "*?["):
+                matched = sorted(glob.glob(name))
+                if not matched:
+                    raise ShardError(f"data.shards: no shard matches {name}")
+                paths += map(Path, matched)
+            else:
+                paths.append(Path(name))
+    if not paths:
+        raise ShardError(f"data.shards: no shards given ({pattern!r})")
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise ShardError(f"data.shards: shard {missing[0]} not found ({len(missing)} of {len(paths)} missing)")
+    return paths
+
+
+def read_tar(shard: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) per webdataset sample: consecutive members sharing the key up to the first dot."""
+    key, members, last = None, {}, "(start)"
+    try:
+        with tarfile.open(shard, mode="r|") as tf:
+            for info in tf:
+                if not info.isfile():
+                    continue
+                last = info.name
+                stem, _, ext = info.name.rpartition("/")[2].partition(".")
+                k = f"{info.name.rpartition('/')[0]}/{stem}".lstrip("/")
+                if k != key:
+                    if key is not None:
+                        yield key, members
+                    key, members = k, {}
+                members[ext.lower()] = tf.extractfile(info).read()
+            end = tf.offset
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ShardError(f"{shard}: unreadable or truncated tar after member {last}: {e}") from e
+    if not has_tar_end_marker(shard, end):  # tarfile stops silently at a cut between members
+        raise ShardError(f"{shard}: truncated tar (no end-of-archive marker after member {last})")
+    if key is not None:
+        yield key, members
+
+
+@dataclass
+class RawSample:
+    shard: str
+    key: str
+    members: dict[str, bytes]
+    epoch: int
+    index: int  # position in this rank's stream for the epoch
+
+
+class ShardStream:
+    """Endless, shuffled, rank-split stream of raw samples with an exact (epoch, index) position."""
+
+    def __init__(self, shards: list[Path], rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle_buffer: int = 64):
+        if len(shards) < world_size:
+            raise ShardError(f"data.shards: {len(shards)} shard(s) for {world_size} ranks; each rank needs >= 1")
+        self.shards, self.rank, self.world = list(shards), rank, world_size
+        self.seed, self.buffer = seed, max(1, shuffle_buffer)
+
+    def epoch_shards(self, epoch: int) -> list[Path]:
+        order = list(self.shards)
+        random.Random(f"{self.seed}/{epoch}").shuffle(order)
+        return order[self.rank :: self.world]
+
+    def epoch(self, epoch: int) -> Iterator[RawSample]:
+        rng = np.random.default_rng([self.seed, epoch, self.rank])
+        buf: list[tuple[str, str, dict]] = []
+        index = 0
+
+        def source():
+            for shard in self.epoch_shards(epoch):
+                for key, members in read_tar(shard):
+                    yield str(shard), key, members
+
+        for item in source():
+            if len(buf) < self.buffer:
+                buf.append(item)
+                continue
+            j = int(rng.integers(len(buf)))
+            out, buf[j] = buf[j], item
+            yield RawSample(*out, epoch, index)
+            index += 1
+        while buf:
+            yield RawSample(*buf.pop(int(rng.integers(len(buf)))), epoch, index)
+            index += 1
+
+    def iterate(self, epoch: int = 0, skip: int = 0) -> Iterator[RawSample]:
+        """From sample ``skip`` of ``epoch`` on, forever (an epoch with no samples is an error)."""
+        while True:
+            n = 0
+            for sample in self.epoch(epoch):
+                n += 1
+                if sample.index >= skip:
+                    yield sample
+            if n == 0:
+                raise ShardError(f"data.shards: rank {self.rank}'s shards {self.epoch_shards(epoch)} "
+                                 "hold no samples")
+            epoch, skip = epoch + 1, 0
+
+
+@dataclass
+class Example:
+    tokens: list[int]
+    labels: list[int]
+    media: Any  # a TiledImage, TiledVideo, or waveform, per codec
+    source: RawSample
+
+
+class Codec(Protocol):
+    """Raw shard sample -> `Example`; a list of examples -> the model's keyword arguments."""
+
+    def decode(self, raw: RawSample) -> Example: ...
+
+    def collate(self, examples: list[Example]) -> dict: ...
+
+
+def _text(raw: RawSample) -> str:
+    if "txt" in raw.members:
+        data = raw.members["txt"]
+    else:
+        meta = json.loads(raw.members["json"]) if "json" in raw.members else {}
+        data = meta.get("caption") or meta.get("text")
+        if data is None:
+            raise BadSampleError(f"{raw.shard}: sample {raw.key} has no text (txt, or caption/text in json; "
+                                 f"has {sorted(raw.members)})")
+    try:
+        return (data.decode("utf-8-sig") if isinstance(data, bytes) else str(data)).strip()
+    except UnicodeDecodeError as e:
+        raise BadSampleError(f"{raw.shard}: sample {raw.key}.txt is not UTF-8 ({e})") from e
+
+
+def encode_text(tok: Tokenizer, media_id: int, text: str, fmt: str, prompt: str) -> tuple[list[int], list[int]]:
+    """(tokens, labels) of one media-text sample.
+
+    ``caption``: ``<bos><media>text<eos>``, labels on the text and eos (pre-training on pairs);
+    ``chat``: ``prompt`` as the user turn with the media before it, the text as the assistant answer.
+    """
+    if fmt == "caption":
+        ids = tok.encode(text) + [tok.eos_id]
+        return [tok.bos_id, media_id, *ids], [IGNORE_INDEX, IGNORE_INDEX, *ids]
+    if media_id == image_input_id(tok):
+        user = Message("user", prompt or "Describe the image.", n_images=1)
+    else:
+        user = Message("user", prompt or "Describe the video.", n_videos=1)
+    return encode_training_example(tok, [user, Message("assistant", text)])
+
+
+class ImageCaptionCodec:
+    """key.jpg (png/webp) + key.txt (or json caption) -> tiles through `vision.tiling` + caption ids."""
+
+    def __init__(self, tok: Tokenizer, tiling: TilingConfig, fmt: str = "caption", prompt: str = ""):
+        self.tok, self.tiling, self.fmt, self.prompt = tok, tiling, fmt, prompt
+
+    def decode(self, raw: RawSample) -> Example:
+        ext = next((e for e in IMAGE_EXTS if e in raw.members), None)
+        if ext is None:
+            raise BadSampleError(f"{raw.shard}: sample {raw.key} has no image (has {sorted(raw.members)})")
+        try:
+            image = load_image_bytes(raw.members[ext], name=f"{raw.shard}:{raw.key}.{ext}")
+            tiled = tile_image(image, self.tiling)
+        except (ImageLoadError, TilingError) as e:
+            raise BadSampleError(f"{raw.shard}: sample {raw.key}: {e}") from e
+        tokens, labels = encode_text(self.tok, image_input_id(self.tok), _text(raw), self.fmt, self.prompt)
+        return Example(tokens, labels, tiled, raw)
+
+    def collate(self, examples: list[Example]) -> dict:
+        return {"images": ImageBatch.from_collated(collate_tiled([[e.media] for e in examples])).trimmed()}
+
+
+class VideoCaptionCodec:
+    """key.mp4 + key.txt -> ``num_frames`` uniform frames through `video.reader` + `video.frames` tiling."""
+
+    def __init__(self, tok: Tokenizer, tile_size: int, num_frames: int, fmt: str = "caption", prompt: str = ""):
+        from video.frames import video_tiling
+        from video.reader import VideoReader
+
+        self.tok, self.fmt, self.prompt, self.num_frames = tok, fmt, prompt, num_frames
+        self.tiling, self.reader = video_tiling(tile_size), VideoReader(timeout_s=None)
+
+    def decode(self, raw: RawSample) -> Example:
+        from video.frames import tile_frames
+        from video.reader import VideoReadError
+
+        ext = next((e for e in VIDEO_EXTS if e in raw.members), None)
+        if ext is None:
+            raise BadSampleError(f"{raw.shard}: sample {raw.key} has no video (has {sorted(raw.members)})")
+        try:
+            frames = self.reader.sample(raw.members[ext], self.num_frames, name=f"{raw.shard}:{raw.key}.{ext}")
+            tiled = tile_frames(frames, self.tiling)
+        except (VideoReadError, TilingError) as e:
+            raise BadSampleError(f"{raw.shard}: sample {raw.key}: {e}") from e
+        tokens, labels = encode_text(self.tok, video_input_id(self.tok), _text(raw), self.fmt, self.prompt)
+        return Example(tokens, labels, tiled, raw)
+
+    def collate(self, examples: list[Example]) -> dict:
+        from video.adapter import VideoBatch
+        from video.frames import collate_videos
+
+        return {"videos": VideoBatch.from_collated(collate_videos([[e.media] for e in examples])).trimmed()}
+
+
+class SpeechCodec:
+    """key.flac + key.txt -> 16 kHz mono wave + the ASR chat example (``prompt`` as the system turn; empty:
+    the default English ASR prompt). Collates to `SpeechLlama.forward`'s keyword arguments."""
+
+    def __init__(self, tok: Tokenizer, sample_rate: int, prompt: str = ""):
+        from speech.adapter import asr_prompt
+
+        self.tok, self.sample_rate = tok, sample_rate
+        self.prompt = prompt or asr_prompt("English")
+
+    def decode(self, raw: RawSample) -> Example:
+        from speech.adapter import encode_speech_training_example
+        from speech.audio import AudioReadError, load_audio
+
+        ext = next((e for e in ("flac", "wav", "ogg", "mp3") if e in raw.members), None)
+        if ext is None:
+            raise BadSampleError(f"{raw.shard}: sample {raw.key} has no audio (has {sorted(raw.members)})")
+        try:
+            audio = load_audio(raw.members[ext], self.sample_rate)
+        except AudioReadError as e:
+            raise BadSampleError(f"{raw.shard}: sample {raw.key}: {e}") from e
+        tokens, labels = encode_speech_training_example(self.tok, self.prompt, _text(raw))
+        return Example(tokens, labels, torch.from_numpy(np.asarray(audio.samples, dtype=np.float32)), raw)
+
+    def collate(self, examples: list[Example]) -> dict:
+        lengths = torch.tensor([len(e.media) for e in examples])
+        waves = torch.zeros(len(examples), int(lengths.max()))
+        for i, e in enumerate(examples):
+            waves[i, : len(e.media)] = e.media
+        return {"waves": waves, "wave_lengths": lengths,
+                "token_lengths": torch.tensor([len(e.tokens) for e in examples])}
+
+
+@dataclass
+class MicroBatch:
+    tokens: torch.Tensor  # (B, T) right-padded with pad_id
+    labels: torch.Tensor  # (B, T), IGNORE_INDEX on prompt, media token and padding
+    media: dict  # the model's keyword arguments (images= / videos= / speech inputs)
+    keys: list[str]  # "shard:key" of every row, for logs and bad-batch reports
+
+    @property
+    def n_label_tokens(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+
+class TrainBatches:
+    """Micro-batches for one rank: `ShardStream` -> codec -> token-budget packing; resumable.
+
+    ``state_dict()`` after a micro-batch was taken, loaded into a fresh instance, gives the same
+    following micro-batches (see the module docstring).
+    """
+
+    def __init__(self, stream: ShardStream, codec: Codec, pad_id: int, max_seq_len: int, max_tokens: int,
+                 max_rows: int, on_error: str = "raise"):
+        self.stream, self.codec, self.pad_id = stream, codec, pad_id
+        self.max_seq_len, self.max_tokens, self.max_rows = max_seq_len, max_tokens, max_rows
+        self.on_error = on_error
+        self.position = (0, 0)  # first sample not yet delivered
+        self.bad: dict[str, list[str]] = {}  # shard -> keys of counted bad samples
+        self.samples_delivered = 0
+        self._it: Iterator[RawSample] | None = None
+        self._pending: Example | None = None
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.position[0], "index": self.position[1], "samples_delivered": self.samples_delivered,
+                "bad": {k: list(v) for k, v in self.bad.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = (int(state["epoch"]), int(state["index"]))
+        self.samples_delivered = int(state["samples_delivered"])
+        self.bad = {k: list(v) for k, v in state["bad"].items()}
+        self._it, self._pending = None, None
+
+    @property
+    def n_bad(self) -> int:
+        return sum(map(len, self.bad.values()))
+
+    def _next_example(self) -> Example:
+        if self._it is None:
+            self._it = self.stream.iterate(*self.position)
+        while True:
+            raw = next(self._it)
+            try:
+                ex = self.codec.decode(raw)
+                if len(ex.tokens) > self.max_seq_len:
+                    raise BadSampleError(f"{raw.shard}: sample {raw.key} has {len(ex.tokens)} tokens, more than "
+                                         f"data.max_seq_len={self.max_seq_len}")
+                return ex
+            except BadSampleError as e:
+                if self.on_error == "raise":
+                    raise
+                self.bad.setdefault(raw.shard, []).append(raw.key)
+                log.warning("skipping bad sample (counted): %s", e)
+
+    def __iter__(self) -> "TrainBatches":
+        return self
+
+    def __next__(self) -> MicroBatch:
+        batch: list[Example] = []
+        longest = 0
+        while True:
+            ex = self._pending if self._pending is not None else self._next_example()
+            self._pending = None
+            T = max(longest, len(ex.tokens))
+            if batch and (len(batch) + 1 > self.max_rows or (len(batch) + 1) * T > self.max_tokens):
+                self._pending = ex  # starts the next micro-batch
+                break
+            batch.append(ex)
+            longest = T
+            if len(batch) == self.max_rows:
+                break
+        nxt = self._pending.source if self._pending is not None else None
+        last = batch[-1].source
+        self.position = (nxt.epoch, nxt.index) if nxt is not None else (last.epoch, last.index + 1)
+        self.samples_delivered += len(batch)
+        return self._collate(batch)
+
+    def _collate(self, batch: list[Example]) -> MicroBatch:
+        T = max(len(e.tokens) for e in batch)
+        tokens = torch.full((len(batch), T), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long)
+        for i, e in enumerate(batch):
+            tokens[i, : len(e.tokens)] = torch.tensor(e.tokens)
+            labels[i, : len(e.labels)] = torch.tensor(e.labels)
+        keys = [f"{e.source.shard}:{e.source.key}" for e in batch]
+        return MicroBatch(tokens, labels, self.codec.collate(batch), keys)

@@ -1,0 +1,410 @@
+"""The one place with DeepSpeed and torch.distributed wiring (data-parallel mode, ZeRO-1/2).
+
+``train(cfg)`` builds the model through the package factories, hands DeepSpeed only the trainable
+parameters (the frozen LM is in no optimizer group and, with ``exclude_frozen_parameters``, in no
+checkpoint), and runs ``cfg.train.steps`` optimizer steps of ``gradient_accumulation_steps`` micro-batches
+per rank. bf16 compute with fp32 gradient accumulation is DeepSpeed's ``BF16_Optimizer`` (ZeRO stage 1
++ ``data_types.grad_accum_dtype: fp32``); gradient clipping is the DeepSpeed config's
+``gradient_clipping``, applied once per step on the fp32 gradients.
+
+Checkpoints (``run_dir/checkpoints/step_N``): DeepSpeed's model (trainable tensors only), optimizer and
+scheduler states, plus one ``rank_R.pt`` per rank with its data-iterator position and RNG states, so the
+step after a resume sees the same batch, weights and moments, hence the same loss, as the uninterrupted
+run. The end of a run exports ``run_dir/export``: one inference checkpoint (`adapters.model_io` or
+`speech.asr` format) that ``scripts.demo_vqa --checkpoint`` loads.
+
+Without a launcher (no RANK / WORLD_SIZE in the environment) the process initialises a one-rank gloo
+group itself, so tests and CPU users run the same code directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import socket
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from adapters.task import ImageTextTask, build_param_groups
+from adapters.tokenizer import Tokenizer
+from training.config import RunConfig, load_deepspeed_config, resolve_deepspeed, write_resolved
+from training.data import (ImageCaptionCodec, ShardStream, TrainBatches, VideoCaptionCodec, expand_shards)
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start or go on (bad resume state, non-finite loss); the message says which."""
+
+
+# ---------------------------------------------------------------------------------------------- setup
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size). Under a launcher its env is used; alone, a one-rank group on a free port."""
+    import deepspeed
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(_free_port()))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def warmup_cosine(warmup: int, steps: int, min_ratio: float):
+    """LR multiplier: linear warmup over ``warmup`` steps, then cosine from 1 to ``min_ratio`` at ``steps``."""
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return fn
+
+
+class SpeechTask(nn.Module):
+    """`SpeechLlama` + its loss as the engine's module, returning the same dict as `ImageTextTask`."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: Tensor, labels: Tensor, waves: Tensor, wave_lengths: Tensor,
+                token_lengths: Tensor) -> dict[str, Tensor]:
+        out = self.model(tokens, labels, waves, wave_lengths, token_lengths=token_lengths, return_logits=False)
+        return {"loss": out.loss, "n_tokens": out.n_tokens}
+
+
+def build_model(cfg: RunConfig, tok: Tokenizer) -> nn.Module:
+    """The run's model: from ``model.init_from`` (our checkpoint) or a preset around the frozen LM."""
+    from adapters.checkpoint import load_llama
+    from adapters.llama import build_llama
+
+    m = cfg.model
+    torch.manual_seed(m.seed)
+    if cfg.kind == "speech":
+        from speech.adapter import build_speech_llama, speech_llama_config
+
+        if m.init_from:
+            from speech.asr import load_speech_checkpoint
+
+            return load_speech_checkpoint(m.init_from)
+        scfg = speech_llama_config(m.preset)
+        lm = load_llama(m.lm) if m.lm else None
+        if lm is None:
+            scfg = replace(scfg, lm=replace(scfg.lm, vocab_size=tok.n_words))
+        if m.encoder_from:  # the self-supervised encoder (sec. 8.1) under a fresh adapter
+            from speech.pretrain import load_pretrained_encoder
+
+            encoder = load_pretrained_encoder(m.encoder_from)
+            scfg = replace(scfg, encoder=encoder.cfg)
+        model = build_speech_llama(scfg if lm is None else replace(scfg, lm=lm.cfg), lm)
+        if m.encoder_from:
+            model.encoder.load_state_dict(encoder.state_dict(), strict=True)
+        return model
+
+    from adapters.model_io import load_checkpoint
+    from adapters.multimodal import build_multimodal, multimodal_config
+    from training.resolution import with_tile_size
+
+    if m.init_from:
+        model = load_checkpoint(m.init_from)
+        if m.tile_size is not None:
+            model = with_tile_size(model, m.tile_size)  # stage 2: anneal at a higher per-tile resolution
+    else:
+        mcfg = multimodal_config(m.preset, train_vision=m.train_vision)
+        vision = {k: v for k, v in (("tile_size", m.tile_size), ("max_tiles", m.max_tiles)) if v is not None}
+        mcfg = replace(mcfg, vision=replace(mcfg.vision, **vision))
+        lm = load_llama(m.lm) if m.lm else build_llama(replace(mcfg.lm, vocab_size=tok.n_words))
+        model = build_multimodal(replace(mcfg, lm=lm.cfg), lm)
+    if cfg.kind == "video" and model.video is None:
+        from video.adapter import VideoAdapterConfig
+
+        image = model
+        every = max(1, min(4, image.cfg.n_xattn))  # "before every 4th image cross-attention layer"
+        vcfg = replace(image.cfg, video=VideoAdapterConfig(max_frames=m.num_frames, every=every))
+        model = build_multimodal(vcfg, image.lm)
+        missing, unexpected = model.load_state_dict(image.state_dict(), strict=False)
+        if unexpected or any(not k.startswith("video.") for k in missing):
+            raise TrainError(f"{m.init_from}: image weights do not fit the video model: {missing} {unexpected}")
+    if model.lm.cfg.vocab_size != tok.n_words:
+        raise TrainError(f"model.tokenizer {m.tokenizer} has {tok.n_words} ids, the LM {model.lm.cfg.vocab_size}")
+    return model
+
+
+def build_batches(cfg: RunConfig, tok: Tokenizer, model: nn.Module, rank: int, world: int) -> TrainBatches:
+    d = cfg.data
+    stream = ShardStream(expand_shards(d.shards), rank, world, d.seed, d.shuffle_buffer)
+    if cfg.kind == "image":
+        from vision.tiling import TilingConfig
+
+        v = model.cfg.vision
+        tiling = TilingConfig(tile_size=v.tile_size, max_tiles=v.max_tiles)
+        codec = ImageCaptionCodec(tok, tiling, d.format, d.prompt)
+    elif cfg.kind == "video":
+        codec = VideoCaptionCodec(tok, model.cfg.vision.tile_size, cfg.model.num_frames, d.format, d.prompt)
+    else:
+        from training.data import SpeechCodec
+
+        codec = SpeechCodec(tok, model.cfg.features.sample_rate, d.prompt)
+    return TrainBatches(stream, codec, tok.pad_id, d.max_seq_len, d.max_tokens, d.max_rows, d.on_error)
+
+
+def param_groups(cfg: RunConfig, model: nn.Module) -> list[dict]:
+    o = cfg.optim
+    if cfg.kind == "speech":
+        params = [p for _, p in model.trainable_named_parameters()]
+        if any(p.requires_grad for p in model.lm.parameters()):
+            raise TrainError("the speech model's LM has trainable parameters; it must stay frozen")
+        return [{"params": params, "lr": o.lr, "weight_decay": o.weight_decay}]
+    return build_param_groups(model, o.lr, o.weight_decay, o.encoder_lr_scale)
+
+
+# ---------------------------------------------------------------------------------------------- loop
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    losses: dict[int, float] = field(default_factory=dict)  # optimizer step (1-based) -> mean loss over ranks
+    export_dir: Path | None = None
+    steps_per_s: float | None = None
+    tokens_per_s: float | None = None
+    bad_samples: int = 0
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def _latest_tag(ckpt_dir: Path) -> str | None:
+    latest = ckpt_dir / "latest"
+    return latest.read_text().strip() if latest.is_file() else None
+
+
+def _to_device(x, device):
+    return x.to(device) if hasattr(x, "to") else x
+
+
+def train(cfg: RunConfig, ds_config: dict | None = None) -> TrainResult:
+    """Run (or resume) ``cfg``; every rank returns the same losses (averaged over ranks per step)."""
+    import deepspeed
+
+    if cfg.parallel == "pipeline":
+        return train_pipeline(cfg, ds_config)
+    rank, world = init_distributed()
+    ds = resolve_deepspeed(ds_config if ds_config is not None else load_deepspeed_config(cfg.deepspeed),
+                           world, cfg.deepspeed)
+    run_dir = Path(cfg.train.run_dir)
+    if rank == 0:
+        write_resolved(cfg, ds, run_dir)
+    tok = Tokenizer(cfg.model.tokenizer)
+    model = build_model(cfg, tok)
+    batches = build_batches(cfg, tok, model, rank, world)
+    task = SpeechTask(model) if cfg.kind == "speech" else ImageTextTask(model)
+    opt = torch.optim.AdamW(param_groups(cfg, model), betas=tuple(cfg.optim.betas))
+    schedule = warmup_cosine(cfg.optim.warmup, cfg.train.steps, cfg.optim.min_lr_ratio)
+    engine, opt, _, sched = deepspeed.initialize(
+        model=task, optimizer=opt, config=ds,
+        lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, schedule))
+    model.train()
+
+    ckpt_dir = run_dir / "checkpoints"
+    tag = _latest_tag(ckpt_dir) if cfg.train.resume else None
+    if tag is not None:
+        path, _client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False)
+        if path is None:
+            raise TrainError(f"{ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
+        state_file = ckpt_dir / tag / f"rank_{rank}.pt"
+        if not state_file.is_file():
+            raise TrainError(f"{state_file}: missing (saved with another world size than {world}?)")
+        state = torch.load(state_file, weights_only=False)
+        batches.load_state_dict(state["data"])
+        _set_rng_state(state["rng"])
+    start = engine.global_steps
+    gas = engine.gradient_accumulation_steps()
+    device = engine.device
+
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tensorboard"))
+    from tqdm import tqdm
+
+    result = TrainResult(run_dir)
+    bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc=f"train {cfg.kind}",
+               disable=rank != 0 or not cfg.train.progress, mininterval=1)
+    t0, tokens_done, steps_done = time.perf_counter(), 0, 0
+    for step in bar:
+        stats = torch.zeros(3, dtype=torch.float64)  # loss sum over micro-batches, label tokens, input tokens
+        for _ in range(gas):
+            mb = next(batches)
+            media = {k: _to_device(v, device) for k, v in mb.media.items()}
+            out = engine(mb.tokens.to(device), mb.labels.to(device), **media)
+            engine.backward(out["loss"])
+            engine.step()
+            stats += torch.tensor([out["loss"].item(), mb.n_label_tokens, mb.tokens.numel()], dtype=torch.float64)
+        dist.all_reduce(stats)
+        loss = stats[0].item() / (gas * world)
+        if not math.isfinite(loss):
+            raise TrainError(f"step {step + 1}: non-finite loss {loss} (last batch: {mb.keys[:4]} ...)")
+        result.losses[step + 1] = loss
+        tokens_done += int(stats[2])
+        steps_done += 1
+        dt = time.perf_counter() - t0
+        lr = sched.get_last_lr()[0]
+        result.steps_per_s, result.tokens_per_s = steps_done / dt, tokens_done / dt
+        if rank == 0:
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{result.tokens_per_s:.0f}")
+            with open(run_dir / "losses.jsonl", "a") as f:  # one line per step; a resumed run appends
+                f.write(json.dumps({"step": step + 1, "loss": loss, "lr": lr, "tokens": int(stats[2]),
+                                    "label_tokens": int(stats[1]), "steps_per_s": result.steps_per_s}) + "\n")
+            if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
+                for name, value in (("loss", loss), ("lr", lr), ("tokens_per_s", result.tokens_per_s),
+                                    ("steps_per_s", result.steps_per_s), ("label_tokens", stats[1].item()),
+                                    ("bad_samples", batches.n_bad)):
+                    writer.add_scalar(f"train/{name}", value, step + 1)
+        if (step + 1) % cfg.train.save_every == 0 or step + 1 == cfg.train.steps:
+            save(engine, batches, ckpt_dir, step + 1, rank)
+    result.bad_samples = batches.n_bad
+    if batches.n_bad and rank == 0:
+        (run_dir / f"bad_samples_rank{rank}.json").write_text(json.dumps(batches.bad, indent=1))
+    if writer is not None:
+        writer.close()
+    if cfg.train.export:
+        result.export_dir = export(model, cfg, run_dir / "export", rank)
+    dist.barrier()
+    return result
+
+
+def save(engine, batches: TrainBatches, ckpt_dir: Path, step: int, rank: int) -> None:
+    """DeepSpeed's states (trainable tensors only) + this rank's data position and RNG states."""
+    tag = f"step_{step}"
+    (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
+    torch.save({"data": batches.state_dict(), "rng": _rng_state()}, ckpt_dir / tag / f"rank_{rank}.pt")
+    dist.barrier()  # every rank's state is on disk before DeepSpeed writes "latest"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, exclude_frozen_parameters=True)
+
+
+def export(model: nn.Module, cfg: RunConfig, out: Path, rank: int) -> Path:
+    """Rank 0 writes the inference checkpoint in fp32 (the LM only by reference when ``model.lm`` is set)."""
+    if rank == 0:
+        model = model.float().eval()
+        if cfg.kind == "speech":
+            from speech.asr import save_speech_checkpoint
+
+            save_speech_checkpoint(model, out, tokenizer_path=cfg.model.tokenizer)
+        else:
+            from adapters.model_io import save_checkpoint
+
+            save_checkpoint(model, out, tokenizer_path=cfg.model.tokenizer, lm_path=cfg.model.lm)
+    return out
+
+
+
+def train_pipeline(cfg: RunConfig, ds_config: dict | None = None) -> TrainResult:
+    """Pipeline mode (image model only): `training.pipeline` lays the model out as ``cfg.pipeline_stages``
+    stages; the rest of the world is data parallelism. Micro-batches must all have one shape, so each
+    holds exactly ``train_micro_batch_size_per_gpu`` samples padded to ``data.max_seq_len`` tokens and
+    ``max_tiles`` tiles (packing by token budget does not apply). Checkpoints, resume, logs and export as
+    in `train`; only the first and last stages read data."""
+    import deepspeed
+
+    from training.pipeline import (build_pipeline_module, pipeline_batch, pipeline_param_groups,
+                                   pipeline_state_dict)
+
+    if cfg.kind != "image":
+        raise TrainError(f"parallel: pipeline lays out the image model only, not kind {cfg.kind!r}")
+    rank, world = init_distributed()
+    S = cfg.pipeline_stages
+    if world % S:
+        raise TrainError(f"pipeline_stages: world size {world} is not a multiple of {S} stages")
+    ds = resolve_deepspeed(ds_config if ds_config is not None else load_deepspeed_config(cfg.deepspeed),
+                           world // S, cfg.deepspeed)
+    run_dir = Path(cfg.train.run_dir)
+    if rank == 0:
+        write_resolved(cfg, ds, run_dir)
+    tok = Tokenizer(cfg.model.tokenizer)
+    model = build_model(cfg, tok)
+    module = build_pipeline_module(model, S, ds.get("pipeline", {}).get("activation_checkpoint_interval", 0))
+    o = cfg.optim
+    opt = torch.optim.AdamW(pipeline_param_groups(module, model, o.lr, o.weight_decay, o.encoder_lr_scale),
+                            betas=tuple(o.betas))
+    schedule = warmup_cosine(o.warmup, cfg.train.steps, o.min_lr_ratio)
+    engine, opt, _, sched = deepspeed.initialize(
+        model=module, optimizer=opt, config=ds,
+        lr_scheduler=lambda opt_: torch.optim.lr_scheduler.LambdaLR(opt_, schedule))
+    micro = ds["train_micro_batch_size_per_gpu"]
+    fixed = replace(cfg, data=replace(cfg.data, max_rows=micro, max_tokens=micro * cfg.data.max_seq_len))
+    batches = build_batches(fixed, tok, model, engine.grid.get_data_parallel_rank(),
+                            engine.grid.get_data_parallel_world_size())
+    ckpt_dir = run_dir / "checkpoints"
+    tag = _latest_tag(ckpt_dir) if cfg.train.resume else None
+    if tag is not None:
+        path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False)
+        if path is None:
+            raise TrainError(f"{ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
+        state = torch.load(ckpt_dir / tag / f"rank_{rank}.pt", weights_only=False)
+        batches.load_state_dict(state["data"])
+        _set_rng_state(state["rng"])
+    tokens_seen = [0]
+
+    def data():
+        while True:
+            mb = next(batches)
+            tokens_seen[0] += mb.tokens.numel()
+            yield pipeline_batch(mb.tokens, mb.labels, mb.media["images"], seq_len=cfg.data.max_seq_len,
+                                 n_images=1, n_tiles=model.cfg.vision.max_tiles, pad_id=tok.pad_id)
+
+    it = data()
+    result = TrainResult(run_dir)
+    t0 = time.perf_counter()
+    for step in range(engine.global_steps, cfg.train.steps):
+        loss = float(engine.train_batch(it))
+        if not math.isfinite(loss):
+            raise TrainError(f"step {step + 1}: non-finite loss {loss}")
+        result.losses[step + 1] = loss
+        dt = time.perf_counter() - t0
+        result.steps_per_s = len(result.losses) / dt
+        result.tokens_per_s = tokens_seen[0] * world / S / dt  # this stage's DP share, times the DP degree
+        if rank == 0:
+            with open(run_dir / "losses.jsonl", "a") as f:
+                f.write(json.dumps({"step": step + 1, "loss": loss, "lr": sched.get_last_lr()[0],
+                                    "steps_per_s": result.steps_per_s}) + "\n")
+        if (step + 1) % cfg.train.save_every == 0 or step + 1 == cfg.train.steps:
+            save(engine, batches, ckpt_dir, step + 1, rank)
+    result.bad_samples = batches.n_bad
+    if cfg.train.export:
+        weights = pipeline_state_dict(engine)  # collective; MultimodalLlama names on rank 0
+        if rank == 0:
+            model.float().load_state_dict(weights, strict=False)
+        result.export_dir = export(model, cfg, run_dir / "export", rank)
+    dist.barrier()
+    return result
