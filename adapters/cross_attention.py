@@ -156,3 +156,12 @@ def expand_vision_mask(text_image: Tensor, tile_mask: Tensor, tokens_per_tile: i
     per_tile = per_tile | ~row_mask[..., None]
     mask = per_tile.repeat_interleave(tokens_per_tile, dim=-1).flatten(2)[:, None]
     return mask, row_mask.to(torch.float32)
+
+
+def within_documents(text_image: Tensor, doc_ids: Tensor) -> Tensor:
+    """``text_image`` (B, T, I) restricted to packed documents: a media slot is seen only by its own
+    document's text (the one holding its placeholder, where its span starts). Without this, a text-only
+    document packed after a captioned image would see that image through the span rule."""
+    first = text_image.to(torch.uint8).argmax(1)  # (B, I): where each slot's span starts
+    slot_doc = doc_ids.gather(1, first)
+    return text_image & (doc_ids[:, :, None] == slot_doc[:, None, :])

@@ -227,6 +227,14 @@ def build_attention_mask(
     return mask
 
 
+def document_positions(doc_ids: Tensor) -> Tensor:
+    """(B, T) RoPE positions that restart at 0 where ``doc_ids`` changes (packed documents)."""
+    idx = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return idx - torch.cummax(torch.where(starts, idx, 0), dim=1).values
+
+
 class Llama(nn.Module):
     """Llama 3 decoder. ``forward(tokens) -> logits``; pieces are public for the multimodal layer loop."""
 

@@ -16,8 +16,10 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor, nn
 
-from adapters.cross_attention import CrossAttentionBlock, expand_vision_mask, text_image_mask, xattn_schedule
-from adapters.llama import KVCache, Llama, LlamaConfig, build_attention_mask, build_llama, llama_config
+from adapters.cross_attention import (CrossAttentionBlock, expand_vision_mask, text_image_mask, within_documents,
+                                      xattn_schedule)
+from adapters.llama import (KVCache, Llama, LlamaConfig, build_attention_mask, build_llama, document_positions,
+                            llama_config)
 from video.adapter import VIDEO_TOKEN_ROW, VideoAdapter, VideoAdapterConfig, VideoBatch, frame_token_mask, video_schedule
 from vision.encoder import VisionEncoderConfig, VisionProjector, build_vision_encoder, vision_config
 
@@ -209,15 +211,17 @@ class MultimodalLlama(nn.Module):
         chunks[real_video] = chunk_mask
         return out.reshape(B, -1, D), chunks.view(B, V, -1)
 
-    def video_context(self, tokens: Tensor, videos: VideoBatch) -> VisionContext:
+    def video_context(self, tokens: Tensor, videos: VideoBatch, doc_ids: Tensor | None = None) -> VisionContext:
         vis, chunk_mask = self.encode_videos(videos)
         vis = vis.float()  # FP32 gradient accumulation over the video blocks (see `vision_context`)
         kv = [blk.attention.vision_kv(vis) for blk in self.video.cross_attention_layers]
         tokens_per_chunk = vis.shape[1] // (chunk_mask.shape[1] * chunk_mask.shape[2])
         text_video = text_image_mask(tokens, self.cfg.video_token_id, videos.video_mask, media="video")
+        if doc_ids is not None:
+            text_video = within_documents(text_video, doc_ids)
         return VisionContext(kv, text_video, chunk_mask, tokens_per_chunk)
 
-    def vision_context(self, tokens: Tensor, images: ImageBatch) -> VisionContext:
+    def vision_context(self, tokens: Tensor, images: ImageBatch, doc_ids: Tensor | None = None) -> VisionContext:
         # Every cross-attention layer reads these tokens. Kept FP32 and cast per consumer (in
         # ``vision_kv``), autograd sums the layers' gradients in FP32: bf16 accumulation over all layers
         # diverged in Llama 3 training (paper, "Model scaling"). Forward values are unchanged (the cast of
@@ -226,6 +230,8 @@ class MultimodalLlama(nn.Module):
         kv = [blk.attention.vision_kv(vis) for blk in self.cross_attention_layers]
         tokens_per_tile = vis.shape[1] // (images.tile_mask.shape[1] * images.tile_mask.shape[2])
         text_image = text_image_mask(tokens, self.cfg.image_token_id, images.image_mask)
+        if doc_ids is not None:
+            text_image = within_documents(text_image, doc_ids)
         return VisionContext(kv, text_image, images.tile_mask, tokens_per_tile)
 
     # -- forward -------------------------------------------------------------------------------
@@ -241,21 +247,26 @@ class MultimodalLlama(nn.Module):
         start_pos: int = 0,
         cache: list[KVCache] | None = None,
         return_hidden: bool = False,
+        doc_ids: Tensor | None = None,
     ) -> Tensor:
         """tokens (B, T) -> logits (B, T, vocab) fp32.
 
         With no image in the batch the cross-attention layers are skipped entirely (text-only cost); the
         same for videos. For cached decoding pass ``context`` / ``video_context`` (from ``vision_context``
-        / ``video_context`` on the prompt) and ``start_pos``.
+        / ``video_context`` on the prompt) and ``start_pos``. ``doc_ids`` (B, T) marks packed training
+        documents: each attends only to its own text (document mask, RoPE positions restarting at 0) and
+        its own images / videos, so a packed row computes what its documents would alone.
         """
+        if doc_ids is not None and (start_pos or cache is not None):
+            raise ValueError("doc_ids are for packed training rows, not cached decoding")
         if context is None and images is not None and bool(images.image_mask.any()):
-            context = self.vision_context(tokens, images)
+            context = self.vision_context(tokens, images, doc_ids)
         if video_context is None and videos is not None and bool(videos.video_mask.any()):
-            video_context = self.video_context(tokens, videos)
+            video_context = self.video_context(tokens, videos, doc_ids)
         T = tokens.shape[1]
         h = self.embed(tokens)
-        rope = self.lm.rope(T, start_pos)
-        mask = build_attention_mask(T, start_pos, device=tokens.device)
+        rope = self.lm.rope(T, start_pos, document_positions(doc_ids) if doc_ids is not None else None)
+        mask = build_attention_mask(T, start_pos, doc_ids, device=tokens.device)
         xmask = row_mask = None
         if context is not None:
             xmask, row_mask = context.masks(T, decoding=start_pos > 0)

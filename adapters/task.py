@@ -30,9 +30,11 @@ class ImageTextTask(nn.Module):
         self.model = model
 
     def forward(self, tokens: Tensor, labels: Tensor, images: ImageBatch | None = None,
-                videos: VideoBatch | None = None) -> dict[str, Tensor]:
+                videos: VideoBatch | None = None, doc_ids: Tensor | None = None) -> dict[str, Tensor]:
+        """``doc_ids`` (B, T): packed rows (see `MultimodalLlama.forward`). No target crosses a document
+        boundary as long as each document's first label is ignored (its BOS / prompt)."""
         targets = shift_targets(labels, self.model.cfg.lm.vocab_size)
-        hidden = self.model(tokens, images, videos, return_hidden=True)
+        hidden = self.model(tokens, images, videos, return_hidden=True, doc_ids=doc_ids)
         keep = targets != IGNORE_INDEX
         # Project only supervised positions: the 128K-row head on every position dominates memory otherwise.
         logits = self.model.lm.output(hidden[keep]).float()

@@ -58,7 +58,9 @@ class DataConfig:
         "chat" = the Llama 3 chat format with ``prompt`` as the user turn and the text as the answer
         (speech always uses its chat format, ``prompt`` as the system turn, default ASR).
     max_tokens: token budget of one micro-batch (rows x longest row); short texts give more rows.
-    max_rows: most samples (rows) per micro-batch.
+    max_rows: most rows per micro-batch.
+    pack_rows: several consecutive samples share a row (up to ``max_seq_len`` tokens) with a document mask
+        (image and video kinds, data-parallel mode; see `training.data`).
     """
 
     shards: str = ""
@@ -67,6 +69,7 @@ class DataConfig:
     max_seq_len: int = 256  # longer texts are an error naming the sample, never truncated silently
     max_tokens: int = 2048
     max_rows: int = 8
+    pack_rows: bool = False
     shuffle_buffer: int = 64
     seed: int = 0
     on_error: str = "raise"  # "raise" or "count" (bad samples counted per shard and key in the log)
@@ -114,6 +117,9 @@ class RunConfig:
              f"{self.data.on_error!r} is not raise | count"),
             (self.data.max_rows >= 1 and self.data.max_tokens >= self.data.max_seq_len, "data.max_tokens",
              "max_rows must be >= 1 and max_tokens >= max_seq_len (one full-length sample must fit)"),
+            (not self.data.pack_rows or (self.kind in ("image", "video") and self.parallel == "data"),
+             "data.pack_rows", "packs image or video samples in data-parallel mode only (speech rows splice "
+             "audio into the embeddings; pipeline stages need fixed shapes)"),
             (self.train.steps >= 1 and self.train.save_every >= 1 and self.train.log_every >= 1, "train",
              "steps, save_every and log_every must be >= 1"),
             (0 <= self.optim.min_lr_ratio <= 1 and self.optim.warmup >= 0, "optim",

@@ -162,7 +162,8 @@ def build_batches(cfg: RunConfig, tok: Tokenizer, model: nn.Module, rank: int, w
         from training.data import SpeechCodec
 
         codec = SpeechCodec(tok, model.cfg.features.sample_rate, d.prompt)
-    return TrainBatches(stream, codec, tok.pad_id, d.max_seq_len, d.max_tokens, d.max_rows, d.on_error)
+    return TrainBatches(stream, codec, tok.pad_id, d.max_seq_len, d.max_tokens, d.max_rows, d.on_error,
+                        pack_rows=d.pack_rows)
 
 
 def param_groups(cfg: RunConfig, model: nn.Module) -> list[dict]:

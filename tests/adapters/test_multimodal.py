@@ -218,3 +218,25 @@ def test_top_p_sampling_only_picks_from_the_nucleus():
 def test_generation_stops_on_eot(model):
     ids = generate_ids(model, _tokens([[]], T=5), None, SamplingConfig(max_new_tokens=5), stop_ids=range(512))
     assert ids == [[]]
+
+
+def test_packed_documents_compute_what_each_document_computes_alone(model):
+    """One row holding three documents (image + text, image + text, text only) with doc_ids gives, at
+    every position, the logits of that document run alone: no text, image or position leaks across."""
+    _perturb_gates(model)
+    model.eval()
+    lens, img_at = [7, 6, 5], [1, 1, None]
+    docs = [_tokens([[p] if p is not None else []], T=n, seed=10 + i)[0] for i, (n, p) in enumerate(zip(lens, img_at))]
+    both = _images(1, 2, [2], seed=3, layouts=((1, 2), (2, 1)))
+    alone = [ImageBatch(both.tiles[:, i : i + 1], both.layouts[:, i : i + 1], both.tile_mask[:, i : i + 1],
+                        both.image_mask[:, i : i + 1]) for i in range(2)]
+    packed = torch.cat(docs)[None]
+    doc_ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lens)])[None]
+    with torch.no_grad():
+        out = model(packed, both, doc_ids=doc_ids)[0]
+        ref = torch.cat([model(docs[0][None], alone[0])[0], model(docs[1][None], alone[1])[0], model(docs[2][None])[0]])
+        unmasked = model(packed, both)[0]
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+    assert not torch.allclose(unmasked[lens[0]:], ref[lens[0]:], atol=1e-3)  # without doc_ids they leak
+    with pytest.raises(ValueError, match="not cached decoding"):
+        model(packed, both, doc_ids=doc_ids, start_pos=3)

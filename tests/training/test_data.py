@@ -49,11 +49,12 @@ def shards(tmp_path_factory):
     return make_image_shards(root), build_tiny_tokenizer(root, texts=caption_texts())
 
 
-def batches(pattern, tok, rank=0, world=1, seed=0, buffer=4, max_tokens=120, max_rows=4, on_error="raise"):
+def batches(pattern, tok, rank=0, world=1, seed=0, buffer=4, max_tokens=120, max_rows=4, on_error="raise",
+            max_seq_len=40, pack_rows=False):
     stream = ShardStream(expand_shards(pattern), rank, world, seed, buffer)
     codec = ImageCaptionCodec(tok, TilingConfig(tile_size=56, max_tiles=2))
-    return TrainBatches(stream, codec, tok.pad_id, max_seq_len=40, max_tokens=max_tokens, max_rows=max_rows,
-                        on_error=on_error)
+    return TrainBatches(stream, codec, tok.pad_id, max_seq_len=max_seq_len, max_tokens=max_tokens,
+                        max_rows=max_rows, on_error=on_error, pack_rows=pack_rows)
 
 
 def keys(it, n):
@@ -111,6 +112,36 @@ def test_packing_fills_the_token_budget_with_whole_samples(shards):
     toks, labels = encode_text(tok, tok.n_words, "a red square", "caption", "")
     assert toks[:2] == [tok.bos_id, tok.n_words] and labels[:2] == [IGNORE_INDEX] * 2
     assert labels[2:] == toks[2:] and toks[-1] == tok.eos_id
+
+
+def test_row_packing_puts_whole_samples_in_rows_with_document_ids(shards):
+    pattern, tok = shards
+    packed = batches(pattern, tok, max_tokens=200, max_rows=2, max_seq_len=80, pack_rows=True)
+    stream = ShardStream(expand_shards(pattern), seed=0, shuffle_buffer=4).iterate()
+    order = [f"{r.shard}:{r.key}" for r in (next(stream) for _ in range(60))]
+    seen, shared = [], 0
+    for _ in range(4):
+        mb = next(packed)
+        B, T = mb.tokens.shape
+        doc_ids, images = mb.media["doc_ids"], mb.media["images"]
+        assert B <= 2 and T <= 80 and B * T <= 200 and doc_ids.shape == (B, T)
+        for b, row in enumerate(mb.keys):
+            docs = row.split(";")
+            seen += docs
+            shared += len(docs) > 1
+            real = doc_ids[b][doc_ids[b] >= 0]
+            # Documents are contiguous, numbered from 0, each starting with <bos><|image|>, one image each.
+            assert real.tolist() == sorted(real.tolist()) and int(real.max()) == len(docs) - 1
+            starts = [int((doc_ids[b] == d).nonzero()[0]) for d in range(len(docs))]
+            assert all(mb.tokens[b, s].item() == tok.bos_id and mb.tokens[b, s + 1].item() == tok.n_words
+                       for s in starts)
+            assert int(images.image_mask[b].sum()) == len(docs)
+            assert (mb.labels[b, doc_ids[b] < 0] == IGNORE_INDEX).all()  # padding carries no label
+    assert shared > 0 and seen == order[: len(seen)]  # stream order, each sample once, none split
+    state = json.loads(json.dumps(packed.state_dict()))
+    resumed = batches(pattern, tok, max_tokens=200, max_rows=2, max_seq_len=80, pack_rows=True)
+    resumed.load_state_dict(state)
+    assert next(resumed).keys == next(packed).keys
 
 
 def test_bad_samples_raise_or_are_counted_by_shard_and_key(tmp_path, shards):

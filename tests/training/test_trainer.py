@@ -114,6 +114,21 @@ def test_stage2_anneals_at_a_higher_tile_size(stage1):
     assert all(torch.isfinite(torch.tensor(list(out.losses.values()))))
 
 
+def test_row_packing_trains_and_is_refused_where_it_cannot_work(stage1):
+    root, cfg, _ = stage1
+    packed = run_config(root, "packed", "data.pack_rows=true", "data.max_seq_len=80", "data.max_tokens=160",
+                        "data.max_rows=2", "train.steps=2", "train.save_every=2")
+    out = train(replace(packed, train=replace(packed.train, export=False)))
+    assert sorted(out.losses) == [1, 2] and all(torch.isfinite(torch.tensor(list(out.losses.values()))))
+    log = [json.loads(line) for line in (root / "packed" / "losses.jsonl").read_text().splitlines()]
+    assert log[0]["tokens"] > 0
+    from training.config import TrainConfigError
+
+    for extra in (["kind=speech"], ["parallel=pipeline"]):
+        with pytest.raises(TrainConfigError, match="data.pack_rows"):
+            run_config(root, "x", "data.pack_rows=true", *extra)
+
+
 def test_bad_config_and_missing_shard_exit_2(stage1, capsys):
     root, _, _ = stage1
     bad = root / "bad.yaml"
