@@ -271,9 +271,7 @@ def train_bestrq(source: AudioClips | Sequence[np.ndarray], cfg: PretrainConfig,
     model = build_bestrq(conformer_config(cfg.preset), cfg.bestrq, cfg.features).to(device).train()
     logmel = LogMel(cfg.features).to(device)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
-    warmup = max(cfg.warmup, 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg))
     rng = np.random.default_rng(cfg.seed)
     order = shuffled_indices(len(clips), rng)
     g = torch.Generator().manual_seed(cfg.seed)  # CPU: the same masks on every device
@@ -306,12 +304,28 @@ def train_bestrq(source: AudioClips | Sequence[np.ndarray], cfg: PretrainConfig,
             if progress:
                 tqdm.write(json.dumps(log[-1]), file=sys.stderr)
     seconds = time.perf_counter() - start
-    k = min(5, cfg.steps)
-    report = {
+    report = build_report(cfg, clips, model, curves, log, clips_seen=cfg.steps * cfg.batch_size,
+                          seen_s=seen_s, data_s=data_s, seconds=seconds, device=device)
+    return model.eval(), report
+
+
+def lr_multiplier(cfg: PretrainConfig):
+    """LR multiplier of step s (0-based): linear warmup over ``cfg.warmup`` steps, cosine decay to 0 at
+    ``cfg.steps``; a `LambdaLR` lambda, shared by the single-process and the DeepSpeed loops."""
+    warmup = max(cfg.warmup, 1)
+    return lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps)))
+
+
+def build_report(cfg: PretrainConfig, clips: AudioClips, model: BestRQ, curves: dict[str, list[float]],
+                 log: list[dict], *, clips_seen: int, seen_s: float, data_s: float, seconds: float,
+                 device: str | torch.device) -> dict:
+    """The report of a run (see `pretrain_encoder`): ``curves`` hold one value per step."""
+    k = min(5, len(curves["loss"]))
+    return {
         "format": FORMAT, "config": dataclasses.asdict(cfg), "device": str(device),
         "encoder_params": model.encoder.num_params(),
         "clips": len(clips), "audio_hours": round(clips.hours, 4), "source": clips.source,
-        "steps": cfg.steps, "clips_seen": cfg.steps * cfg.batch_size, "hours_seen": round(seen_s / 3600, 4),
+        "steps": cfg.steps, "clips_seen": clips_seen, "hours_seen": round(seen_s / 3600, 4),
         "seconds": round(seconds, 2), "data_seconds": round(data_s, 2), "seed": cfg.seed,
         "first_loss": round(float(np.mean(curves["loss"][:k])), 4),
         "last_loss": round(float(np.mean(curves["loss"][-k:])), 4),
@@ -320,7 +334,6 @@ def train_bestrq(source: AudioClips | Sequence[np.ndarray], cfg: PretrainConfig,
         "chance_loss": round(math.log(cfg.bestrq.codebook_size), 4),
         "log": log, **curves,
     }
-    return model.eval(), report
 
 
 def save_pretrained(model: BestRQ, features: LogMelConfig, out_dir: str | Path) -> Path:
@@ -344,7 +357,12 @@ def pretrain_encoder(source: AudioClips | Sequence[np.ndarray], cfg: PretrainCon
     (means over 5 steps) beside ``chance_loss`` = ln(codebook_size), clips and hours in the source and seen,
     seconds (``data_seconds`` of them reading and decoding audio), device, seed and the files written."""
     model, report = train_bestrq(source, cfg, progress=progress, device=device)
-    out = save_pretrained(model, cfg.features, out_dir)
+    return save_run(model, cfg.features, report, out_dir)
+
+
+def save_run(model: BestRQ, features: LogMelConfig, report: dict, out_dir: str | Path) -> dict:
+    """`save_pretrained`, then ``report.json`` (with ``files`` added) last, as the completion marker."""
+    out = save_pretrained(model, features, out_dir)
     report["files"] = {name: str(out / name) for name in
                        ("encoder.safetensors", "encoder_config.json", "bestrq.safetensors", "report.json")}
     (out / "report.json").write_text(json.dumps(report, indent=2))
