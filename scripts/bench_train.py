@@ -48,7 +48,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,6 +58,7 @@ from pathlib import Path
 import torch
 
 from training.bench import BenchError, forward_flops, mfu, peak_bf16_flops, train_flops
+from training.trainer import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DP_DEEPSPEED = ROOT / "configs" / "deepspeed" / "zero1_bf16_fp32accum.json"
@@ -273,18 +273,12 @@ def run_rank(config: str, modes: list[str], steps: int, warmup: int, out: Path) 
 # The launcher
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(config: str, modes: list[str], nproc: int, steps: int, warmup: int, threads: int, timeout: float,
            log) -> dict[str, list[dict]]:
     """Run ``nproc`` ranks through ``modes`` of one config; returns each mode's rank records, rank order."""
     with tempfile.TemporaryDirectory(prefix="bench_train-") as tmp:
         out = Path(tmp)
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
                "WORLD_SIZE": str(nproc), "OMP_NUM_THREADS": str(threads),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         cmd = [sys.executable, "-m", "scripts.bench_train", "--worker", "--configs", config, "--modes", ",".join(modes),

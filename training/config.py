@@ -102,6 +102,10 @@ class RunConfig:
     parallel: str = "data"
     deepspeed: str = "configs/deepspeed/zero1_bf16_fp32accum.json"
     pipeline_stages: int = 2
+    # Megatron-style tensor parallelism inside data-parallel mode (image kind): consecutive groups of this
+    # many ranks shard every LM and cross-attention layer (`training.tensor_parallel`); the data-parallel
+    # world is world / tensor_parallel.
+    tensor_parallel: int = 1
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -120,6 +124,9 @@ class RunConfig:
             (not self.data.pack_rows or (self.kind in ("image", "video") and self.parallel == "data"),
              "data.pack_rows", "packs image or video samples in data-parallel mode only (speech rows splice "
              "audio into the embeddings; pipeline stages need fixed shapes)"),
+            (self.tensor_parallel == 1 or (self.tensor_parallel > 1 and self.kind == "image"
+                                            and self.parallel == "data"), "tensor_parallel",
+             f"{self.tensor_parallel}: must be >= 1, and > 1 only for the image kind in data-parallel mode"),
             (self.train.steps >= 1 and self.train.save_every >= 1 and self.train.log_every >= 1, "train",
              "steps, save_every and log_every must be >= 1"),
             (0 <= self.optim.min_lr_ratio <= 1 and self.optim.warmup >= 0, "optim",

@@ -46,7 +46,7 @@ class TrainError(RuntimeError):
 # ---------------------------------------------------------------------------------------------- setup
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -59,7 +59,7 @@ def init_distributed() -> tuple[int, int]:
     if not dist.is_initialized():
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()))
+                              MASTER_PORT=str(free_port()))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return dist.get_rank(), dist.get_world_size()
@@ -220,19 +220,38 @@ def train(cfg: RunConfig, ds_config: dict | None = None) -> TrainResult:
     if cfg.parallel == "pipeline":
         return train_pipeline(cfg, ds_config)
     rank, world = init_distributed()
+    tp = cfg.tensor_parallel
+    if world % tp:
+        raise TrainError(f"tensor_parallel={tp} does not divide the world size {world}")
+    mpu = tp_group = None
+    dp_rank, dp_world = rank, world
+    if tp > 1:
+        from training.tensor_parallel import init_tp_grid
+
+        mpu = init_tp_grid(tp)
+        tp_group = mpu.get_tensor_model_parallel_group()
+        dp_rank, dp_world = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
     ds = resolve_deepspeed(ds_config if ds_config is not None else load_deepspeed_config(cfg.deepspeed),
-                           world, cfg.deepspeed)
+                           dp_world, cfg.deepspeed)
     run_dir = Path(cfg.train.run_dir)
     if rank == 0:
         write_resolved(cfg, ds, run_dir)
     tok = Tokenizer(cfg.model.tokenizer)
     model = build_model(cfg, tok)
-    batches = build_batches(cfg, tok, model, rank, world)
+    if tp_group is not None:
+        from training.tensor_parallel import apply_tensor_parallel, validate_tp_size
+
+        try:
+            validate_tp_size(model.cfg.lm, tp)
+        except ValueError as e:
+            raise TrainError(f"tensor_parallel={tp}: {e}") from e
+        apply_tensor_parallel(model, tp_group)
+    batches = build_batches(cfg, tok, model, dp_rank, dp_world)  # the ranks of one TP group read the same data
     task = SpeechTask(model) if cfg.kind == "speech" else ImageTextTask(model)
     opt = torch.optim.AdamW(param_groups(cfg, model), betas=tuple(cfg.optim.betas))
     schedule = warmup_cosine(cfg.optim.warmup, cfg.train.steps, cfg.optim.min_lr_ratio)
     engine, opt, _, sched = deepspeed.initialize(
-        model=task, optimizer=opt, config=ds,
+        model=task, optimizer=opt, config=ds, mpu=mpu,
         lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, schedule))
     model.train()
 
@@ -273,7 +292,8 @@ def train(cfg: RunConfig, ds_config: dict | None = None) -> TrainResult:
             engine.step()
             stats += torch.tensor([out["loss"].item(), mb.n_label_tokens, mb.tokens.numel()], dtype=torch.float64)
         dist.all_reduce(stats)
-        loss = stats[0].item() / (gas * world)
+        stats /= tp  # the ranks of a tensor-parallel group share one batch: count it once
+        loss = stats[0].item() / (gas * dp_world)
         if not math.isfinite(loss):
             raise TrainError(f"step {step + 1}: non-finite loss {loss} (last batch: {mb.keys[:4]} ...)")
         result.losses[step + 1] = loss
@@ -300,7 +320,7 @@ def train(cfg: RunConfig, ds_config: dict | None = None) -> TrainResult:
     if writer is not None:
         writer.close()
     if cfg.train.export:
-        result.export_dir = export(model, cfg, run_dir / "export", rank)
+        result.export_dir = export(model, cfg, run_dir / "export", rank, tp_group, tok)
     dist.barrier()
     return result
 
@@ -314,8 +334,17 @@ def save(engine, batches: TrainBatches, ckpt_dir: Path, step: int, rank: int) ->
     engine.save_checkpoint(str(ckpt_dir), tag=tag, exclude_frozen_parameters=True)
 
 
-def export(model: nn.Module, cfg: RunConfig, out: Path, rank: int) -> Path:
-    """Rank 0 writes the inference checkpoint in fp32 (the LM only by reference when ``model.lm`` is set)."""
+def export(model: nn.Module, cfg: RunConfig, out: Path, rank: int, tp_group=None,
+           tok: Tokenizer | None = None) -> Path:
+    """Rank 0 writes the inference checkpoint in fp32 (the LM only by reference when ``model.lm`` is set).
+    A tensor-parallel model is gathered first (every rank takes part) into a freshly built full model."""
+    if tp_group is not None:
+        from training.tensor_parallel import tp_state_dict
+
+        full_state = tp_state_dict(model, tp_group)
+        if rank == 0:
+            model = build_model(cfg, tok)
+            model.load_state_dict(full_state, strict=True)
     if rank == 0:
         model = model.float().eval()
         if cfg.kind == "speech":

@@ -19,6 +19,7 @@ import torch
 
 from adapters.llama import llama_config
 from adapters.multimodal import ImageBatch, MultimodalLlama, build_multimodal, multimodal_config
+from tests.training.ranks import open_gates
 
 MICRO_BATCH, GRAD_ACCUM, SEQ_LEN = 2, 2, 16
 LR = 1e-3
@@ -29,13 +30,7 @@ def build_test_model() -> MultimodalLlama:
     Gates opened (they start at 0, which would give the encoder no gradient on the first steps)."""
     torch.manual_seed(0)
     cfg = multimodal_config("tiny", lm=llama_config("tiny", n_layers=8), xattn_every=4)
-    model = build_multimodal(cfg)
-    with torch.no_grad():
-        for blk in model.cross_attention_layers:
-            blk.gate_attn.fill_(0.5)
-            blk.gate_ffwd.fill_(-0.5)
-        model.vision.gated_positional_embedding_gate.fill_(0.5)
-    return model
+    return open_gates(build_multimodal(cfg))
 
 
 def micro_batches(model: MultimodalLlama, n: int,

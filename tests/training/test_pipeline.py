@@ -12,10 +12,6 @@ the FP32 gradients, AdamW on the masters, bf16 copy back.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,10 +21,10 @@ from safetensors.torch import load_file
 from adapters.llama import llama_config
 from adapters.multimodal import build_multimodal, multimodal_config
 from adapters.task import ImageTextTask, build_param_groups
+from tests.training.ranks import run_ranks
 from tests.training import pipe_worker
 from training import pipeline
 
-ROOT = Path(__file__).resolve().parents[2]
 STEPS = 3
 
 
@@ -137,35 +133,9 @@ def test_load_pipeline_weights_fills_trainable_parameters_by_model_name():
 # Two processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_stage_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("pipe2")
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    procs = []
-    for rank in range(2):
-        log = open(out / f"rank{rank}.log", "w")
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "tests.training.pipe_worker", "--out", str(out), "--stages", "2",
-             "--steps", str(STEPS)],
-            cwd=ROOT, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=log,
-            stderr=subprocess.STDOUT))
-    try:
-        codes = [p.wait(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    if any(codes):
-        logs = "\n".join(f"--- rank {r} ---\n" + (out / f"rank{r}.log").read_text()[-3000:] for r in range(2))
-        pytest.fail(f"pipeline workers exited with {codes}:\n{logs}")
-    return out
+    return run_ranks("tests.training.pipe_worker", tmp_path_factory.mktemp("pipe2"), ["--stages", "2", "--steps", str(STEPS)])
 
 
 def _reference_run() -> tuple[list[float], dict[str, torch.Tensor]]:

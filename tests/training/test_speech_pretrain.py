@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from speech.pretrain import AudioClips, load_bestrq, load_pretrained_encoder, pa
 from speech.features import LogMel
 from training.speech_pretrain import RankClipSampler
 from training.trainer import TrainError
+from tests.training.ranks import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 N_CLIPS = 6
@@ -43,12 +43,6 @@ def audio(tmp_path_factory) -> Path:
         sf.write(root / f"c{i}.wav", x.astype(np.float32), 16_000)
     (root / "ds.json").write_text(json.dumps(DS))
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def clip_log(path: Path) -> list[dict]:

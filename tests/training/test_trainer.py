@@ -7,7 +7,6 @@ gradient accumulation (ZeRO-1), as in the shipped config.
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -24,6 +23,7 @@ from scripts import demo_vqa, train_image_adapter
 from training.config import load_run_config, to_dict
 from training.resolution import resize_grid_tokens
 from training.trainer import build_model, train
+from tests.training.ranks import free_port
 from tests.training.test_data import caption_texts, make_image_shards
 
 DS = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2, "bf16": {"enabled": True},
@@ -175,12 +175,6 @@ def test_two_processes_data_parallel(stage1, tmp_path):
     load_checkpoint(tmp_path / "dp" / "export")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_video_from_the_image_export_and_speech_from_audio_shards(stage1, tmp_path):
     """The other two kinds through the same trainer: 2 steps each, finite losses, loadable exports."""
     import io
@@ -212,3 +206,31 @@ def test_video_from_the_image_export_and_speech_from_audio_shards(stage1, tmp_pa
     load_speech_checkpoint(speech.export_dir)
     for r in (video, speech):
         assert sorted(r.losses) == [1, 2] and all(torch.isfinite(torch.tensor(list(r.losses.values()))))
+
+
+def test_tensor_parallel_run_tracks_the_single_process_run(stage1, tmp_path):
+    """tensor_parallel=2 on 2 ranks (data-parallel world 1: the same batches as the one-process run):
+    every LM and cross-attention layer is sharded, yet the losses follow the unsharded run's up to bf16
+    rounding of the partial sums, and the gathered export holds the same frozen LM, bitwise."""
+    root, cfg, result = stage1
+    tp_cfg = run_config(root, "tp", "tensor_parallel=2", "train.save_every=6")
+    tp_cfg = replace(tp_cfg, train=replace(tp_cfg.train, run_dir=str(tmp_path / "tp")))
+    (tmp_path / "tp.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(tp_cfg)))))
+    env = {**os.environ, "PYTHONPATH": str(Path.cwd()), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), "-m", "scripts.train_image_adapter", "--config", str(tmp_path / "tp.yaml")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = [json.loads(line) for line in (tmp_path / "tp" / "losses.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    for r in log:  # same batches, schedule and seeds as the one-process run
+        assert abs(r["loss"] - result.losses[r["step"]]) < 0.02 * result.losses[r["step"]], (r, result.losses)
+    assert log[0]["tokens"] == json.loads((root / "run" / "losses.jsonl").read_text().splitlines()[0])["tokens"]
+    tp_model, ref = load_checkpoint(tmp_path / "tp" / "export"), load_checkpoint(result.export_dir)
+    assert tp_model.cfg == ref.cfg
+    for (name, a), (_, b) in zip(tp_model.lm.state_dict().items(), ref.lm.state_dict().items()):
+        assert torch.equal(a, b), name
+    from training.config import TrainConfigError
+
+    with pytest.raises(TrainConfigError, match="tensor_parallel"):
+        run_config(root, "x", "tensor_parallel=2", "kind=speech")
