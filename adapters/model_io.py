@@ -28,37 +28,53 @@ def config_to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def _strict(cls, d: dict, where: str):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names
+def strict_fields(cls, d: Any, where: str) -> dict:
+    """``d`` checked against the dataclass ``cls``: not an object, or unknown keys, raise CheckpointError."""
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{where}: expected an object, got {type(d).__name__}")
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
         raise CheckpointError(f"{where}: unknown keys {sorted(unknown)}")
-    return d
+    return dict(d)
+
+
+def llama_config_from_dict(d: Any, where: str) -> LlamaConfig:
+    lm = strict_fields(LlamaConfig, d, where)
+    if lm.get("rope_scaling") is not None:
+        lm["rope_scaling"] = RopeScaling(**strict_fields(RopeScaling, lm["rope_scaling"], f"{where}.rope_scaling"))
+    return LlamaConfig(**lm)
 
 
 def config_from_dict(d: dict, where: str = "config.json") -> MultimodalConfig:
     """Strict inverse of ``config_to_dict``: unknown keys anywhere are an error naming them."""
-    d = dict(_strict(MultimodalConfig, d, where))
+    d = strict_fields(MultimodalConfig, d, where)
     for key in ("lm", "vision"):
         if not isinstance(d.get(key), dict):
             raise CheckpointError(f"{where}: missing the {key!r} section")
-    lm = dict(_strict(LlamaConfig, d["lm"], f"{where}: lm"))
-    if lm.get("rope_scaling") is not None:
-        lm["rope_scaling"] = RopeScaling(**_strict(RopeScaling, lm["rope_scaling"], f"{where}: lm.rope_scaling"))
-    vision = dict(_strict(VisionEncoderConfig, d["vision"], f"{where}: vision"))
+    vision = strict_fields(VisionEncoderConfig, d["vision"], f"{where}: vision")
     vision["taps"] = tuple(vision["taps"])
-    d["lm"], d["vision"] = LlamaConfig(**lm), VisionEncoderConfig(**vision)
+    d["lm"], d["vision"] = llama_config_from_dict(d["lm"], f"{where}: lm"), VisionEncoderConfig(**vision)
     if d.get("video") is not None:
-        d["video"] = VideoAdapterConfig(**_strict(VideoAdapterConfig, d["video"], f"{where}: video"))
+        d["video"] = VideoAdapterConfig(**strict_fields(VideoAdapterConfig, d["video"], f"{where}: video"))
     return MultimodalConfig(**d)
+
+
+def write_checkpoint_dir(out_dir: str | Path, meta: dict, state_dict: dict[str, torch.Tensor],
+                         tokenizer_path: str | Path | None = None) -> Path:
+    """``config.json`` (``meta``) + ``model.safetensors`` (``state_dict``) + ``tokenizer.model`` when given."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(meta, indent=2))
+    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(out / "model.safetensors"))
+    if tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, out / "tokenizer.model")
+    return out
 
 
 def save_checkpoint(
     model: MultimodalLlama, out_dir: str | Path, tokenizer_path: str | Path | None = None, lm_path: str | None = None
 ) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    sd = model.state_dict()
     if lm_path is not None:
         sd = {k: v for k, v in sd.items() if not k.startswith("lm.")}
     # The encoder's weights are in this checkpoint: its initial ``pretrained`` source is provenance only
@@ -66,11 +82,7 @@ def save_checkpoint(
     cfg = dataclasses.replace(model.cfg, vision=dataclasses.replace(model.cfg.vision, pretrained=None))
     meta = {"format": FORMAT, "lm_path": lm_path, "config": config_to_dict(cfg),
             "encoder_initialised_from": model.cfg.vision.pretrained}
-    (out / "config.json").write_text(json.dumps(meta, indent=2))
-    save_file(sd, str(out / "model.safetensors"))
-    if tokenizer_path is not None:
-        shutil.copyfile(tokenizer_path, out / "tokenizer.model")
-    return out
+    return write_checkpoint_dir(out_dir, meta, sd, tokenizer_path)
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> MultimodalLlama:

@@ -39,12 +39,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from adapters.chat import encode_header
 from adapters.checkpoint import CheckpointError, load_state_dict_strict, read_json, read_safetensors_file
-from adapters.llama import Llama, LlamaConfig, RopeScaling, build_llama, rope_frequencies
+from adapters.llama import Llama, build_llama, rope_frequencies
+from adapters.model_io import llama_config_from_dict, strict_fields, write_checkpoint_dir
 from adapters.task import IGNORE_INDEX
 from adapters.tokenizer import Tokenizer
 from adapters.vqa import build_tiny_tokenizer, pad_examples
@@ -346,31 +346,18 @@ def save_asr_set(utts: list[SpokenDigits], out_dir: str | Path) -> Path:
     return out / "records.jsonl"
 
 
-def _fields(cls, d, where: str) -> dict:
-    """``d`` checked against ``cls``'s dataclass fields: not a dict or unknown keys raise CheckpointError."""
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{where}: expected an object, got {type(d).__name__}")
-    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-        raise CheckpointError(f"{where}: unknown keys {sorted(unknown)}")
-    return dict(d)
-
-
 def speech_config_from_dict(d: dict, where: str = "config.json") -> SpeechLlamaConfig:
     """Strict inverse of ``dataclasses.asdict`` on a `SpeechLlamaConfig`; errors name ``where`` and the key."""
-    d = _fields(SpeechLlamaConfig, d, where)
+    d = strict_fields(SpeechLlamaConfig, d, where)
     for key in ("lm", "encoder", "adapter", "features"):
         if key not in d:
             raise CheckpointError(f"{where}: missing the {key!r} section")
-    lm = _fields(LlamaConfig, d["lm"], f"{where}: lm")
-    if lm.get("rope_scaling") is not None:
-        lm["rope_scaling"] = RopeScaling(**_fields(RopeScaling, lm["rope_scaling"], f"{where}: lm.rope_scaling"))
     try:
         return SpeechLlamaConfig(
-            lm=LlamaConfig(**lm),
-            encoder=ConformerConfig(**_fields(ConformerConfig, d["encoder"], f"{where}: encoder")),
-            adapter=SpeechAdapterConfig(**_fields(SpeechAdapterConfig, d["adapter"], f"{where}: adapter")),
-            features=LogMelConfig(**_fields(LogMelConfig, d["features"], f"{where}: features")),
+            lm=llama_config_from_dict(d["lm"], f"{where}: lm"),
+            encoder=ConformerConfig(**strict_fields(ConformerConfig, d["encoder"], f"{where}: encoder")),
+            adapter=SpeechAdapterConfig(**strict_fields(SpeechAdapterConfig, d["adapter"], f"{where}: adapter")),
+            features=LogMelConfig(**strict_fields(LogMelConfig, d["features"], f"{where}: features")),
             max_seq_len=d.get("max_seq_len"))
     except (TypeError, ValueError) as e:  # a missing required field or a value the configs reject
         raise CheckpointError(f"{where}: {e}") from e
@@ -379,15 +366,8 @@ def speech_config_from_dict(d: dict, where: str = "config.json") -> SpeechLlamaC
 def save_speech_checkpoint(model: SpeechLlama, out_dir: str | Path, tokenizer_path: str | Path | None = None) -> Path:
     """``config.json`` (format + the `SpeechLlamaConfig` as a dict) + ``model.safetensors`` (the whole
     state dict, frozen LM included) + ``tokenizer.model`` when given. Returns ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "config": dataclasses.asdict(model.cfg)}
-    (out / "config.json").write_text(json.dumps(meta, indent=2))
-    save_file(sd, str(out / "model.safetensors"))
-    if tokenizer_path is not None:
-        shutil.copyfile(tokenizer_path, out / "tokenizer.model")
-    return out
+    return write_checkpoint_dir(out_dir, meta, model.state_dict(), tokenizer_path)
 
 
 def load_speech_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> SpeechLlama:

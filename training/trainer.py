@@ -256,17 +256,8 @@ def train(cfg: RunConfig, ds_config: dict | None = None) -> TrainResult:
     model.train()
 
     ckpt_dir = run_dir / "checkpoints"
-    tag = _latest_tag(ckpt_dir) if cfg.train.resume else None
-    if tag is not None:
-        path, _client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False)
-        if path is None:
-            raise TrainError(f"{ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
-        state_file = ckpt_dir / tag / f"rank_{rank}.pt"
-        if not state_file.is_file():
-            raise TrainError(f"{state_file}: missing (saved with another world size than {world}?)")
-        state = torch.load(state_file, weights_only=False)
-        batches.load_state_dict(state["data"])
-        _set_rng_state(state["rng"])
+    if cfg.train.resume:
+        resume(engine, batches, ckpt_dir, rank, world)
     start = engine.global_steps
     gas = engine.gradient_accumulation_steps()
     device = engine.device
@@ -323,6 +314,22 @@ def train(cfg: RunConfig, ds_config: dict | None = None) -> TrainResult:
         result.export_dir = export(model, cfg, run_dir / "export", rank, tp_group, tok)
     dist.barrier()
     return result
+
+
+def resume(engine, batches: TrainBatches, ckpt_dir: Path, rank: int, world: int) -> None:
+    """Load ``ckpt_dir/latest`` if there is one: DeepSpeed's states, this rank's data position and RNGs."""
+    tag = _latest_tag(ckpt_dir)
+    if tag is None:
+        return
+    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False)
+    if path is None:
+        raise TrainError(f"{ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
+    state_file = ckpt_dir / tag / f"rank_{rank}.pt"
+    if not state_file.is_file():
+        raise TrainError(f"{state_file}: missing (saved with another world size than {world}?)")
+    state = torch.load(state_file, weights_only=False)
+    batches.load_state_dict(state["data"])
+    _set_rng_state(state["rng"])
 
 
 def save(engine, batches: TrainBatches, ckpt_dir: Path, step: int, rank: int) -> None:
@@ -396,14 +403,8 @@ def train_pipeline(cfg: RunConfig, ds_config: dict | None = None) -> TrainResult
     batches = build_batches(fixed, tok, model, engine.grid.get_data_parallel_rank(),
                             engine.grid.get_data_parallel_world_size())
     ckpt_dir = run_dir / "checkpoints"
-    tag = _latest_tag(ckpt_dir) if cfg.train.resume else None
-    if tag is not None:
-        path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False)
-        if path is None:
-            raise TrainError(f"{ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
-        state = torch.load(ckpt_dir / tag / f"rank_{rank}.pt", weights_only=False)
-        batches.load_state_dict(state["data"])
-        _set_rng_state(state["rng"])
+    if cfg.train.resume:
+        resume(engine, batches, ckpt_dir, rank, world)
     tokens_seen = [0]
 
     def data():

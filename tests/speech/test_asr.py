@@ -2,7 +2,6 @@
 
 import json
 import random
-import shutil
 
 import numpy as np
 import pytest
@@ -15,15 +14,11 @@ from adapters.vqa import build_tiny_tokenizer
 from speech import asr
 from speech.adapter import build_speech_llama
 
-needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
-
-
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory) -> Tokenizer:
     return build_tiny_tokenizer(tmp_path_factory.mktemp("asr_tok"), texts=asr.asr_corpus_text())
 
 
-@needs_espeak
 def test_synthesized_digits_are_speech_of_the_text(tmp_path):
     utts = asr.synthesize_digits(4, seed=3, out_dir=tmp_path, workers=2)
     again = asr.synthesize_digits(4, seed=3, workers=2)

@@ -1,13 +1,8 @@
 """The speech encoder + adapter learn to transcribe unseen spoken digits (a few minutes on 2 CPU cores)."""
 
 import json
-import shutil
-
-import pytest
 
 from scripts import bench_learning
-
-pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng (Debian) is not installed")
 
 
 def test_speech_adapter_transcribes_heldout_digits(tmp_path, capsys):

@@ -46,7 +46,8 @@ TINY_CLI = ["--preset", "tiny", "--steps", "3", "--batch-size", "2", "--warmup",
 def wavs(tmp_path_factory) -> Path:
     """espeak-ng utterances (22.05 kHz WAV) with transcript sidecars: the shard builder's folder input."""
     if ESPEAK is None:
-        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng): no real speech to pre-train on")
+        pytest.fail("espeak-ng is not installed (apt-get install espeak-ng; `make test` does it as root): "
+                    "these tests pre-train on real speech")
     root = tmp_path_factory.mktemp("wavs")
     for i, text in enumerate(SENTENCES):
         subprocess.run([ESPEAK, "-w", str(root / f"u{i:02d}.wav"), "-v", "en-us", text], check=True,

@@ -234,3 +234,21 @@ def test_tensor_parallel_run_tracks_the_single_process_run(stage1, tmp_path):
 
     with pytest.raises(TrainConfigError, match="tensor_parallel"):
         run_config(root, "x", "tensor_parallel=2", "kind=speech")
+
+
+def test_pipeline_mode_through_the_entry_point(stage1, tmp_path):
+    """`--parallel pipeline` on 2 ranks (2 stages of the tiny model): the trainer's checkpoints, log and
+    export work in pipeline mode too (the pipeline's numerics are checked in test_pipeline.py)."""
+    root, _, result = stage1
+    cfg = run_config(root, "pipe", "parallel=pipeline", "pipeline_stages=2", "train.steps=2", "train.save_every=2")
+    cfg = replace(cfg, train=replace(cfg.train, run_dir=str(tmp_path / "pipe")))
+    (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(cfg)))))
+    env = {**os.environ, "PYTHONPATH": str(Path.cwd()), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), "-m", "scripts.train_image_adapter", "--config", str(tmp_path / "pipe.yaml")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = [json.loads(line) for line in (tmp_path / "pipe" / "losses.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all(torch.isfinite(torch.tensor([r["loss"] for r in log])))
+    assert (tmp_path / "pipe" / "checkpoints" / "step_2").is_dir()
+    assert load_checkpoint(tmp_path / "pipe" / "export").cfg == load_checkpoint(result.export_dir).cfg
