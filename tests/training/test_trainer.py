@@ -39,6 +39,16 @@ def run_config(root: Path, run: str, *extra: str):
         f"deepspeed={root}/ds.json", *extra])
 
 
+def torchrun_trainer(config: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node N -m scripts.train_image_adapter --config CONFIG``, which must succeed."""
+    env = {**os.environ, "PYTHONPATH": str(Path.cwd()), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(free_port()), "-m", "scripts.train_image_adapter", "--config", str(config)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
     """A 6-step single-process run (checkpoints at steps 3 and 6) and its export."""
@@ -156,11 +166,7 @@ def test_two_processes_data_parallel(stage1, tmp_path):
            "optim": {"lr": 3e-3, "warmup": 1},
            "train": {"steps": 4, "save_every": 2, "run_dir": str(tmp_path / "dp"), "progress": False}}
     (tmp_path / "dp.yaml").write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "PYTHONPATH": str(Path.cwd()), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(free_port()), "-m", "scripts.train_image_adapter", "--config", str(tmp_path / "dp.yaml")]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = torchrun_trainer(tmp_path / "dp.yaml")
     summary = json.loads(done.stdout.strip().splitlines()[-1])  # rank 0 only prints it
     assert summary["last_step"] == 4 and summary["export"] == str(tmp_path / "dp" / "export")
     log = [json.loads(line) for line in (tmp_path / "dp" / "losses.jsonl").read_text().splitlines()]
@@ -216,11 +222,7 @@ def test_tensor_parallel_run_tracks_the_single_process_run(stage1, tmp_path):
     tp_cfg = run_config(root, "tp", "tensor_parallel=2", "train.save_every=6")
     tp_cfg = replace(tp_cfg, train=replace(tp_cfg.train, run_dir=str(tmp_path / "tp")))
     (tmp_path / "tp.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(tp_cfg)))))
-    env = {**os.environ, "PYTHONPATH": str(Path.cwd()), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), "-m", "scripts.train_image_adapter", "--config", str(tmp_path / "tp.yaml")]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun_trainer(tmp_path / "tp.yaml")
     log = [json.loads(line) for line in (tmp_path / "tp" / "losses.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
     for r in log:  # same batches, schedule and seeds as the one-process run
@@ -243,11 +245,7 @@ def test_pipeline_mode_through_the_entry_point(stage1, tmp_path):
     cfg = run_config(root, "pipe", "parallel=pipeline", "pipeline_stages=2", "train.steps=2", "train.save_every=2")
     cfg = replace(cfg, train=replace(cfg.train, run_dir=str(tmp_path / "pipe")))
     (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(cfg)))))
-    env = {**os.environ, "PYTHONPATH": str(Path.cwd()), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), "-m", "scripts.train_image_adapter", "--config", str(tmp_path / "pipe.yaml")]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun_trainer(tmp_path / "pipe.yaml")
     log = [json.loads(line) for line in (tmp_path / "pipe" / "losses.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all(torch.isfinite(torch.tensor([r["loss"] for r in log])))
     assert (tmp_path / "pipe" / "checkpoints" / "step_2").is_dir()
