@@ -6,14 +6,22 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test install clean system-deps
 
-# Debian packages the tests call: Tesseract (OCR filter) and espeak-ng (synthetic speech); installed when
-# running as root, else checked.
+# Debian programs the tests and demos run: Tesseract (OCR filter), espeak-ng (synthetic speech), ffmpeg and
+# ffprobe (test clips, bench_video). Installed when running as root, else checked; tests/system_deps.py names
+# the same programs, and a test whose program is missing fails with the install command.
+SYSTEM_PACKAGES := tesseract-ocr tesseract-ocr-eng espeak-ng ffmpeg
+SYSTEM_PROGRAMS := tesseract espeak-ng ffmpeg ffprobe
+
 system-deps:
-	@if ! command -v tesseract >/dev/null 2>&1 || ! tesseract --list-langs 2>/dev/null | grep -qx eng \
-			|| ! command -v espeak-ng >/dev/null 2>&1; then \
+	@missing=""; for p in $(SYSTEM_PROGRAMS); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if command -v tesseract >/dev/null 2>&1 && ! tesseract --list-langs 2>/dev/null | grep -qx eng; then \
+		missing="$$missing tesseract-eng"; fi; \
+	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends tesseract-ocr tesseract-ocr-eng espeak-ng; \
-		else echo "tesseract-ocr, tesseract-ocr-eng and espeak-ng are needed (apt-get install tesseract-ocr tesseract-ocr-eng espeak-ng)"; exit 1; fi; \
+			echo "installing Debian packages for:$$missing"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+				$(SYSTEM_PACKAGES) >/dev/null; \
+		else echo "missing:$$missing; install them with: apt-get install $(SYSTEM_PACKAGES)"; exit 1; fi; \
 	fi
 
 $(STAMP): pyproject.toml

@@ -15,9 +15,15 @@ with ``max_seconds=None`` and split with `chunk_audio`.
 Every failure (missing, empty, corrupt, unsupported, truncated flac, NaN/inf samples, too long with
 ``long="error"``) raises `AudioReadError` whose message starts with the file name ("<bytes>" for bytes).
 
-Truncation: libsndfile reports a cut flac as an error ("flac decoder lost sync"), but a cut WAV or OGG
-file reads cleanly as its prefix (the frame count is clamped to the bytes present). Those prefixes are
-correct audio, just shorter, and are returned as is.
+Only what is kept is decoded: the frame count comes from the header, so a 10-hour file cropped to 60 s
+reads 60 s (not 10 hours, ~2.7 GiB of float32, before dropping it), and ``long="error"`` raises before
+decoding anything. ``Audio.source_duration_s`` keeps the whole file's length.
+
+Truncation: libsndfile reports a cut flac as an error ("flac decoder lost sync") and a cut OGG as
+malformed, but reads a cut WAV as its prefix (the frame count is clamped to the bytes present). A WAV
+whose header declares more audio than the file holds is an error here: its transcript describes audio
+that is not there. (A ``data`` size of 0 or 0xFFFFFFFF, which streaming writers leave when they cannot
+seek back, declares nothing and is read as is.)
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ class Audio:
     the kept part) with |x| >= 0.999 of full scale. rms_db: 20 * log10(RMS) of ``samples`` in dBFS, where a
     full-scale square wave is 0 dBFS and a full-scale sine -3 dBFS; digital silence is -200.
     offset_s: where ``samples`` starts in the source (non-zero for `chunk_audio` pieces).
+    source_duration_s: the whole file's length from its header (longer than ``duration_s`` when cropped).
     """
 
     samples: np.ndarray
@@ -71,6 +78,7 @@ class Audio:
     clipped_fraction: float
     rms_db: float
     offset_s: float = 0.0
+    source_duration_s: float | None = None
 
     @property
     def is_silent(self) -> bool:
@@ -92,21 +100,59 @@ def rms_db(samples: np.ndarray) -> float:
     return max(20.0 * math.log10(rms), RMS_FLOOR_DB) if rms > 0 else RMS_FLOOR_DB
 
 
-def _read(src: AudioSource, name: str) -> tuple[np.ndarray, int]:
-    """-> (samples (T, C) float32, sample rate), every soundfile failure as an AudioReadError."""
+def _open(src: AudioSource, name: str) -> tuple[io.BytesIO | Path, int]:
+    """-> (what soundfile opens, size in bytes); a missing or empty input is an AudioReadError."""
     if isinstance(src, (bytes, bytearray, memoryview)):
-        if len(src) == 0:
-            raise AudioReadError(name, "empty file (0 bytes)")
-        file = io.BytesIO(bytes(src))
+        file, size = io.BytesIO(bytes(src)), len(src)
     else:
-        path = Path(os.fspath(src))
-        if not path.is_file():
-            raise AudioReadError(name, "no such file")
-        if path.stat().st_size == 0:
-            raise AudioReadError(name, "empty file (0 bytes)")
-        file = path
+        file = Path(os.fspath(src))
+        if not file.is_file():
+            raise AudioReadError(name, "no such file" if not file.exists() else "not a regular file")
+        size = file.stat().st_size
+    if size == 0:
+        raise AudioReadError(name, "empty file (0 bytes)")
+    return file, size
+
+
+def wav_data_shortfall(head: bytes, size: int) -> tuple[int, int] | None:
+    """(declared, present) bytes of a RIFF/WAVE file's ``data`` chunk when it declares more than the file
+    holds, else None. ``head`` is the file's start (it must reach the data chunk's header); a data size
+    of 0 or 0xFFFFFFFF (left by writers that cannot seek back) declares nothing."""
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    pos = 12
+    while pos + 8 <= len(head):
+        chunk, length = head[pos:pos + 4], int.from_bytes(head[pos + 4:pos + 8], "little")
+        if chunk == b"data":
+            present = size - (pos + 8)
+            if length in (0, 0xFFFFFFFF) or length <= present:
+                return None
+            return length, present
+        pos += 8 + length + (length & 1)  # chunks are word-aligned
+    return None
+
+
+_WAV_HEAD_BYTES = 1 << 16  # fmt, fact, LIST... chunks before "data" fit in this
+
+
+def _read(src: AudioSource, name: str, max_seconds: float | None, long: str) -> tuple[np.ndarray, int, int]:
+    """-> (samples (T, C) float32 of at most ``max_seconds``, sample rate, frames in the whole file), every
+    soundfile failure as an AudioReadError. Frames past ``max_seconds`` are never decoded."""
+    file, size = _open(src, name)
     try:
-        data, sr = sf.read(file, dtype="float32", always_2d=True)
+        with sf.SoundFile(file) as snd:
+            sr, n_src = int(snd.samplerate), int(snd.frames)
+            if snd.format in ("WAV", "WAVEX"):
+                _check_wav(file, size, name, snd.channels * _bytes_per_sample(snd.subtype), sr)
+            if max_seconds is not None and n_src > max_seconds * sr:
+                if long == "error":
+                    raise AudioReadError(name, f"{n_src / sr:.2f} s is longer than max_seconds={max_seconds:g}")
+                n_read = math.ceil(max_seconds * sr)
+            else:
+                n_read = n_src
+            data = snd.read(n_read, dtype="float32", always_2d=True)
+    except AudioReadError:
+        raise
     except (sf.SoundFileError, RuntimeError, TypeError, ValueError) as e:  # LibsndfileError: SoundFileError
         msg = str(e)
         if msg.startswith("Error opening "):  # "Error opening <repr of the file object>: <reason>"
@@ -116,7 +162,31 @@ def _read(src: AudioSource, name: str) -> tuple[np.ndarray, int]:
         raise AudioReadError(name, "no audio samples (0 frames)")
     if not np.isfinite(data).all():
         raise AudioReadError(name, f"{int((~np.isfinite(data)).sum())} NaN/inf samples")
-    return data, int(sr)
+    return data, sr, n_src
+
+
+def _bytes_per_sample(subtype: str) -> int:
+    return {"PCM_U8": 1, "PCM_S8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 4, "DOUBLE": 8,
+            "ULAW": 1, "ALAW": 1}.get(subtype, 0)
+
+
+def _check_wav(file: io.BytesIO | Path, size: int, name: str, frame_bytes: int, sr: int) -> None:
+    """A WAV that declares more audio than it holds is an AudioReadError (libsndfile would clamp it)."""
+    if isinstance(file, io.BytesIO):
+        head = file.getbuffer()[:_WAV_HEAD_BYTES].tobytes()
+    else:
+        with open(file, "rb") as f:
+            head = f.read(_WAV_HEAD_BYTES)
+    short = wav_data_shortfall(head, size)
+    if short is None:
+        return
+    declared, present = short
+    if frame_bytes:
+        what = (f"{declared // frame_bytes} frames ({declared / frame_bytes / sr:.2f} s), the file holds "
+                f"{present // frame_bytes} ({present / frame_bytes / sr:.2f} s)")
+    else:
+        what = f"{declared} bytes of audio, the file holds {present}"
+    raise AudioReadError(name, f"truncated WAV: its header declares {what}")
 
 
 def load_audio(
@@ -135,15 +205,12 @@ def load_audio(
     if max_seconds is not None and not max_seconds > 0:
         raise ValueError(f"max_seconds must be > 0 or None, got {max_seconds!r}")
     name = source_name(src)
-    data, sr = _read(src, name)
-    n_src, channels = data.shape
+    # Cropped while reading (no decoding of audio we drop); the resampler then sees the cut as the end of
+    # the signal, which only changes the last few milliseconds of the kept audio.
+    data, sr, n_src = _read(src, name, max_seconds, long)
+    channels = data.shape[1]
     out_len = round(n_src * sample_rate / sr)
-    if max_seconds is not None and n_src > max_seconds * sr:
-        if long == "error":
-            raise AudioReadError(name, f"{n_src / sr:.2f} s is longer than max_seconds={max_seconds:g}")
-        # Crop before resampling (no work on audio we drop); the resampler then sees the cut as the end
-        # of the signal, which only changes the last few milliseconds of the kept audio.
-        data = data[: math.ceil(max_seconds * sr)]
+    if data.shape[0] < n_src:
         out_len = round(max_seconds * sample_rate)
     clipped = float(np.mean(np.abs(data) >= CLIP_LEVEL))
     mono = data.mean(axis=1, dtype=np.float32) if channels > 1 else data[:, 0]
@@ -152,7 +219,8 @@ def load_audio(
     mono = np.ascontiguousarray(mono[:out_len], dtype=np.float32)
     if len(mono) == 0:
         raise AudioReadError(name, f"too short: {n_src} samples at {sr} Hz give none at {sample_rate} Hz")
-    return Audio(mono, sample_rate, sr, channels, len(mono) / sample_rate, clipped, rms_db(mono))
+    return Audio(mono, sample_rate, sr, channels, len(mono) / sample_rate, clipped, rms_db(mono),
+                 source_duration_s=n_src / sr)
 
 
 def chunk_audio(audio: Audio, seconds: float = MAX_SECONDS) -> list[Audio]:
@@ -178,6 +246,7 @@ def chunk_audio(audio: Audio, seconds: float = MAX_SECONDS) -> list[Audio]:
             clipped_fraction=float(np.mean(np.abs(x) >= CLIP_LEVEL)),
             rms_db=rms_db(x),
             offset_s=audio.offset_s + start / audio.sample_rate,
+            source_duration_s=audio.source_duration_s,
         ))
     return pieces
 

@@ -1,6 +1,5 @@
 """OCR through the real tesseract binary on text rendered with PIL; failure modes through stand-in scripts."""
 
-import shutil
 import time
 from pathlib import Path
 
@@ -8,12 +7,13 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from data_curation.ocr import (OCRError, OCRTimeoutError, OCRUnavailableError, TesseractOCR, parse_tsv)
+from tests.system_deps import require_binary
 
 
 
 def test_tesseract_is_installed():
     # `make test` installs it (Debian tesseract-ocr + tesseract-ocr-eng); the OCR tests below need it.
-    assert shutil.which("tesseract"), "no tesseract: apt-get install tesseract-ocr tesseract-ocr-eng"
+    require_binary("tesseract")
 
 FONT = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
 

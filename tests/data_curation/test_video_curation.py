@@ -25,6 +25,7 @@ from data_curation.video_filters import (VideoCaptionRules, clean_caption, clip_
 from data_curation.video_shards import (VideoCurationConfig, build_video_shards, container_ext, load_video_config,
                                         open_video_input)
 from scripts import build_video_shards as cli
+from tests.system_deps import require_binary
 from video.reader import VideoReader
 from vision.clip_pretrain import ClipTrainConfig, build_clip
 from vision.encoder import vision_config
@@ -90,7 +91,7 @@ def clips(tmp_path_factory) -> dict[str, bytes]:
         "static": write_video(d / "static.mp4", [texture(128, 96)] * 20),
         "text": write_video(d / "text.mp4", [text_frame()] * 10),
     }
-    subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
+    subprocess.run([require_binary("ffmpeg"), "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
                     "sine=frequency=440:duration=1",
                     "-c:a", "aac", "-f", "mp4", "-y", str(d / "audio.mp4")], check=True)
     out["audio"] = (d / "audio.mp4").read_bytes()

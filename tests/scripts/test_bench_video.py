@@ -1,15 +1,15 @@
 """scripts.bench_video runs end to end on a tiny clip and a tiny model and reports sane numbers."""
 
 import json
-import shutil
 
 import pytest
 
 from scripts import bench_video
+from tests.system_deps import require_binary
 
 
-@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg writes the test clip")
 def test_bench_video_json_small(capsys):
+    require_binary("ffmpeg")  # it writes the test clip
     assert bench_video.main(["--json", "--seconds", "2", "--height", "144", "--frames", "8", "--configs", "tiny"]) == 0
     out = json.loads(capsys.readouterr().out)
 

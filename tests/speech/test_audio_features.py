@@ -6,7 +6,6 @@ Audio is synthesised: sines, chirps, noise, and a real speech clip from espeak-n
 """
 
 import pickle
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -22,12 +21,13 @@ from speech.audio import (
     AudioReadError,
     chunk_audio,
     load_audio,
+    wav_data_shortfall,
     write_audio,
 )
 from speech.features import LogMel, LogMelConfig, mel_filterbank, normalize_features
+from tests.system_deps import require_binary
 
 SR = 16_000
-ESPEAK = shutil.which("espeak-ng")
 
 
 def sine(freq: float, seconds: float, rate: int, amp: float = 0.5) -> np.ndarray:
@@ -50,11 +50,9 @@ def peak_hz(x: np.ndarray, rate: int) -> float:
 
 @pytest.fixture(scope="module")
 def speech_wav(tmp_path_factory) -> Path:
-    if ESPEAK is None:
-        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng): no real speech clip to test on")
     path = tmp_path_factory.mktemp("speech") / "fox.wav"
     text = "The quick brown fox jumps over the lazy dog. Speech recognition needs clean features."
-    subprocess.run([ESPEAK, "-w", str(path), text], check=True, capture_output=True, timeout=30)
+    subprocess.run([require_binary("espeak-ng"), "-w", str(path), text], check=True, capture_output=True, timeout=30)
     return path
 
 
@@ -253,7 +251,8 @@ def test_corrupt_files_name_the_file(tmp_path):
 
 
 def test_truncated_files(tmp_path):
-    """libsndfile raises on a cut flac ("decoder lost sync"); a cut wav reads as its (correct) prefix."""
+    """libsndfile raises on a cut flac ("decoder lost sync"); a cut wav, which libsndfile would read as its
+    prefix, is an error too: its header declares audio the file does not hold."""
     x = (0.1 * np.random.default_rng(4).standard_normal(3 * SR)).astype(np.float32)
     flac = write_audio(tmp_path / "full.flac", x, SR).read_bytes()
     cut = tmp_path / "cut.flac"
@@ -261,9 +260,45 @@ def test_truncated_files(tmp_path):
     with pytest.raises(AudioReadError, match=r"cut\.flac: .*lost sync"):
         load_audio(cut)
     wav = write_audio(tmp_path / "full.wav", x, SR).read_bytes()
-    audio = load_audio(wav[: len(wav) // 2])
-    assert 0 < len(audio.samples) < len(x)
-    np.testing.assert_allclose(audio.samples, x[: len(audio.samples)], atol=1 / 32_768)
+    held = (len(wav) // 2 - 44) // 2
+    with pytest.raises(AudioReadError, match=rf"<bytes>: truncated WAV: its header declares 48000 frames "
+                                             rf"\(3\.00 s\), the file holds {held} \(1\.50 s\)"):
+        load_audio(wav[: len(wav) // 2])
+    (tmp_path / "cut.wav").write_bytes(wav[: len(wav) // 2])
+    with pytest.raises(AudioReadError, match=r"cut\.wav: truncated WAV"):
+        load_audio(tmp_path / "cut.wav")
+
+
+def test_streamed_wav_without_a_data_size_reads_whole(tmp_path):
+    """Writers that cannot seek back (a pipe) leave the data size 0xFFFFFFFF: that declares nothing."""
+    x = sine(440, 1.0, SR, amp=0.2)
+    wav = bytearray(write_audio(tmp_path / "x.wav", x, SR).read_bytes())
+    assert wav[36:40] == b"data"
+    wav[40:44] = (0xFFFFFFFF).to_bytes(4, "little")
+    audio = load_audio(bytes(wav))
+    np.testing.assert_allclose(audio.samples, x, atol=1 / 32_768)
+    assert wav_data_shortfall(bytes(wav[:64]), len(wav)) is None
+    assert wav_data_shortfall(b"not a wav at all", 100) is None
+
+
+def test_long_audio_decodes_only_what_is_kept(tmp_path):
+    """A 10-minute file cropped to 10 s decodes 10 s: peak memory stays near what 10 s cost (decoded,
+    resampled, copied: ~1.6 MB), far below the whole file as float32, and the header's length is kept."""
+    import tracemalloc
+
+    rate = 8_000
+    path = write_audio(tmp_path / "ten_min.wav", sine(200, 600.0, rate, amp=0.1), rate)
+    tracemalloc.start()
+    try:
+        audio = load_audio(path, max_seconds=10.0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert audio.duration_s == 10.0 and audio.source_duration_s == 600.0
+    whole = 600 * rate * 4  # the whole file as float32: 19.2 MB
+    assert peak < whole / 4, f"peak {peak / 1e6:.1f} MB: the whole file was decoded"
+    with pytest.raises(AudioReadError, match="600.00 s is longer"):
+        load_audio(path, max_seconds=60.0, long="error")
 
 
 def test_silent_and_clipped(tmp_path):

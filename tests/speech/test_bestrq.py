@@ -1,7 +1,6 @@
 """BEST-RQ: frozen quantizer, span masks, loss on masked valid frames only, and a short training run."""
 
 import math
-import shutil
 import subprocess
 
 import numpy as np
@@ -13,6 +12,7 @@ from torch import nn
 from speech.bestrq import BestRQ, BestRQConfig, RandomProjectionQuantizer, span_mask, stack_frames
 from speech.conformer import ConformerEncoder, conformer_config
 from speech.features import LogMel, normalize_features
+from tests.system_deps import require_binary
 
 SMALL = BestRQConfig(n_codebooks=4, codebook_size=256)  # paper values elsewhere; fewer codes for speed
 
@@ -243,25 +243,15 @@ SENTENCES = [
 
 
 def speech_batch(tmp_path):
-    """(wave (B, T) at 16 kHz, lengths): espeak-ng speech if installed, else synthetic vowel-like tones."""
-    waves = []
-    if shutil.which("espeak-ng"):
-        from speech.audio import load_audio  # soundfile read + soxr resample 22050 -> 16000
+    """(wave (B, T) at 16 kHz, lengths): espeak-ng speech."""
+    from speech.audio import load_audio  # soundfile read + soxr resample 22050 -> 16000
 
-        for i, text in enumerate(SENTENCES):
-            path = tmp_path / f"{i}.wav"
-            subprocess.run(["espeak-ng", "-w", str(path), text], check=True, capture_output=True)
-            waves.append(torch.from_numpy(load_audio(path).samples))
-    else:
-        g = torch.Generator().manual_seed(0)
-        for i in range(4):
-            n = 16000 * 2 + 3000 * i
-            t = torch.arange(n) / 16000
-            f0 = 110 + 40 * torch.sin(2 * math.pi * (0.5 + 0.2 * i) * t)
-            phase = 2 * math.pi * torch.cumsum(f0, 0) / 16000
-            wave = sum(torch.sin(h * phase) / h for h in range(1, 12))
-            envelope = 0.6 + 0.4 * torch.sin(2 * math.pi * 3 * t)
-            waves.append(0.1 * wave * envelope + 0.01 * torch.randn(n, generator=g))
+    espeak = require_binary("espeak-ng")
+    waves = []
+    for i, text in enumerate(SENTENCES):
+        path = tmp_path / f"{i}.wav"
+        subprocess.run([espeak, "-w", str(path), text], check=True, capture_output=True)
+        waves.append(torch.from_numpy(load_audio(path).samples))
     lengths = torch.tensor([len(w) for w in waves])
     return nn.utils.rnn.pad_sequence(waves, batch_first=True), lengths
 

@@ -26,8 +26,8 @@ from speech.features import LogMel, LogMelConfig
 from speech.pretrain import (AudioClips, AudioSourceError, PretrainConfig, load_bestrq,
                              load_pretrained_encoder, pad_waves, read_encoder_config, save_pretrained,
                              train_bestrq)
+from tests.system_deps import require_binary
 
-ESPEAK = shutil.which("espeak-ng")
 SENTENCES = [
     "the quick brown fox jumps over the lazy dog", "she sells sea shells by the sea shore",
     "how much wood would a woodchuck chuck", "peter piper picked a peck of pickled peppers",
@@ -45,12 +45,10 @@ TINY_CLI = ["--preset", "tiny", "--steps", "3", "--batch-size", "2", "--warmup",
 @pytest.fixture(scope="module")
 def wavs(tmp_path_factory) -> Path:
     """espeak-ng utterances (22.05 kHz WAV) with transcript sidecars: the shard builder's folder input."""
-    if ESPEAK is None:
-        pytest.fail("espeak-ng is not installed (apt-get install espeak-ng; `make test` does it as root): "
-                    "these tests pre-train on real speech")
+    espeak = require_binary("espeak-ng")  # these tests pre-train on real speech
     root = tmp_path_factory.mktemp("wavs")
     for i, text in enumerate(SENTENCES):
-        subprocess.run([ESPEAK, "-w", str(root / f"u{i:02d}.wav"), "-v", "en-us", text], check=True,
+        subprocess.run([espeak, "-w", str(root / f"u{i:02d}.wav"), "-v", "en-us", text], check=True,
                        capture_output=True)
         (root / f"u{i:02d}.txt").write_text(text)
     return root
