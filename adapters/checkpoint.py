@@ -12,29 +12,77 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from adapters.llama import Llama, LlamaConfig, RopeScaling, rope_frequencies
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory or file that cannot be loaded; the message names the file and the field."""
+from adapters.config_io import CheckpointError, dataclass_from_dict
+from adapters.llama import Llama, LlamaConfig, rope_frequencies
 
 
 # ----------------------------------------------------------------------------------------------
-# Configs
+# Configs: Meta's params.json and HF's config.json are read through typed views (dataclasses named after
+# their keys), so types and bounds are checked by the one strict reader before anything is built.
 
 
-_META_LM_KEYS = {
-    "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
-    "norm_eps", "rope_theta", "use_scaled_rope", "rope_scaling_factor", "rope_high_freq_factor",
-    "max_seq_len",
-}
-# Keys that belong to the vision side of a Llama 3.2 Vision params.json; read by the multimodal loader.
-_META_VISION_KEYS = {"vision_chunk_size", "vision_max_num_chunks", "vision_num_cross_attention_layers"}
+@dataclass(frozen=True)
+class MetaParams:
+    """The keys of a Llama 3 / 3.2 Vision ``params.json`` (llama-models' ``ModelArgs``), with their types."""
+
+    dim: int
+    n_layers: int
+    n_heads: int
+    vocab_size: int
+    n_kv_heads: int | None = None
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    use_scaled_rope: bool = False
+    rope_scaling_factor: float = 8.0  # 3.1 uses 8; 3.2 1B/3B record their own factor
+    rope_high_freq_factor: float = 4.0
+    max_seq_len: int | None = None
+    # The vision side of a Llama 3.2 Vision params.json; read by ``adapters.mllama_meta``.
+    vision_chunk_size: int | None = None
+    vision_max_num_chunks: int | None = None
+    vision_num_cross_attention_layers: int | None = None
+
+
+@dataclass(frozen=True)
+class HFLlamaFields:
+    """The keys of an HF ``LlamaConfig`` that decide the model. HF configs carry many more (token ids,
+    ``torch_dtype``, ``transformers_version``...) that do not: those are not read."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    vocab_size: int
+    model_type: str = "llama"
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+
+
+@dataclass(frozen=True)
+class HFRopeScaling:
+    """HF's ``rope_scaling`` object for ``rope_type: llama3`` (older files spell the key ``type``)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+    rope_type: str | None = None
+    type: str | None = None
 
 
 def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
@@ -45,74 +93,51 @@ def meta_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
-def config_from_meta_params(params: dict, source: str = "params.json") -> LlamaConfig:
-    unknown = set(params) - _META_LM_KEYS - _META_VISION_KEYS
-    if unknown:
-        raise CheckpointError(f"{source}: unknown keys {sorted(unknown)}")
-    for key in ("dim", "n_layers", "n_heads", "vocab_size"):
-        if key not in params:
-            raise CheckpointError(f"{source}: missing required key {key!r}")
+def read_meta_params(params: Any, source: str = "params.json") -> MetaParams:
+    """``params.json`` as a `MetaParams`: unknown keys, wrong types and bounds are CheckpointErrors."""
+    return dataclass_from_dict(MetaParams, params, source)
+
+
+def config_from_meta_params(params: Any, source: str = "params.json") -> LlamaConfig:
+    p = read_meta_params(params, source)
     scaling = None
-    if params.get("use_scaled_rope", False):
-        # 3.1 uses factor 8; 3.2 1B/3B record their own factor in params.json.
-        scaling = RopeScaling(
-            factor=float(params.get("rope_scaling_factor", 8.0)),
-            high_freq_factor=float(params.get("rope_high_freq_factor", 4.0)),
-        )
-    dim = params["dim"]
-    return LlamaConfig(
-        dim=dim,
-        n_layers=params["n_layers"],
-        n_heads=params["n_heads"],
-        n_kv_heads=params.get("n_kv_heads") or params["n_heads"],
-        ffn_dim=meta_ffn_dim(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier")),
-        vocab_size=params["vocab_size"],
-        norm_eps=params.get("norm_eps", 1e-5),
-        rope_theta=params.get("rope_theta", 500000.0),
-        rope_scaling=scaling,
-        max_seq_len=params.get("max_seq_len", 131072 if scaling else 8192),
-    )
+    if p.use_scaled_rope:
+        scaling = {"factor": p.rope_scaling_factor, "high_freq_factor": p.rope_high_freq_factor}
+    lm = {"dim": p.dim, "n_layers": p.n_layers, "n_heads": p.n_heads, "n_kv_heads": p.n_kv_heads or p.n_heads,
+          "ffn_dim": meta_ffn_dim(p.dim, p.multiple_of, p.ffn_dim_multiplier), "vocab_size": p.vocab_size,
+          "norm_eps": p.norm_eps, "rope_theta": p.rope_theta, "rope_scaling": scaling,
+          "max_seq_len": p.max_seq_len or (131072 if scaling else 8192)}
+    return dataclass_from_dict(LlamaConfig, lm, source)
 
 
-def config_from_hf(config: dict, source: str = "config.json") -> LlamaConfig:
+def config_from_hf(config: Any, source: str = "config.json") -> LlamaConfig:
     """Read an HF ``LlamaConfig`` dict. Architectures other than plain Llama are refused by name."""
-    model_type = config.get("model_type", "llama")
-    if model_type != "llama":
-        raise CheckpointError(f"{source}: model_type {model_type!r} is not 'llama'")
-    try:
-        dim, n_heads = config["hidden_size"], config["num_attention_heads"]
-        scaling_cfg = config.get("rope_scaling")
-        scaling = None
-        if scaling_cfg is not None:
-            kind = scaling_cfg.get("rope_type", scaling_cfg.get("type"))
-            if kind != "llama3":
-                raise CheckpointError(f"{source}: rope_scaling type {kind!r} is not supported (only 'llama3')")
-            scaling = RopeScaling(
-                factor=float(scaling_cfg["factor"]),
-                low_freq_factor=float(scaling_cfg["low_freq_factor"]),
-                high_freq_factor=float(scaling_cfg["high_freq_factor"]),
-                original_max_position_embeddings=int(scaling_cfg["original_max_position_embeddings"]),
-            )
-        head_dim = config.get("head_dim") or dim // n_heads
-        if head_dim != dim // n_heads:
-            raise CheckpointError(f"{source}: head_dim {head_dim} != hidden_size/num_attention_heads")
-        if config.get("attention_bias") or config.get("mlp_bias"):
-            raise CheckpointError(f"{source}: attention_bias/mlp_bias are not part of Llama 3")
-        return LlamaConfig(
-            dim=dim,
-            n_layers=config["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=config.get("num_key_value_heads") or n_heads,
-            ffn_dim=config["intermediate_size"],
-            vocab_size=config["vocab_size"],
-            norm_eps=config.get("rms_norm_eps", 1e-5),
-            rope_theta=config.get("rope_theta", 500000.0),
-            rope_scaling=scaling,
-            max_seq_len=config.get("max_position_embeddings", 8192),
-            tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-        )
-    except KeyError as e:
-        raise CheckpointError(f"{source}: missing required key {e.args[0]!r}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source}: expected an object, got {type(config).__name__}")
+    names = {f.name for f in fields(HFLlamaFields)}
+    c = dataclass_from_dict(HFLlamaFields, {k: v for k, v in config.items() if k in names}, source)
+    if c.model_type != "llama":
+        raise CheckpointError(f"{source}: model_type {c.model_type!r} is not 'llama'")
+    scaling = None
+    if c.rope_scaling is not None:
+        kind = c.rope_scaling.get("rope_type", c.rope_scaling.get("type"))
+        if kind != "llama3":
+            raise CheckpointError(f"{source}: rope_scaling type {kind!r} is not supported (only 'llama3')")
+        s = dataclass_from_dict(HFRopeScaling, c.rope_scaling, f"{source}.rope_scaling")
+        scaling = {"factor": s.factor, "low_freq_factor": s.low_freq_factor,
+                   "high_freq_factor": s.high_freq_factor,
+                   "original_max_position_embeddings": s.original_max_position_embeddings}
+    head_dim = c.head_dim or c.hidden_size // c.num_attention_heads
+    if head_dim != c.hidden_size // c.num_attention_heads:
+        raise CheckpointError(f"{source}: head_dim {head_dim} != hidden_size/num_attention_heads")
+    if c.attention_bias or c.mlp_bias:
+        raise CheckpointError(f"{source}: attention_bias/mlp_bias are not part of Llama 3")
+    lm = {"dim": c.hidden_size, "n_layers": c.num_hidden_layers, "n_heads": c.num_attention_heads,
+          "n_kv_heads": c.num_key_value_heads or c.num_attention_heads, "ffn_dim": c.intermediate_size,
+          "vocab_size": c.vocab_size, "norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta,
+          "rope_scaling": scaling, "max_seq_len": c.max_position_embeddings,
+          "tie_embeddings": c.tie_word_embeddings}
+    return dataclass_from_dict(LlamaConfig, lm, source)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,14 +278,26 @@ def read_safetensors_file(f: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{f}: cannot read safetensors ({e})") from e
 
 
+def index_shard_names(index: Path) -> tuple[dict, list[str]]:
+    """The weight map of ``model.safetensors.index.json`` and its shard file names. A name that is not a
+    plain file name in the checkpoint folder (``../outside.safetensors``, an absolute path, a
+    subfolder) is refused: the index must not make us read files outside the checkpoint."""
+    meta = read_json(index)
+    weight_map = meta.get("weight_map") if isinstance(meta, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: no 'weight_map' object")
+    names = sorted(set(weight_map.values()), key=str)
+    for name in names:
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise CheckpointError(f"{index}: shard file {name!r} is not a file name inside {index.parent}")
+    return weight_map, names
+
+
 def read_safetensors_dir(path: Path) -> dict[str, Tensor]:
     """All tensors of an HF directory: a single ``*.safetensors`` file or an indexed set of shards."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index}: no 'weight_map' object")
-        files = sorted(set(weight_map.values()))
+        weight_map, files = index_shard_names(index)
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
@@ -327,24 +364,55 @@ def detect_layout(path: Path) -> str:
 # Building the model
 
 
+def check_dtypes(model: torch.nn.Module, sd: dict[str, Tensor], source: str) -> None:
+    """Every tensor is a float where the model holds a float, and all float tensors share one dtype: an
+    fp16 tensor among fp32 ones would load (``assign=True`` keeps its dtype) and fail later, at inference."""
+    expected = model.state_dict()
+    float_dtypes: dict[torch.dtype, str] = {}
+    for key, value in sd.items():
+        want = expected[key].dtype
+        kind_differs = want.is_floating_point != value.dtype.is_floating_point
+        if kind_differs or (not want.is_floating_point and value.dtype != want):
+            raise CheckpointError(f"{source}: {key} has dtype {value.dtype}, the model expects {want}")
+        if value.dtype.is_floating_point:
+            float_dtypes.setdefault(value.dtype, key)
+    if len(float_dtypes) > 1:
+        seen = ", ".join(f"{dt} ({key}, ...)" for dt, key in float_dtypes.items())
+        raise CheckpointError(f"{source}: tensors of several float dtypes: {seen}; a model has one dtype")
+
+
 def load_state_dict_strict(model: torch.nn.Module, sd: dict[str, Tensor], source: str) -> None:
-    """load_state_dict(strict) with an error that lists the unknown and missing keys by name."""
-    expected = set(model.state_dict())
-    unknown, missing = sorted(set(sd) - expected), sorted(expected - set(sd))
+    """load_state_dict(strict) with an error that lists the unknown and missing keys by name, and refuses
+    a tensor of the wrong shape or dtype (`check_dtypes`)."""
+    expected = model.state_dict()
+    unknown, missing = sorted(set(sd) - set(expected)), sorted(set(expected) - set(sd))
     if unknown or missing:
         raise CheckpointError(f"{source}: unknown keys {unknown[:10]}; missing keys {missing[:10]}")
     for key, value in sd.items():
-        want = model.state_dict()[key].shape
+        want = expected[key].shape
         if value.shape != want:
             raise CheckpointError(f"{source}: {key} has shape {tuple(value.shape)}, model expects {tuple(want)}")
+    check_dtypes(model, sd, source)
     model.load_state_dict(sd, strict=True, assign=True)
+
+
+def cast_floats(sd: dict[str, Tensor], dtype: torch.dtype | None) -> dict[str, Tensor]:
+    """Float tensors cast to ``dtype`` (None: as stored); other tensors are left for `check_dtypes`."""
+    if dtype is None:
+        return sd
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
 
 
 def llama_from_state_dict(cfg: LlamaConfig, sd: dict[str, Tensor], source: str, dtype=None) -> Llama:
     with torch.device("meta"):
         model = Llama(cfg)
-    if dtype is not None:
-        sd = {k: v.to(dtype) for k, v in sd.items()}
+    sd = cast_floats(sd, dtype)
+    if cfg.tie_embeddings:
+        # One tensor under both names (the model's state dict lists it twice); checkpoints that store
+        # ``lm_head.weight`` anyway had it dropped by ``hf_to_meta_state_dict``.
+        sd = dict(sd)
+        if "tok_embeddings.weight" in sd:
+            sd["output.weight"] = sd["tok_embeddings.weight"]
     load_state_dict_strict(model, sd, source)
     if cfg.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
@@ -382,6 +450,7 @@ def save_meta_checkpoint(model: Llama, path: str | Path, n_shards: int = 1) -> P
         "dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
         "vocab_size": cfg.vocab_size, "multiple_of": 1, "ffn_dim_multiplier": multiplier,
         "norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "use_scaled_rope": cfg.rope_scaling is not None,
+        "max_seq_len": cfg.max_seq_len,  # ModelArgs' field: without it the context reads back as 8K or 128K
     }
     if cfg.rope_scaling is not None:
         if (cfg.rope_scaling.low_freq_factor, cfg.rope_scaling.original_max_position_embeddings) != (1.0, 8192):

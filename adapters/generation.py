@@ -15,12 +15,32 @@ from torch import Tensor
 from adapters.multimodal import ImageBatch, MultimodalLlama, VideoBatch
 
 
+class GenerationLengthError(ValueError):
+    """The prompt plus the tokens asked for do not fit the model's context (its ``max_seq_len``)."""
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def check_length(prompt_len: int, max_new_tokens: int, max_seq_len: int) -> None:
+    """Refuse, before any cache is allocated, a request whose positions would run past ``max_seq_len``."""
+    if prompt_len + max_new_tokens > max_seq_len:
+        raise GenerationLengthError(
+            f"the prompt ({prompt_len} tokens) plus max_new_tokens ({max_new_tokens}) exceed the model's "
+            f"max_seq_len ({max_seq_len}); ask for at most {max(max_seq_len - prompt_len, 0)} new tokens")
 
 
 def sample_next(logits: Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> Tensor:
@@ -53,6 +73,7 @@ def generate(
     cross-attention layer's K/V run once, on the prompt; every decoding step reuses them.
     """
     B, T = prompt.shape
+    check_length(T, sampling.max_new_tokens, model.cfg.lm.max_seq_len)
     device = prompt.device
     generator = None
     if sampling.seed is not None:

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from adapters.checkpoint import (
     CheckpointError,
+    cast_floats,
     read_json,
     config_from_hf,
     hf_to_meta_rope,
@@ -242,8 +243,7 @@ def _build(
         raise CheckpointError(f"{source}: missing keys {_few([show(k) for k in missing])}; "
                               f"unknown keys {_few([show(k) for k in unknown])}")
     sd = {key: f.fn([ckpt[k] for k in f.keys]) for key, f in plan.items()}
-    if dtype is not None:
-        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    sd = cast_floats(sd, dtype)
     load_state_dict_strict(model, sd, source)  # shapes, and the final key set once more
     # Non-persistent buffer: recompute on the weights' device.
     model.lm.inv_freq = rope_frequencies(cfg.lm.head_dim, cfg.lm.rope_theta, cfg.lm.rope_scaling).to(

@@ -1,13 +1,21 @@
 """Our own multimodal checkpoint: ``config.json`` + ``model.safetensors`` (+ ``tokenizer.model``).
 
 With ``lm_path`` the frozen LM is not copied (it is bitwise the checkpoint it came from): the
-directory then holds the adapter, encoder and projector only, and records where the LM lives.
+directory then holds the adapter, encoder and projector only, and records where the LM lives in a
+way that survives moving the export: the absolute path, the path relative to the export, and a
+fingerprint of the LM (`lm_fingerprint`). Loading tries an explicit ``lm_path`` (``--lm``) alone, else
+the absolute then the relative path, and takes the first LM whose config and fingerprint match.
+
+Exports written before fingerprints (``lm_path`` only, maybe relative to the directory training ran
+in) still load: their LM is found the same way and checked by config only.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,48 +23,26 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from adapters.checkpoint import CheckpointError, load_llama, load_state_dict_strict, read_json, read_safetensors_file
-from adapters.llama import Llama, LlamaConfig, RopeScaling, rope_frequencies
+from adapters.checkpoint import (CheckpointError, cast_floats, load_llama, load_state_dict_strict, read_json,
+                                 read_safetensors_file)
+from adapters.config_io import config_to_dict, dataclass_from_dict
+from adapters.llama import Llama, LlamaConfig, rope_frequencies
 from adapters.multimodal import MultimodalConfig, MultimodalLlama
-from video.adapter import VideoAdapterConfig
 from vision.encoder import VisionEncoderConfig
 
+
+class LMMismatchError(CheckpointError):
+    """An export's frozen LM cannot be found, or the one found is not the one it was trained with."""
+
 FORMAT = "llama3-mm/1"
+# Top-level keys of our config.json. ``lm_path`` (absolute), ``lm_path_relative`` (from the export
+# directory) and ``lm_fingerprint`` are set when the frozen LM is not copied into the export.
+_META_KEYS = {"format", "config", "encoder_initialised_from", "lm_path", "lm_path_relative", "lm_fingerprint"}
 
 
-def config_to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def strict_fields(cls, d: Any, where: str) -> dict:
-    """``d`` checked against the dataclass ``cls``: not an object, or unknown keys, raise CheckpointError."""
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{where}: expected an object, got {type(d).__name__}")
-    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-        raise CheckpointError(f"{where}: unknown keys {sorted(unknown)}")
-    return dict(d)
-
-
-def llama_config_from_dict(d: Any, where: str) -> LlamaConfig:
-    lm = strict_fields(LlamaConfig, d, where)
-    if lm.get("rope_scaling") is not None:
-        lm["rope_scaling"] = RopeScaling(**strict_fields(RopeScaling, lm["rope_scaling"], f"{where}.rope_scaling"))
-    return LlamaConfig(**lm)
-
-
-def config_from_dict(d: dict, where: str = "config.json") -> MultimodalConfig:
-    """Strict inverse of ``config_to_dict``: unknown keys anywhere are an error naming them."""
-    d = strict_fields(MultimodalConfig, d, where)
-    for key in ("lm", "vision"):
-        if not isinstance(d.get(key), dict):
-            raise CheckpointError(f"{where}: missing the {key!r} section")
-    vision = strict_fields(VisionEncoderConfig, d["vision"], f"{where}: vision")
-    vision["taps"] = tuple(vision["taps"])
-    d["lm"], d["vision"] = llama_config_from_dict(d["lm"], f"{where}: lm"), VisionEncoderConfig(**vision)
-    if d.get("video") is not None:
-        d["video"] = VideoAdapterConfig(**strict_fields(VideoAdapterConfig, d["video"], f"{where}: video"))
-    return MultimodalConfig(**d)
+def config_from_dict(d: Any, where: str = "config.json") -> MultimodalConfig:
+    """Strict inverse of ``config_to_dict``: unknown keys, wrong types or bounds anywhere name the key."""
+    return dataclass_from_dict(MultimodalConfig, d, where)
 
 
 def write_checkpoint_dir(out_dir: str | Path, meta: dict, state_dict: dict[str, torch.Tensor],
@@ -74,52 +60,141 @@ def write_checkpoint_dir(out_dir: str | Path, meta: dict, state_dict: dict[str, 
 def save_checkpoint(
     model: MultimodalLlama, out_dir: str | Path, tokenizer_path: str | Path | None = None, lm_path: str | None = None
 ) -> Path:
+    """Write the export. With ``lm_path`` (the directory ``model.lm`` was loaded from, relative to the
+    current directory) the LM is not copied: its absolute path, its path relative to ``out_dir`` and
+    its fingerprint (`lm_fingerprint`) are recorded so the export loads from anywhere (`resolve_lm`)."""
     sd = model.state_dict()
     if lm_path is not None:
         sd = {k: v for k, v in sd.items() if not k.startswith("lm.")}
     # The encoder's weights are in this checkpoint: its initial ``pretrained`` source is provenance only
     # (loading must not need that file or tag again).
     cfg = dataclasses.replace(model.cfg, vision=dataclasses.replace(model.cfg.vision, pretrained=None))
-    meta = {"format": FORMAT, "lm_path": lm_path, "config": config_to_dict(cfg),
-            "encoder_initialised_from": model.cfg.vision.pretrained}
+    meta = {"format": FORMAT, "config": config_to_dict(cfg),
+            "encoder_initialised_from": model.cfg.vision.pretrained, **lm_record(model.lm, lm_path, Path(out_dir))}
     return write_checkpoint_dir(out_dir, meta, sd, tokenizer_path)
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> MultimodalLlama:
+def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, lm_path: str | Path | None = None
+                    ) -> MultimodalLlama:
+    """Load our export. ``lm_path`` overrides where an export without its LM looks for it (`resolve_lm`).
+    With ``dtype`` None the model keeps the dtype of the export's own weights (a separate LM is cast to
+    it: one dtype per model); a tensor in another float dtype among them is refused (`check_dtypes`)."""
     path = Path(path)
     cfg_file, weights = path / "config.json", path / "model.safetensors"
-    meta = read_json(cfg_file)
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{cfg_file}: format {meta.get('format')!r} is not {FORMAT!r}")
-    if not isinstance(meta.get("config"), dict):
-        raise CheckpointError(f"{cfg_file}: no 'config' object")
+    meta = read_export_meta(cfg_file)
     cfg = config_from_dict(meta["config"], str(cfg_file))
     sd = read_safetensors_file(weights)
-    lm: Llama | None = None
-    if meta.get("lm_path"):
-        lm = load_llama(meta["lm_path"], dtype)
-        if lm.cfg != cfg.lm:
-            raise CheckpointError(f"{cfg_file}: lm_path {meta['lm_path']} has config {lm.cfg}, expected {cfg.lm}")
-        sd.update({f"lm.{k}": v for k, v in lm.state_dict().items()})
+    if meta.get("lm_path") or lm_path is not None:
+        if not meta.get("lm_path"):
+            raise CheckpointError(f"{cfg_file}: this export holds its LM; --lm/lm_path is for exports "
+                                  f"without one")
+        lm = resolve_lm(meta, cfg.lm, cfg_file, lm_path)
+        own_dtype = dtype or next((v.dtype for v in sd.values() if v.is_floating_point()), None)
+        sd.update({f"lm.{k}": v for k, v in cast_floats(lm.state_dict(), own_dtype).items()})
     with torch.device("meta"):
         model = MultimodalLlama(cfg, Llama(cfg.lm))
-    if dtype is not None:
-        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    load_state_dict_strict(model, sd, str(path))
+    load_state_dict_strict(model, cast_floats(sd, dtype), str(path))
     model.lm.inv_freq = rope_frequencies(cfg.lm.head_dim, cfg.lm.rope_theta, cfg.lm.rope_scaling)
     model.lm.freeze()
     return model
 
 
+def read_export_meta(cfg_file: Path) -> dict:
+    """Our config.json's top level, checked: the format tag, known keys only, a ``config`` object."""
+    meta = read_json(cfg_file)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{cfg_file}: expected an object, got {type(meta).__name__}")
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{cfg_file}: format {meta.get('format')!r} is not {FORMAT!r}")
+    unknown = sorted(set(meta) - _META_KEYS)
+    if unknown:
+        raise CheckpointError(f"{cfg_file}: unknown keys {unknown}")
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{cfg_file}: no 'config' object")
+    for key in ("lm_path", "lm_path_relative", "lm_fingerprint"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise CheckpointError(f"{cfg_file}: {key} must be a string, got {meta[key]!r}")
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------
+# Where an export's frozen LM lives
+
+
+FINGERPRINT_SAMPLE = 64  # leading values of every tensor hashed into the fingerprint
+
+
+def lm_fingerprint(lm: Llama) -> str:
+    """sha256 of the LM's config, its sorted (name, shape, dtype) and the first `FINGERPRINT_SAMPLE`
+    values of every tensor: the config and shapes tell sizes apart, the sampled values a base model from
+    its instruct sibling of the same size (every tensor differs, no shape does), without hashing GBs."""
+    sd = lm.state_dict()
+    tensors = sorted((k, list(v.shape), str(v.dtype)) for k, v in sd.items())
+    digest = hashlib.sha256(json.dumps({"config": config_to_dict(lm.cfg), "tensors": tensors}).encode())
+    for name, _, _ in tensors:
+        sample = sd[name].detach().flatten()[:FINGERPRINT_SAMPLE].cpu().contiguous()
+        digest.update(sample.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def lm_record(lm: Llama, lm_path: str | Path | None, out_dir: Path) -> dict:
+    """The config.json keys that say where the LM of an export without its LM is (none with its LM)."""
+    if lm_path is None:
+        return {}
+    absolute = Path(lm_path).resolve()
+    return {"lm_path": str(absolute), "lm_path_relative": os.path.relpath(absolute, out_dir.resolve()),
+            "lm_fingerprint": lm_fingerprint(lm)}
+
+
+def lm_mismatch(lm: Llama, want: LlamaConfig, fingerprint: str | None) -> str | None:
+    """What differs between ``lm`` and the LM an export recorded, or None when they match."""
+    if lm.cfg != want:
+        diff = [f"{f.name} {getattr(want, f.name)!r} (recorded) vs {getattr(lm.cfg, f.name)!r}"
+                for f in dataclasses.fields(want) if getattr(want, f.name) != getattr(lm.cfg, f.name)]
+        return "config differs: " + ", ".join(diff)
+    if fingerprint is not None and (found := lm_fingerprint(lm)) != fingerprint:
+        return (f"same config, but the tensor names, shapes, dtypes or weights differ (fingerprint "
+                f"{fingerprint[:12]}... recorded, {found[:12]}... found)")
+    return None
+
+
+def resolve_lm(meta: dict, want: LlamaConfig, cfg_file: Path, explicit: str | Path | None) -> Llama:
+    """The export's LM: ``explicit`` alone when given, else the first of the recorded absolute and relative
+    paths whose LM matches (`lm_mismatch`). Loaded as stored (the fingerprint covers the dtype)."""
+    if explicit is not None:
+        candidates = [Path(explicit)]
+    else:
+        candidates = [Path(meta["lm_path"])]
+        if meta.get("lm_path_relative"):
+            candidates.append(cfg_file.parent / meta["lm_path_relative"])
+    tried = []
+    for cand in candidates:
+        try:
+            lm = load_llama(cand)
+        except CheckpointError as e:
+            tried.append(str(e))
+            continue
+        problem = lm_mismatch(lm, want, meta.get("lm_fingerprint"))
+        if problem is None:
+            return lm
+        tried.append(f"{cand}: {problem}")
+    raise LMMismatchError(f"{cfg_file}: no usable LM ({'; '.join(tried)}); pass --lm PATH (lm_path=) "
+                          f"pointing to the LM this export was trained with")
+
+
 def load_multimodal_checkpoint(
-    path: str | Path, dtype: torch.dtype | None = None, vision_config: VisionEncoderConfig | None = None
+    path: str | Path, dtype: torch.dtype | None = None, vision_config: VisionEncoderConfig | None = None,
+    lm_path: str | Path | None = None,
 ) -> MultimodalLlama:
     """Load a multimodal checkpoint in any layout we read, chosen by its files: Meta (params.json),
-    HF Mllama (config.json with model_type 'mllama') or our own (config.json from ``adapters.model_io``)."""
+    HF Mllama (config.json with model_type 'mllama') or our own (config.json from ``adapters.model_io``).
+    ``lm_path`` is for our exports without their LM (`load_checkpoint`)."""
     from adapters.mllama import load_mllama  # these import this module's siblings; keep import time low
     from adapters.mllama_meta import load_meta_vision
 
     path = Path(path)
+    if lm_path is not None and (path / "params.json").exists():
+        raise CheckpointError(f"{path}: lm_path (--lm) is for our exports; Meta's layout holds its LM")
     if (path / "params.json").exists():
         return load_meta_vision(path, dtype, vision_config)
     cfg_file = path / "config.json"
@@ -128,10 +203,13 @@ def load_multimodal_checkpoint(
     if vision_config is not None:
         raise CheckpointError(f"{path}: vision_config is for Meta's layout only; config.json has the sizes")
     config = read_json(cfg_file)
-    if config.get("model_type") == "mllama":
+    if isinstance(config, dict) and config.get("model_type") == "mllama":
+        if lm_path is not None:
+            raise CheckpointError(f"{path}: lm_path (--lm) is for our exports; an HF Mllama directory "
+                                  f"holds its LM")
         return load_mllama(path, dtype)
-    if config.get("format") == FORMAT:
-        return load_checkpoint(path, dtype)
+    if isinstance(config, dict) and config.get("format") == FORMAT:
+        return load_checkpoint(path, dtype, lm_path)
     raise CheckpointError(
         f"{cfg_file}: neither an HF Mllama config (model_type 'mllama') nor our format {FORMAT!r}"
     )

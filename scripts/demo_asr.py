@@ -11,7 +11,12 @@
                  ast: "Translate the audio into {language}:" (language = the target language).
                  The system prompt is the only difference (sec. 8.1).
 --chunk-seconds: audio longer than this (default 60 s, the paper's longest segment) is cut into
-                 consecutive pieces, each decoded on its own; their texts are joined by spaces.
+                 consecutive pieces, each decoded on its own; their texts are joined by spaces. Pieces
+                 are shortened further to what the checkpoint's context holds (its max_seq_len, less the
+                 prompt and --max-new-tokens): a 46 s clip with a 512-position model is split, not refused.
+
+Bad arguments (--max-new-tokens < 1 or leaving no room for audio, --chunk-seconds under one sample) print
+one line and exit with status 2.
 
 Decoding is greedy. A line on stderr describes the audio: duration, source rate and channels, pieces,
 and whether it is silent or clipped.
@@ -28,16 +33,51 @@ import torch
 from adapters.checkpoint import CheckpointError
 from adapters.generation import stream_text
 from adapters.tokenizer import Tokenizer, TokenizerError
-from scripts.demo_vqa import find_tokenizer
-from speech.adapter import SpeechLlama, asr_prompt, ast_prompt, encode_speech_dialog, speech_decode
+from scripts.demo_vqa import find_tokenizer, positive_int
+from speech.adapter import (SpeechLlama, SpeechLlamaConfig, asr_prompt, ast_prompt, encode_speech_dialog,
+                            speech_decode)
 from speech.asr import load_speech_checkpoint
-from speech.audio import MAX_SECONDS, Audio, AudioReadError, chunk_audio, load_audio
+from speech.audio import MAX_SECONDS, SAMPLE_RATE, Audio, AudioReadError, chunk_audio, load_audio
 
 PROMPTS = {"asr": asr_prompt, "ast": ast_prompt}
 
 
-def describe(audio: Audio, name: str, pieces: int) -> str:
-    notes = [f"{pieces} pieces of at most the chunk length"] if pieces > 1 else []
+def chunk_seconds(text: str) -> float:
+    """argparse type: a chunk length of at least one 16 kHz sample."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value * SAMPLE_RATE >= 1:
+        raise argparse.ArgumentTypeError(f"must be at least one sample (1/{SAMPLE_RATE} s), got {text}")
+    return value
+
+
+def audio_positions(cfg: SpeechLlamaConfig, n_samples: int) -> int:
+    """LM positions a clip of ``n_samples`` 16 kHz samples takes: mel frames -> stacked encoder frames ->
+    strided adapter outputs (the chain of `SpeechLlama.encode_audio`)."""
+    frames = cfg.features.num_frames(n_samples)
+    enc = -(-frames // cfg.encoder.stack)
+    return int(cfg.adapter.out_lengths(torch.tensor([enc]))[0])
+
+
+def max_piece_samples(cfg: SpeechLlamaConfig, prompt_len: int, max_new_tokens: int, longest: int) -> int:
+    """The most samples (<= ``longest``) whose spliced row plus ``max_new_tokens`` fits the checkpoint's
+    context: prompt_len - 1 (the placeholder is replaced) + audio positions + max_new_tokens <= seq_limit.
+    0 when not even one sample fits. Binary search: positions grow with the length."""
+    room = cfg.seq_limit - (prompt_len - 1) - max_new_tokens
+    lo, hi = 0, longest
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if audio_positions(cfg, mid) <= room:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def describe(audio: Audio, name: str, pieces: int, piece_s: float) -> str:
+    notes = [f"{pieces} pieces of at most {piece_s:.2f} s"] if pieces > 1 else []
     if audio.is_silent:
         notes.append(f"silent ({audio.rms_db:.0f} dBFS): expect an empty or made-up transcript")
     if audio.clipped_fraction > 0.001:
@@ -63,13 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--task", choices=sorted(PROMPTS), default="asr")
     p.add_argument("--language", default="English")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--chunk-seconds", type=float, default=MAX_SECONDS)
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--chunk-seconds", type=chunk_seconds, default=MAX_SECONDS)
     args = p.parse_args(argv)
-    if args.max_new_tokens < 1:
-        p.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if not args.chunk_seconds > 0:
-        p.error(f"--chunk-seconds must be > 0, got {args.chunk_seconds:g}")
 
     model_dir = Path(args.checkpoint)
     try:
@@ -79,9 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, TokenizerError, AudioReadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    pieces = chunk_audio(audio, args.chunk_seconds)
-    print(describe(audio, args.audio, len(pieces)), file=sys.stderr)
     prompt = encode_speech_dialog(tok, PROMPTS[args.task](args.language))
+    piece_samples = max_piece_samples(model.cfg, len(prompt), args.max_new_tokens,
+                                      round(args.chunk_seconds * audio.sample_rate))
+    if piece_samples < 1:
+        print(f"error: --max-new-tokens {args.max_new_tokens} leaves no room for audio: the checkpoint holds "
+              f"{model.cfg.seq_limit} positions and the prompt takes {len(prompt)}", file=sys.stderr)
+        return 2
+    pieces = chunk_audio(audio, piece_samples / audio.sample_rate)
+    print(describe(audio, args.audio, len(pieces), piece_samples / audio.sample_rate), file=sys.stderr)
     for i, piece in enumerate(pieces):
         if i:
             print(" ", end="")

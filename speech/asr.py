@@ -26,7 +26,6 @@ from the same voices.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 import shutil
@@ -42,18 +41,19 @@ import torch
 from tqdm import tqdm
 
 from adapters.chat import encode_header
-from adapters.checkpoint import CheckpointError, load_state_dict_strict, read_json, read_safetensors_file
+from adapters.checkpoint import (CheckpointError, cast_floats, load_state_dict_strict, read_json,
+                                 read_safetensors_file)
 from adapters.llama import Llama, build_llama, rope_frequencies
-from adapters.model_io import llama_config_from_dict, strict_fields, write_checkpoint_dir
+from adapters.config_io import config_to_dict, dataclass_from_dict
+from adapters.model_io import write_checkpoint_dir
 from adapters.task import IGNORE_INDEX
 from adapters.tokenizer import Tokenizer
 from adapters.vqa import build_tiny_tokenizer, pad_examples
-from speech.adapter import (SpeechAdapterConfig, SpeechLlama, SpeechLlamaConfig, asr_prompt, build_speech_llama,
+from speech.adapter import (SpeechLlama, SpeechLlamaConfig, asr_prompt, build_speech_llama,
                             encode_speech_dialog, encode_speech_training_example, speech_generate,
                             speech_llama_config)
 from speech.audio import SAMPLE_RATE, load_audio, write_audio
-from speech.conformer import ConformerConfig
-from speech.features import LogMel, LogMelConfig
+from speech.features import LogMel
 from speech.metrics import cer, wer
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -347,26 +347,14 @@ def save_asr_set(utts: list[SpokenDigits], out_dir: str | Path) -> Path:
 
 
 def speech_config_from_dict(d: dict, where: str = "config.json") -> SpeechLlamaConfig:
-    """Strict inverse of ``dataclasses.asdict`` on a `SpeechLlamaConfig`; errors name ``where`` and the key."""
-    d = strict_fields(SpeechLlamaConfig, d, where)
-    for key in ("lm", "encoder", "adapter", "features"):
-        if key not in d:
-            raise CheckpointError(f"{where}: missing the {key!r} section")
-    try:
-        return SpeechLlamaConfig(
-            lm=llama_config_from_dict(d["lm"], f"{where}: lm"),
-            encoder=ConformerConfig(**strict_fields(ConformerConfig, d["encoder"], f"{where}: encoder")),
-            adapter=SpeechAdapterConfig(**strict_fields(SpeechAdapterConfig, d["adapter"], f"{where}: adapter")),
-            features=LogMelConfig(**strict_fields(LogMelConfig, d["features"], f"{where}: features")),
-            max_seq_len=d.get("max_seq_len"))
-    except (TypeError, ValueError) as e:  # a missing required field or a value the configs reject
-        raise CheckpointError(f"{where}: {e}") from e
+    """Strict inverse of ``config_to_dict`` on a `SpeechLlamaConfig`; errors name ``where`` and the key."""
+    return dataclass_from_dict(SpeechLlamaConfig, d, where)
 
 
 def save_speech_checkpoint(model: SpeechLlama, out_dir: str | Path, tokenizer_path: str | Path | None = None) -> Path:
     """``config.json`` (format + the `SpeechLlamaConfig` as a dict) + ``model.safetensors`` (the whole
     state dict, frozen LM included) + ``tokenizer.model`` when given. Returns ``out_dir``."""
-    meta = {"format": FORMAT, "config": dataclasses.asdict(model.cfg)}
+    meta = {"format": FORMAT, "config": config_to_dict(model.cfg)}
     return write_checkpoint_dir(out_dir, meta, model.state_dict(), tokenizer_path)
 
 
@@ -376,6 +364,8 @@ def load_speech_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -
     path = Path(path)
     cfg_file = path / "config.json"
     meta = read_json(cfg_file)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{cfg_file}: expected an object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{cfg_file}: format {meta.get('format')!r} is not {FORMAT!r}")
     unknown = set(meta) - {"format", "config"}
@@ -384,8 +374,7 @@ def load_speech_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -
     cfg = speech_config_from_dict(meta.get("config"), str(cfg_file))
     weights = path / "model.safetensors"
     sd = read_safetensors_file(weights)
-    if dtype is not None:
-        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    sd = cast_floats(sd, dtype)
     with torch.device("meta"):
         model = SpeechLlama(cfg, Llama(cfg.lm))
     load_state_dict_strict(model, sd, str(weights))

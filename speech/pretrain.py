@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from adapters.checkpoint import CheckpointError, load_state_dict_strict, read_json, read_safetensors_file
+from adapters.config_io import config_to_dict, dataclass_from_dict
 from data_curation.audio_shards import AUDIO_EXTS
 from data_curation.readers import CurationInputError, has_tar_end_marker, expand_shards
 from speech.audio import SAMPLE_RATE, AudioReadError, load_audio
@@ -340,8 +341,8 @@ def save_pretrained(model: BestRQ, features: LogMelConfig, out_dir: str | Path) 
     """``encoder.safetensors`` + ``encoder_config.json`` + ``bestrq.safetensors`` into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT, "encoder": dataclasses.asdict(model.encoder.cfg),
-            "bestrq": dataclasses.asdict(model.cfg), "features": dataclasses.asdict(features)}
+    meta = {"format": FORMAT, "encoder": config_to_dict(model.encoder.cfg),
+            "bestrq": config_to_dict(model.cfg), "features": config_to_dict(features)}
     (out / "encoder_config.json").write_text(json.dumps(meta, indent=2))
     for name, module in (("encoder", model.encoder), ("bestrq", model)):
         save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()},
@@ -373,17 +374,14 @@ def save_run(model: BestRQ, features: LogMelConfig, report: dict, out_dir: str |
 
 
 def _config(cls, d, where: str):
-    """``cls(**d)`` with exactly ``cls``'s fields; anything else is a CheckpointError naming ``where``."""
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{where}: expected an object, got {type(d).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown, missing = sorted(set(d) - names), sorted(names - set(d))
-    if unknown or missing:
-        raise CheckpointError(f"{where}: unknown keys {unknown}, missing keys {missing}")
-    try:
-        return cls(**d)
-    except (TypeError, ValueError) as e:  # a value the config rejects
-        raise CheckpointError(f"{where}: {e}") from e
+    """``cls(**d)`` with exactly ``cls``'s fields (our own file: every field is written, none defaulted),
+    read by the strict reader (types, bounds); anything else is a CheckpointError naming ``where``."""
+    if isinstance(d, dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown, missing = sorted(set(d) - names), sorted(names - set(d))
+        if unknown or missing:
+            raise CheckpointError(f"{where}: unknown keys {unknown}, missing keys {missing}")
+    return dataclass_from_dict(cls, d, where)
 
 
 def read_encoder_config(path: str | Path) -> tuple[ConformerConfig, BestRQConfig, LogMelConfig]:
@@ -391,6 +389,8 @@ def read_encoder_config(path: str | Path) -> tuple[ConformerConfig, BestRQConfig
     or a value a config rejects raise ``CheckpointError`` naming the file and the section."""
     cfg_file = Path(path) / "encoder_config.json"
     meta = read_json(cfg_file)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{cfg_file}: expected an object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{cfg_file}: format {meta.get('format')!r} is not {FORMAT!r}")
     sections = {"encoder": ConformerConfig, "bestrq": BestRQConfig, "features": LogMelConfig}

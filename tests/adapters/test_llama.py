@@ -59,6 +59,22 @@ def test_logits_match_transformers(hf_model, hf_dir):
     assert (got - ref).abs().max().item() <= 1e-4
 
 
+def test_tied_embeddings_checkpoint_matches_transformers(tmp_path):
+    """Llama 3.2 1B / 3B layout: tie_word_embeddings, no lm_head.weight in the files."""
+    torch.manual_seed(0)
+    tied = transformers.LlamaConfig(**dict(HF_CONFIG, tie_word_embeddings=True))
+    hf = transformers.LlamaForCausalLM(tied).eval()
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    from safetensors.torch import load_file
+
+    assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")
+    ours = load_llama(tmp_path).eval()
+    assert ours.output.weight is ours.tok_embeddings.weight
+    tokens = _tokens(T=50)
+    with torch.no_grad():
+        assert (ours(tokens) - hf(tokens).logits).abs().max().item() <= 1e-4
+
+
 def test_meta_layout_with_two_shards_gives_identical_logits(hf_dir, tmp_path):
     ours = load_llama(hf_dir).eval()
     meta_dir = save_meta_checkpoint(ours, tmp_path / "meta", n_shards=2)

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -74,6 +76,50 @@ def test_missing_checkpoint_is_a_named_error(assets, capsys):
     assert "nowhere" in capsys.readouterr().err
 
 
-def test_bad_chunk_length_is_refused(assets):
-    with pytest.raises(SystemExit):
-        run(assets, "--chunk-seconds", "0")
+@pytest.mark.parametrize("flag, value, message", [
+    ("--chunk-seconds", "0", "argument --chunk-seconds: must be at least one sample (1/16000 s), got 0"),
+    ("--chunk-seconds", "0.00005",
+     "argument --chunk-seconds: must be at least one sample (1/16000 s), got 0.00005"),
+    ("--max-new-tokens", "-5", "argument --max-new-tokens: must be >= 1, got -5"),
+])
+def test_bad_arguments_exit_2_with_one_line(assets, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as e:
+        run(assets, flag, value)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.strip().splitlines()[-1].endswith(message) and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def short_context(assets):
+    """The tiny model with a context of the prompt + 3 new tokens + 15 audio positions (about 1.2 s):
+    a 2.5 s clip under the default 60 s chunk must still be split to fit."""
+    from adapters.tokenizer import Tokenizer
+    from speech.adapter import asr_prompt, encode_speech_dialog
+    from speech.asr import load_speech_checkpoint
+
+    tok = Tokenizer(assets["ckpt"] / "tokenizer.model")
+    prompt_len = len(encode_speech_dialog(tok, asr_prompt()))
+    model = load_speech_checkpoint(assets["ckpt"])
+    model.cfg = replace(model.cfg, max_seq_len=prompt_len - 1 + 3 + 15)
+    ckpt = save_speech_checkpoint(model, assets["root"] / "short", assets["ckpt"] / "tokenizer.model")
+    return ckpt, prompt_len
+
+
+def test_pieces_are_cut_to_what_the_checkpoint_holds(assets, short_context, capsys):
+    from speech.asr import load_speech_checkpoint
+
+    ckpt, prompt_len = short_context
+    cfg = load_speech_checkpoint(ckpt).cfg
+    n = demo_asr.max_piece_samples(cfg, prompt_len, 3, 60 * 16_000)
+    assert demo_asr.audio_positions(cfg, n) <= 15 < demo_asr.audio_positions(cfg, n + 1)
+    assert run(assets, ckpt=ckpt) == 0  # the spliced rows fit: SpeechLlama refuses any longer one
+    out, err = capsys.readouterr()
+    assert f"3 pieces of at most {n / 16_000:.2f} s" in err
+    assert len(out.split()) >= 3  # one transcript per piece, joined by spaces
+
+
+def test_no_room_for_audio_is_one_error_line(assets, short_context, capsys):
+    assert run(assets, "--max-new-tokens", "20", ckpt=short_context[0]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1
+    assert "--max-new-tokens 20 leaves no room for audio" in err

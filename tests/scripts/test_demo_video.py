@@ -63,3 +63,23 @@ def test_image_only_checkpoint_is_refused(assets, capsys):
     assert run(assets, "--frames", "4", ckpt="image") == 2
     err = capsys.readouterr().err
     assert "no video adapter" in err and str(assets["image"]) in err
+
+
+def test_a_jpeg_is_refused_as_a_still_image(assets, capsys):
+    from pathlib import Path
+
+    jpeg = Path(__file__).resolve().parents[2] / "assets" / "coffee.jpg"
+    assert run(assets, "--frames", "4", video=jpeg) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {jpeg}: a still image (JPEG), not a video") and "demo_vqa" in err
+
+
+def test_bad_sampling_argument_exits_2(assets, capsys):
+    with pytest.raises(SystemExit) as e:
+        run(assets, "--top-p", "2")
+    assert e.value.code == 2 and "argument --top-p: must be in (0, 1], got 2" in capsys.readouterr().err
+
+
+def test_more_new_tokens_than_the_context_holds(assets, capsys):
+    assert run(assets, "--frames", "4", "--backend", "pyav", "--max-new-tokens", "100000") == 2
+    assert "error: --max-new-tokens: the prompt (" in capsys.readouterr().err

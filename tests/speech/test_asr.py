@@ -80,6 +80,41 @@ def test_checkpoint_round_trip_and_strict_errors(tok, tmp_path):
         asr.load_speech_checkpoint(ckpt)
 
 
+@pytest.mark.parametrize("section, key, value, message", [
+    ("encoder", "dim", "64", "config.json: encoder.dim: expected an integer, got str '64'"),
+    ("lm", "n_layers", 200000, "config.json: lm.n_layers: 200000 is outside [1, 4096]"),
+    ("adapter", "n_heads", -4, "config.json: adapter.n_heads: -4 is outside [1, 4096]"),
+    (None, "max_seq_len", 0, "config.json: max_seq_len: 0 is outside [1, "),
+    ("features", "center", "yes", "config.json: features.center: expected true or false"),
+])
+def test_speech_checkpoint_config_types_and_bounds(tok, tmp_path, section, key, value, message):
+    torch.manual_seed(0)
+    model = build_speech_llama(asr.tiny_asr_config(tok))
+    ckpt = asr.save_speech_checkpoint(model, tmp_path / "ckpt", tok.path)
+    meta = json.loads((ckpt / "config.json").read_text())
+    (meta["config"][section] if section else meta["config"])[key] = value
+    (ckpt / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError) as e:
+        asr.load_speech_checkpoint(ckpt)
+    assert message in str(e.value)
+
+
+def test_speech_checkpoint_that_is_not_an_object_or_mixes_dtypes(tok, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = build_speech_llama(asr.tiny_asr_config(tok))
+    ckpt = asr.save_speech_checkpoint(model, tmp_path / "ckpt", tok.path)
+    sd = load_file(ckpt / "model.safetensors")
+    sd["adapter.output.weight"] = sd["adapter.output.weight"].half()
+    save_file(sd, str(ckpt / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensors of several float dtypes"):
+        asr.load_speech_checkpoint(ckpt)
+    (ckpt / "config.json").write_text("[]")
+    with pytest.raises(CheckpointError, match="config.json: expected an object, got list"):
+        asr.load_speech_checkpoint(ckpt)
+
+
 def test_no_audio_baseline_ignores_the_clip(tok):
     torch.manual_seed(0)
     model = build_speech_llama(asr.tiny_asr_config(tok)).eval()
