@@ -1,12 +1,14 @@
 """The audio shard builder: speech-transcript pairs -> per-sample checks + VAD -> webdataset shards.
 
 Inputs come through the shared readers: a folder of audio files with sidecar transcripts (``x.wav`` /
-``x.flac`` / ``x.ogg`` / ``x.opus`` / ``x.mp3`` + ``x.txt``, or ``x.json`` with ``text_key``) or a JSONL /
-parquet manifest (``{"audio": path, "text": ...}``; paths relative to the manifest). Stages, in order, each
+``x.flac`` / ``x.ogg`` / ``x.opus`` / ``x.mp3`` + ``x.txt``, or ``x.json`` with ``text_key``), a JSONL /
+parquet manifest (``{"audio": path, "text": ...}``; paths relative to the manifest, inside its folder unless
+``allow_outside_root``), or webdataset tars (``key.flac`` + ``key.txt``; a ``.tar``, glob or brace pattern). Stages, in order, each
 dropping or failing a sample with a reason (``data_curation.records``): transcript present -> decode
-(``speech.audio.load_audio``: mono, 16 kHz; an unreadable file is an error naming it) -> duration
-(``min_duration_s`` .. ``max_duration_s``; longer clips are dropped, never cut, since the transcript is of
-the whole clip) -> silence (RMS below ``silence_db``) -> clipping (share of full-scale samples above
+(``speech.audio.load_audio``: mono, 16 kHz; an unreadable file, or a WAV whose header declares more audio
+than it holds, is an error naming it) -> duration (``min_duration_s`` .. ``max_duration_s``, the whole file's
+length from its header: a longer clip is dropped, never cut, since the transcript is of the whole clip, and
+only its first ``max_duration_s`` are ever decoded) -> silence (RMS below ``silence_db``) -> clipping (share of full-scale samples above
 ``max_clipped_fraction``) -> VAD (``data_curation.vad``: speech fraction above ``vad.threshold``, 0.7).
 No global pass, so each chunk of ``samples_per_shard`` inputs becomes its shard directly, as in
 ``video_shards``; both run through ``shard_jobs``, with the same files, resume rule and report:
@@ -29,13 +31,15 @@ import json
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 
-from data_curation.curation_config import ConfigError, _build, config_to_dict, read_yaml_mapping
-from data_curation.readers import CurationInputError, read_folder, read_manifest
+from data_curation.curation_config import ConfigError, _build, check_job_fields, config_to_dict, read_yaml_mapping
+from data_curation.readers import (DEFAULT_MAX_AUDIO_BYTES, CurationInputError, _is_pattern, read_folder,
+                                   read_manifest, read_webdataset)
 from data_curation.records import Sample
 from data_curation.shard_jobs import (BuildResult, StageSetupError, _atomic_write, _summary, report_head,
                                       run_shard_job, write_status_shard)
@@ -53,6 +57,8 @@ class AudioCurationConfig:
     workers: int = 2
     audio_key: str = "audio"  # manifest column holding the audio path (relative to the manifest) or bytes
     text_key: str = "text"  # manifest column / sidecar .json field holding the transcript
+    max_sample_bytes: int = DEFAULT_MAX_AUDIO_BYTES  # the reader's cap on one sample's bytes (a chunk is in memory)
+    allow_outside_root: bool = False  # manifest rows / folder symlinks may name files outside the input folder
     min_duration_s: float = 0.5
     max_duration_s: float = 60.0  # the paper's longest speech segment (sec. 8); longer clips are dropped
     silence_db: float = -60.0  # RMS in dBFS below which a clip is silent (speech.audio.SILENCE_DB)
@@ -60,8 +66,7 @@ class AudioCurationConfig:
     vad: VadConfig = field(default_factory=VadConfig)
 
     def __post_init__(self) -> None:
-        if self.samples_per_shard < 1 or self.workers < 1:
-            raise ConfigError("samples_per_shard and workers must be >= 1")
+        check_job_fields(self)
         if not 0 <= self.min_duration_s < self.max_duration_s:
             raise ConfigError(f"need 0 <= min_duration_s < max_duration_s, got {self.min_duration_s}, "
                               f"{self.max_duration_s}")
@@ -82,20 +87,30 @@ def load_audio_config(path: str | Path | None, overrides: dict | None = None) ->
 # --------------------------------------------------------------------------------------------- readers
 
 
-def open_audio_input(spec: str | Path, *, audio_key: str = "audio", text_key: str = "text") -> Iterator[Sample]:
-    """A folder of audio files with sidecar transcripts, or a JSONL / parquet manifest; the file's bytes
-    travel in ``Sample.image_bytes``, the transcript in ``Sample.caption``. Orphan sidecars and other files
-    are error Samples of their own; job-level problems raise ``CurationInputError``."""
-    path = Path(spec)
+def open_audio_input(spec: str | Path, *, audio_key: str = "audio", text_key: str = "text",
+                     max_sample_bytes: int = DEFAULT_MAX_AUDIO_BYTES,
+                     allow_outside_root: bool = False) -> Iterator[Sample]:
+    """A folder of audio files with sidecar transcripts, a JSONL / parquet manifest, or webdataset tars (a
+    ``.tar``, a glob or brace pattern) of ``key.flac`` (any of ``AUDIO_EXTS``) + ``key.txt`` / ``key.json``;
+    the file's bytes travel in ``Sample.image_bytes``, the transcript in ``Sample.caption``. Orphan sidecars
+    and other files are error Samples of their own; job-level problems raise ``CurationInputError``.
+    ``max_sample_bytes`` and ``allow_outside_root``: as in ``readers.open_input``."""
+    text, path = str(spec), Path(spec)
+    tars = dict(caption_key=text_key, media_exts=AUDIO_EXTS, media="audio", max_sample_bytes=max_sample_bytes)
+    if isinstance(spec, str) and not path.exists() and _is_pattern(text):
+        return read_webdataset(text, **tars)
     if not path.exists():
         raise CurationInputError(f"input not found: {path}")
     if path.is_dir():
         return read_folder(path, caption_key=text_key, media_exts=frozenset(f".{e}" for e in AUDIO_EXTS),
-                           media="audio")
+                           media="audio", max_sample_bytes=max_sample_bytes, allow_outside_root=allow_outside_root)
     if path.suffix.lower() in (".jsonl", ".parquet"):
-        return read_manifest(path, image_key=audio_key, caption_key=text_key, media="audio")
+        return read_manifest(path, image_key=audio_key, caption_key=text_key, media="audio",
+                             max_sample_bytes=max_sample_bytes, allow_outside_root=allow_outside_root)
+    if path.suffix.lower() == ".tar":
+        return read_webdataset([path], **tars)
     raise CurationInputError(f"unknown input kind: {path} (expected a folder of audio files with transcripts, "
-                             "or a .jsonl / .parquet manifest)")
+                             "a .jsonl / .parquet manifest, or .tar shards)")
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -140,9 +155,7 @@ class AudioProcessor:
         except AudioReadError as e:  # its name is "<bytes>": name the input instead
             s.fail("decode", f"{s.source}: {e.reason}")
             return None
-        duration = audio.duration_s
-        if duration >= cfg.max_duration_s:  # cropped while decoding; the header has the whole length
-            duration = max(duration, sf.info(io.BytesIO(s.image_bytes)).duration)
+        duration = audio.source_duration_s  # the whole file's, from its header: only max_duration_s was decoded
         f.update(duration_s=round(duration, 3), source_rate=audio.source_rate,
                  source_channels=audio.source_channels, rms_db=round(audio.rms_db, 2),
                  clipped_fraction=round(audio.clipped_fraction, 6))
@@ -251,6 +264,8 @@ def build_audio_shards(input_spec: str | Path, out_dir: str | Path, cfg: AudioCu
     """Curate the clips of ``input_spec`` into ``out_dir`` (resuming finished shards) and write the report.
     ``max_chunks`` stops after that many new shards (to simulate an interrupted job in tests). A rerun
     with nothing left to do loads no model and rewrites nothing."""
-    return run_shard_job(lambda: open_audio_input(input_spec, audio_key=cfg.audio_key, text_key=cfg.text_key),
-                         Path(out_dir), cfg, make_processor=AudioProcessor, write_shard=write_audio_shard,
-                         write_report=write_audio_report, progress=progress, max_chunks=max_chunks)
+    read = partial(open_audio_input, input_spec, audio_key=cfg.audio_key, text_key=cfg.text_key,
+                   max_sample_bytes=cfg.max_sample_bytes, allow_outside_root=cfg.allow_outside_root)
+    return run_shard_job(input_spec, read, Path(out_dir), cfg, make_processor=AudioProcessor,
+                         write_shard=write_audio_shard, write_report=write_audio_report, progress=progress,
+                         max_chunks=max_chunks)

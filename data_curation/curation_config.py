@@ -13,10 +13,24 @@ from typing import Any
 import yaml
 
 from data_curation.filters import CaptionRules, ImageRules
+from data_curation.readers import DEFAULT_MAX_SAMPLE_BYTES
 
 
 class ConfigError(ValueError):
     """A curation config that cannot be used; the message names the file and the field."""
+
+
+def check_job_fields(cfg: Any) -> None:
+    """The fields every shard builder's config has: ``samples_per_shard`` and ``workers`` >= 1, the reader's
+    per-sample byte cap ``max_sample_bytes`` >= 1 and ``allow_outside_root`` a bool (a YAML string "false"
+    must not read as true). Both reader fields decide which inputs are read, so they belong to the config a
+    resume must match."""
+    if cfg.samples_per_shard < 1 or cfg.workers < 1:
+        raise ConfigError("samples_per_shard and workers must be >= 1")
+    if isinstance(cfg.max_sample_bytes, bool) or not isinstance(cfg.max_sample_bytes, int) or cfg.max_sample_bytes < 1:
+        raise ConfigError(f"max_sample_bytes: {cfg.max_sample_bytes!r} is not a whole number of bytes >= 1")
+    if not isinstance(cfg.allow_outside_root, bool):
+        raise ConfigError(f"allow_outside_root: {cfg.allow_outside_root!r} is not true or false")
 
 
 @dataclass(frozen=True)
@@ -80,6 +94,8 @@ class CurationConfig:
     workers: int = 2
     jpeg_quality: int = 95  # images that a stage changed (face blur) are re-encoded; others copied as is
     max_pixels: int = 178_956_970
+    max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES  # the reader's cap on one sample's bytes (files, members)
+    allow_outside_root: bool = False  # manifest rows / folder symlinks may name files outside the input folder
     caption: CaptionRules = field(default_factory=CaptionRules)
     language: LanguageConfig = field(default_factory=LanguageConfig)
     image: ImageRules = field(default_factory=ImageRules)
@@ -90,8 +106,7 @@ class CurationConfig:
     resample: ResampleConfig = field(default_factory=ResampleConfig)
 
     def __post_init__(self) -> None:
-        if self.samples_per_shard < 1 or self.workers < 1:
-            raise ConfigError("samples_per_shard and workers must be >= 1")
+        check_job_fields(self)
         if self.dedup.enabled and not self.dedup.sscd:
             raise ConfigError("dedup.sscd: the SSCD model file is required when dedup is enabled "
                               "(or set dedup: {enabled: false})")

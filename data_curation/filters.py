@@ -18,6 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from data_curation.readers import LONE_SURROGATE
+from data_curation.records import bad_text_field
+
 
 def _num(x: float) -> str:
     return str(round(float(x), 2))
@@ -114,6 +117,14 @@ def image_reason(img: Image.Image | tuple[int, int], rules: ImageRules = ImageRu
     return None
 
 
+# ------------------------------------------------------------------------------------------- text
+
+
+class InvalidTextError(ValueError):
+    """Text that is not valid Unicode: it holds a lone surrogate (a JSON ``"\\ud800"``, or a file name
+    decoded with surrogateescape), which fastText's pybind layer, parquet and tar all refuse."""
+
+
 # ----------------------------------------------------------------------------------------- language
 
 
@@ -141,7 +152,10 @@ class LanguageId:
         self._detector = LangDetector(config)
 
     def predict(self, text: str) -> tuple[str, float]:
-        """(ISO code, probability) of the top language; ``("und", 0.0)`` for text with no content."""
+        """(ISO code, probability) of the top language; ``("und", 0.0)`` for text with no content.
+        Text that is not valid Unicode raises ``InvalidTextError`` (fastText would raise a bare TypeError)."""
+        if bad_text_field(text) is not None:
+            raise InvalidTextError(f"language id: the text holds a {LONE_SURROGATE}, it is not valid Unicode")
         flat = " ".join(text.split())  # fastText reads one line: no "\n" (nor other line breaks)
         if not flat:
             return "und", 0.0

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from data_curation.curation_config import CurationConfig, config_to_dict
+from data_curation.shard_jobs import _atomic_write, read_status_rows, status_counts
 
 
 def _plots(out: Path, clip_scores: list[float], nn_sim: np.ndarray, cfg: CurationConfig, top: list) -> list[str]:
@@ -58,41 +58,25 @@ def _plots(out: Path, clip_scores: list[float], nn_sim: np.ndarray, cfg: Curatio
 
 
 def write_report(out: Path, n_shards: int, cfg: CurationConfig, seconds: dict) -> dict:
-    """Aggregate every shard's status parquet into ``report.json`` + plots; checks counts add up."""
+    """Aggregate every shard's status parquet into ``report.json`` + plots (counts and reason kinds as in
+    every builder's report: ``shard_jobs.status_counts``)."""
     work = out / "_work"
-    status, by_reason, by_stage = Counter(), Counter(), Counter()
-    n_inputs = 0
+    rows = read_status_rows(out, n_shards)
     clip_scores: list[float] = []
     for i in range(n_shards):
-        stats = json.loads((out / f"shard_{i:05d}_stats.json").read_text())
-        t = pq.read_table(out / f"shard_{i:05d}.parquet").to_pylist()
-        if len(t) != stats["inputs"]:
-            raise RuntimeError(f"shard_{i:05d}: {len(t)} status rows but {stats['inputs']} inputs")
-        n_inputs += len(t)
-        for r in t:
-            status[r["status"]] += 1
-            if r["status"] != "ok":
-                by_stage[f"{r['status']}:{r['stage']}"] += 1
-                by_reason[f"{r['stage']}:{(r['reason'] or '').split('(')[0]}"] += 1
         chunk = pq.read_table(work / f"chunk_{i:05d}.parquet", columns=["fields"]).column("fields").to_pylist()
         clip_scores += [f["clip_score"] for f in map(json.loads, chunk) if "clip_score" in f]
-    if sum(status.values()) != n_inputs:
-        raise RuntimeError(f"status counts {dict(status)} do not add up to {n_inputs} inputs")
     g = pq.read_table(work / "global.parquet")
     nn_sim = np.asarray(g.column("dedup_nn_similarity").to_numpy(), np.float32)
     gstats = json.loads((work / "global_stats.json").read_text())
     top = gstats.get("resample", {}).get("top_entries", [])
     report = {
-        "inputs": n_inputs,
-        "shards": n_shards,
-        "counts": {"kept": status["ok"], "dropped": status["dropped"], "error": status["error"]},
-        "by_stage": dict(sorted(by_stage.items())),
-        "by_reason": dict(sorted(by_reason.items())),
+        **status_counts(rows, n_shards),
         "global": gstats,
         "seconds": seconds,
-        "images_per_s": round(n_inputs / max(seconds["total"], 1e-9), 2),
+        "images_per_s": round(len(rows) / max(seconds["total"], 1e-9), 2),
         "stages_enabled": {k: v.get("enabled", True) for k, v in config_to_dict(cfg).items() if isinstance(v, dict)},
     }
     report["plots"] = _plots(out, clip_scores, nn_sim, cfg, top)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    _atomic_write(out / "report.json", json.dumps(report, indent=2).encode())
     return report

@@ -7,18 +7,34 @@ chunks the inputs, skips the chunks whose ``shard_i_stats.json`` exists (written
 the rest in a bounded window of spawned worker processes, then writes the report. The image builder's global
 pass (dedup, resampling) needs every chunk before any shard, so it drives its own passes and uses only the
 small helpers here.
+
+What guards a job against its inputs and against itself, for every builder:
+
+* an exclusive lock on ``OUT/.build.lock`` for the job's life (``output_lock``): a second live build on the
+  same folder is refused;
+* ``ResumeConfig``: the config a resume must match (all but ``workers``), written once setup worked;
+* ``inputs_digest`` of every chunk's (key, source) list, kept beside the finished chunk: a resume whose input
+  listing changed under a finished chunk is refused, as is an output folder inside the input folder;
+* ``guard_text`` before any stage and again in every writer: text that UTF-8 cannot encode (a lone surrogate)
+  fails its sample or is escaped, so it never kills a writer;
+* unique temporary names (``_replacing``), removed when a write fails.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import io
 import itertools
 import json
 import multiprocessing as mp
 import os
+import re
+import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +45,8 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from data_curation.curation_config import config_to_dict
-from data_curation.records import DROPPED, ERROR, OK, STATUSES, Sample
+from data_curation.readers import LONE_SURROGATE, CurationInputError
+from data_curation.records import DROPPED, ERROR, OK, STATUSES, Sample, bad_text_field, escape_text
 
 STATUS_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("status", pa.string()),
                            ("stage", pa.string()), ("reason", pa.string()), ("shard", pa.string())])
@@ -37,6 +54,14 @@ STATUS_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("stat
 
 class StageSetupError(RuntimeError):
     """A stage's model or resource cannot be loaded (SSCD file, CLIP model, blocklist, tesseract, classifier)."""
+
+
+class ResumeMismatchError(ValueError):
+    """The output folder holds a build this run cannot continue: another config, or other inputs."""
+
+
+class OutputBusyError(RuntimeError):
+    """Another live build holds the output folder's lock."""
 
 
 @dataclass
@@ -48,10 +73,150 @@ class BuildResult:
     report: dict
 
 
+@contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write, renamed onto ``path`` when the block ends, removed when it
+    fails. The name is unique (pid + random), so an orphaned worker of a killed build still writing the same
+    chunk never writes through the file this build renames."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # O_EXCL: ours alone; umask applies
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with _replacing(path) as tmp:
+        tmp.write_bytes(data)
+
+
+# ---------------------------------------------------------------------------------------------- guards
+
+LOCK_NAME = ".build.lock"
+
+
+@contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``out/.build.lock`` held for the block: a second live build on ``out`` gets
+    ``OutputBusyError``. The kernel releases the lock when its holder dies, so the file a killed build
+    leaves behind blocks nothing. The file is never written (a rerun with nothing to do changes nothing)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_NAME
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputBusyError(f"{out}: another build is running on this output folder (it holds {path}); "
+                                  "wait for it to end or use another output folder") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def refuse_output_inside_input(input_spec: str | Path, out: Path) -> None:
+    """A folder input's listing would take in the build's own files (shards, temporaries) and shift every
+    chunk on resume: an output folder inside (or equal to) the input folder is a ``CurationInputError``."""
+    root = Path(input_spec)
+    if not root.is_dir():
+        return
+    root, target = root.resolve(), out.resolve()
+    if target == root or root in target.parents:
+        raise CurationInputError(f"output folder {out} is inside the input folder {input_spec}: the build would "
+                                 "read its own files as inputs; choose an output folder outside it")
+
+
+class ResumeConfig:
+    """The part of a job's config that decides its output (all but ``workers``), kept in ``file``: a rerun
+    must match it to resume. ``save`` is called once the job's setup worked, so a failed setup (a misspelt
+    model path) never pins the config its corrected rerun would be refused against."""
+
+    def __init__(self, file: Path, cfg: Any) -> None:
+        self.file = file
+        self.values = _without_workers(config_to_dict(cfg))
+
+    def check(self) -> None:
+        """``ResumeMismatchError`` naming the keys that differ from the saved config, if any."""
+        if not self.file.exists():
+            return
+        try:
+            saved = _without_workers(json.loads(self.file.read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ResumeMismatchError(f"{self.file}: not a readable config ({e}); use a new output folder") from None
+        differ = _differing_keys(saved, self.values)
+        if differ:
+            raise ResumeMismatchError(f"{self.file.parent}: already built with a different config ({self.file}): "
+                                      f"{', '.join(differ)} differ; rerun with that config or use a new output "
+                                      "folder")
+
+    def save(self) -> None:
+        if not self.file.exists():
+            _atomic_write(self.file, json.dumps(self.values, sort_keys=True).encode())
+
+
+def _without_workers(values: Any) -> Any:
+    # the worker count changes no output, so a resume may use another one
+    return {k: v for k, v in values.items() if k != "workers"} if isinstance(values, dict) else values
+
+
+def _differing_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts (added and removed keys included)."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return [prefix or "(config)"] if old != new else []
+    out: list[str] = []
+    for k in sorted(set(old) | set(new)):
+        name = f"{prefix}.{k}" if prefix else str(k)
+        out += _differing_keys(old.get(k), new.get(k), name) if k in old and k in new else [name]
+    return out
+
+
+def inputs_digest(samples: list[Sample]) -> str:
+    """A fingerprint of a chunk's input listing: its (key, source) pairs in order."""
+    h = hashlib.sha1()
+    for s in samples:
+        h.update(f"{escape_text(s.key)}\0{escape_text(s.source)}\n".encode())
+    return h.hexdigest()
+
+
+def check_inputs_unchanged(recorded: str | None, digest: str, where: Path) -> None:
+    """Inputs are assigned to chunks by position: a finished chunk whose listing differs now (a file added,
+    removed or renamed before or in it) would be skipped while holding other inputs, so the resume is
+    refused; so is one written by an older build that kept no fingerprint (``recorded`` None)."""
+    if recorded is None:
+        raise ResumeMismatchError(f"{where}: written by an older build that kept no fingerprint of its inputs, "
+                                  "so a resume cannot check them; use a new output folder")
+    if recorded != digest:
+        raise ResumeMismatchError(f"{where}: its inputs are not the ones it was built from (the input listing "
+                                  "changed since: files added, removed or renamed); resume with the original "
+                                  "inputs or use a new output folder")
+
+
+def refuse_stale_chunk(path: Path) -> None:
+    """A finished chunk past the end of today's listing: inputs were removed since the build began."""
+    if path.exists():
+        raise ResumeMismatchError(f"{path}: the input listing now ends before this finished chunk (inputs were "
+                                  "removed since the build began); resume with the original inputs or use a new "
+                                  "output folder")
+
+
+def guard_text(samples: list[Sample]) -> list[Sample]:
+    """Makes every sample's text writable, in place; the readers already do, this is the last line of
+    defence (a reader, a stage or a caller that let one through would otherwise kill the parquet or tar
+    writer, and every rerun with it). Names and messages (key, source, stage, reason) are escaped
+    (``records.escape_text``); a kept sample whose caption or meta holds a lone surrogate fails, naming the
+    field, and its caption is escaped for the error record. Run before the stages (no model sees such
+    text) and again by every writer."""
+    for s in samples:
+        s.key, s.source = escape_text(s.key), escape_text(s.source)
+        field = bad_text_field({"caption": s.caption, "meta": s.meta})
+        if field is not None and s.ok:
+            s.fail("text", f"field {field!r} holds a {LONE_SURROGATE}, not valid text; it cannot be written")
+        if isinstance(s.caption, str):
+            s.caption = escape_text(s.caption)
+        s.stage, s.reason = s.stage and escape_text(s.stage), s.reason and escape_text(s.reason)
+    return samples
 
 
 def _chunks(samples: Iterable[Sample], size: int) -> Iterator[tuple[int, list[Sample]]]:
@@ -77,8 +242,8 @@ def write_status_shard(out: Path, index: int, samples: list[Sample], members: Ca
     import webdataset as wds
 
     name = f"shard_{index:05d}"
-    tmp_tar = out / f"{name}.tar.tmp"
-    with open(tmp_tar, "wb") as fh:
+    guard_text(samples)
+    with _replacing(out / f"{name}.tar") as tmp_tar, open(tmp_tar, "wb") as fh:
         writer = wds.TarWriter(fh, mtime=0.0)
         for s in filter(lambda s: s.ok, samples):
             writer.write({"__key__": s.key, **members(s)})
@@ -91,8 +256,7 @@ def write_status_shard(out: Path, index: int, samples: list[Sample], members: Ca
     sink = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink)
     _atomic_write(out / f"{name}.parquet", sink.getvalue())
-    os.replace(tmp_tar, out / f"{name}.tar")
-    stats = {"shard": name, **counts, "written_at": time.time()}
+    stats = {"shard": name, **counts, "inputs_digest": inputs_digest(samples), "written_at": time.time()}
     _atomic_write(out / f"{name}_stats.json", json.dumps(stats).encode())  # last: the resume marker
     return stats
 
@@ -122,7 +286,7 @@ def status_counts(rows: list[dict], n_shards: int) -> dict:
     return {"inputs": len(rows), "shards": n_shards,
             "counts": {"kept": status[OK], "dropped": status[DROPPED], "error": status[ERROR]},
             "by_stage": dict(sorted(Counter(f"{r['status']}:{r['stage']}" for r in not_ok).items())),
-            "by_reason": dict(sorted(Counter(f"{r['stage']}:{_reason_kind(r)}" for r in not_ok).items()))}
+            "by_reason": dict(sorted(Counter(f"{r['stage']}:{reason_kind(r)}" for r in not_ok).items()))}
 
 
 def report_head(out: Path, n_shards: int, seconds: dict, *, decoded: Callable[[dict], bool],
@@ -143,12 +307,35 @@ def report_head(out: Path, n_shards: int, seconds: dict, *, decoded: Callable[[d
     return report, decoded_rows, kept
 
 
-def _reason_kind(row: dict) -> str:
-    """A reason without the file name a decode error starts with and without its numbers, for counting."""
+def reason_kind(row: dict) -> str:
+    """A status row's reason without what names its input (the source, a tail of its path, its stem, its
+    key, any absolute path: "*"), without a leading "<source>: ", without what follows a "(" (details) and
+    without bare numbers ("#"), so
+    that reports count kinds of failure, not files: ``"/d/x.jpg: image file is truncated (5 bytes)"`` ->
+    ``"image file is truncated"``, ``"orphan caption file sub/x.txt: no image named sub/x.*"`` ->
+    ``"orphan caption file *: no image named *.*"``."""
     reason = row["reason"] or ""
-    if reason.startswith(row["source"]):
-        reason = reason.split(": ", 1)[-1]
-    return reason.split("(")[0].strip()
+    for name in _input_names(row["source"] or "", row["key"] or ""):
+        # a bare stem or key only where an extension follows ("x.txt", "x.*"): a file named "a" must not
+        # hide the word "a"
+        end = r"(?![\w-])" if re.search(r"[/.:]", name) else r"(?=\.)"
+        reason = re.sub(rf"(?<![\w/.-]){re.escape(name)}{end}", "*", reason)
+    reason = re.sub(r"(?<![\w.*])/[^\s:]+", "*", reason).removeprefix("*: ")  # other absolute paths too
+    reason = re.sub(r"(?<![\w.-])\d+(?![\w-])", "#", reason.split("(")[0])
+    return " ".join(reason.split())
+
+
+def _input_names(source: str, key: str) -> list[str]:
+    """The ways a reason names its input, longest first: the source ("/d/sub/x.jpg", "m.jsonl:12",
+    "s.tar:x.jpg"), each tail of its path and of its member ("sub/x.jpg", "x.jpg") with and without the
+    extension, and the key."""
+    names = {source, key}
+    for part in {source, *source.rsplit(":", 1)[1:]}:
+        pieces = part.replace("\\", "/").split("/")
+        for i in range(len(pieces)):
+            tail = "/".join(pieces[i:])
+            names |= {tail, tail.rsplit(".", 1)[0] if "." in pieces[-1] else tail}
+    return sorted((n for n in names if n), key=len, reverse=True)
 
 
 def _summary(values: list[float]) -> dict:
@@ -167,23 +354,29 @@ def _share(flags: list[bool]) -> float | None:
 # ---------------------------------------------------------------------------------------------- driver
 
 
-def run_shard_job(read_inputs: Callable[[], Iterable[Sample]], out: Path, cfg: Any, *, make_processor: Callable,
-                  write_shard: Callable, write_report: Callable, progress: bool, max_chunks: int | None,
-                  unit: str = "sample") -> BuildResult:
+def run_shard_job(input_spec: str | Path, read_inputs: Callable[[], Iterable[Sample]], out: Path, cfg: Any, *,
+                  make_processor: Callable, write_shard: Callable, write_report: Callable, progress: bool,
+                  max_chunks: int | None, unit: str = "sample") -> BuildResult:
     """Chunks of ``cfg.samples_per_shard`` inputs -> ``make_processor(cfg).process(chunk)`` -> ``write_shard(out,
     i, chunk)``, skipping chunks whose ``shard_i_stats.json`` exists; then ``write_report(out, n_shards, cfg,
-    seconds)``. ``read_inputs`` is called once the config is known to match ``out/config.json`` (the config a
-    resume must match, less ``workers``, which changes no result). The processor is built in this process
-    first, so a setup error is raised once, up front, and ``config.json`` is written only after it worked.
+    seconds)``. Holds ``out``'s lock throughout; ``out`` may not lie inside the ``input_spec`` folder.
+    ``read_inputs`` is called once the config is known to match ``out/config.json`` (``ResumeConfig``). The
+    processor is built in this process first, so a setup error is raised once, up front, and ``config.json``
+    is written only after it worked. A finished shard whose input listing changed is a ``ResumeMismatchError``.
     ``cfg.workers > 1``: a bounded window of chunks in flight in spawned processes, one thread each.
     ``max_chunks`` stops after that many new shards (to simulate an interrupted job in tests). A rerun with
     nothing left to do builds no processor and rewrites nothing."""
-    global _WORKER
-    out.mkdir(parents=True, exist_ok=True)
-    cfg_json = json.dumps({k: v for k, v in config_to_dict(cfg).items() if k != "workers"}, sort_keys=True)
-    cfg_file = out / "config.json"
-    if cfg_file.exists() and cfg_file.read_text() != cfg_json:
-        raise ValueError(f"{out}: already built with a different config ({cfg_file}); use a new output folder")
+    refuse_output_inside_input(input_spec, out)
+    with output_lock(out):
+        return _run_locked(read_inputs, out, cfg, make_processor, write_shard, write_report, progress,
+                           max_chunks, unit)
+
+
+def _run_locked(read_inputs: Callable[[], Iterable[Sample]], out: Path, cfg: Any, make_processor: Callable,
+                write_shard: Callable, write_report: Callable, progress: bool, max_chunks: int | None,
+                unit: str) -> BuildResult:
+    resume = ResumeConfig(out / "config.json", cfg)
+    resume.check()
     inputs = read_inputs()
     t0 = time.perf_counter()
     n_chunks = started = 0
@@ -192,7 +385,9 @@ def run_shard_job(read_inputs: Callable[[], Iterable[Sample]], out: Path, cfg: A
     def todo() -> Iterator[tuple[Callable, int, list[Sample], str]]:
         nonlocal n_chunks, started, stopped
         for i, chunk in _chunks(inputs, cfg.samples_per_shard):
-            if (out / f"shard_{i:05d}_stats.json").exists():
+            done = out / f"shard_{i:05d}_stats.json"
+            if done.exists():
+                check_inputs_unchanged(json.loads(done.read_text()).get("inputs_digest"), inputs_digest(chunk), done)
                 n_chunks = i + 1
                 continue
             if max_chunks is not None and started >= max_chunks:
@@ -201,25 +396,11 @@ def run_shard_job(read_inputs: Callable[[], Iterable[Sample]], out: Path, cfg: A
             n_chunks, started = i + 1, started + 1
             yield write_shard, i, chunk, str(out)
 
-    jobs = todo()
-    first = next(jobs, None)
-    if first is not None:
-        import torch
-
-        threads = torch.get_num_threads()  # restored after: the caller's setting is not ours to keep
-        try:
-            # Stage models load here first: a bad model path or a missing tesseract is one named error up
-            # front, not a pool of workers failing in their initializer.
-            _init_worker(make_processor, cfg, max(1, os.cpu_count() or 1))
-            _atomic_write(cfg_file, cfg_json.encode())
-            _run_jobs(itertools.chain([first], jobs), make_processor, cfg, progress, unit)
-        finally:
-            _WORKER = None  # free this process's copy of the stage models
-            torch.set_num_threads(threads)
-    if not cfg_file.exists():
-        _atomic_write(cfg_file, cfg_json.encode())
+    run_chunks(todo(), make_processor, cfg, progress=progress, unit=unit, on_setup=resume.save)
+    resume.save()
     if stopped:
         return BuildResult(out, -1, started, {}, {})
+    refuse_stale_chunk(out / f"shard_{n_chunks:05d}_stats.json")
     missing = [i for i in range(n_chunks) if not (out / f"shard_{i:05d}_stats.json").exists()]
     if missing:
         raise RuntimeError(f"{out}: shards {missing[:5]} were not written")
@@ -228,6 +409,28 @@ def run_shard_job(read_inputs: Callable[[], Iterable[Sample]], out: Path, cfg: A
     else:
         report = write_report(out, n_chunks, cfg, {"total": round(time.perf_counter() - t0, 2)})
     return BuildResult(out, report["inputs"], n_chunks, report["counts"], report)
+
+
+def run_chunks(jobs: Iterator[tuple[Callable, int, list[Sample], str]], make_processor: Callable, cfg: Any, *,
+               progress: bool, unit: str, on_setup: Callable[[], None]) -> None:
+    """Runs ``jobs`` (``(write, i, chunk, folder)``: ``write(Path(folder), i, processor.process(chunk))``). The
+    processor is built in this process first, and only when there is a job: a bad model path or a missing
+    tesseract is one named error up front, not a pool of workers failing in their initializer; ``on_setup``
+    runs once it worked (it saves the resume config)."""
+    global _WORKER
+    first = next(jobs, None)
+    if first is None:
+        return
+    import torch
+
+    threads = torch.get_num_threads()  # restored after: the caller's setting is not ours to keep
+    try:
+        _init_worker(make_processor, cfg, max(1, os.cpu_count() or 1))
+        on_setup()
+        _run_jobs(itertools.chain([first], jobs), make_processor, cfg, progress, unit)
+    finally:
+        _WORKER = None  # free this process's copy of the stage models
+        torch.set_num_threads(threads)
 
 
 def _run_jobs(jobs: Iterator[tuple], make_processor: Callable, cfg: Any, progress: bool, unit: str) -> None:
@@ -261,5 +464,5 @@ def _init_worker(make_processor: Callable, cfg: Any, threads: int) -> None:
 
 def _run_chunk(job: tuple[Callable, int, list[Sample], str]) -> int:
     write_shard, index, samples, out = job
-    write_shard(Path(out), index, _WORKER.process(samples))
+    write_shard(Path(out), index, _WORKER.process(guard_text(samples)))
     return len(samples)

@@ -15,16 +15,20 @@ Three passes, each resumable, under ``OUT/_work``:
    that a rerun would trust, and no sample is written twice.
 
 Inputs are assigned to chunks by their position in the (deterministic, sorted) reader order, so a rerun
-maps every input to the same shard.
+maps every input to the same shard. Each chunk keeps a fingerprint of its input listing (``inputs_digest``
+in its parquet's metadata): a resume whose listing changed under a finished chunk is refused. Inputs added
+at the end make new chunks; the global pass and the shards record the chunk fingerprints they were made
+from and are redone when those change, so the result is the one a fresh build would give. The job's lock,
+its resume config and the text guard are ``shard_jobs``'s.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
-import multiprocessing as mp
-import os
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +40,9 @@ from tqdm import tqdm
 from data_curation.curation_config import CurationConfig, config_to_dict
 from data_curation.records import DROPPED, OK, Sample
 from data_curation.readers import decode_image, open_input
-from data_curation.shard_jobs import STATUS_SCHEMA, BuildResult, StageSetupError, _atomic_write, _chunks
+from data_curation.shard_jobs import (STATUS_SCHEMA, BuildResult, ResumeConfig, StageSetupError, _atomic_write,
+                                      _chunks, _replacing, check_inputs_unchanged, guard_text, inputs_digest,
+                                      output_lock, refuse_output_inside_input, refuse_stale_chunk, run_chunks)
 
 EMB_DIM = 512
 
@@ -164,22 +170,9 @@ def _jpeg_bytes(s: Sample, img: Image.Image, changed: bool, quality: int) -> byt
     return buf.getvalue()
 
 
-_WORKER: SampleProcessor | None = None
-
-
-def _init_worker(cfg: CurationConfig, threads: int) -> None:
-    global _WORKER
-    import torch
-
-    torch.set_num_threads(threads)
-    _WORKER = SampleProcessor(cfg)
-
-
-def _run_chunk(args: tuple[int, list[Sample], str]) -> tuple[int, int]:
-    index, samples, work = args
-    samples, out_bytes, emb = _WORKER.process(samples)
-    write_chunk(Path(work), index, samples, out_bytes, emb)
-    return index, len(samples)
+def _write_processed(work: Path, index: int, processed: tuple[list[Sample], list[bytes | None], np.ndarray]) -> None:
+    """Pass 1's writer for ``shard_jobs.run_chunks``: a chunk processed by ``SampleProcessor.process``."""
+    write_chunk(work, index, *processed)
 
 
 CHUNK_SCHEMA = pa.schema([
@@ -190,6 +183,9 @@ CHUNK_SCHEMA = pa.schema([
 
 
 def write_chunk(work: Path, index: int, samples: list[Sample], out_bytes: list[bytes | None], emb: np.ndarray) -> None:
+    """``chunk_i.npy`` (the survivors' descriptors), then ``chunk_i.parquet`` (every input, with the chunk's
+    ``inputs_digest`` in its metadata): the chunk's completion marker."""
+    guard_text(samples)
     rows, n_emb = [], 0
     for s, b in zip(samples, out_bytes):
         emb_row = -1
@@ -205,18 +201,26 @@ def write_chunk(work: Path, index: int, samples: list[Sample], out_bytes: list[b
     np.save(buf, emb)
     _atomic_write(npy, buf.getvalue())
     sink = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=CHUNK_SCHEMA), sink)
+    schema = CHUNK_SCHEMA.with_metadata({"inputs_digest": inputs_digest(samples)})
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink)
     _atomic_write(work / f"chunk_{index:05d}.parquet", sink.getvalue())  # the chunk's completion marker
+
+
+def chunk_digest(path: Path) -> str | None:
+    """The ``inputs_digest`` a finished chunk was written with (None: an older build kept none)."""
+    digest = (pq.read_schema(path).metadata or {}).get(b"inputs_digest")
+    return digest.decode() if digest is not None else None
 
 
 # ----------------------------------------------------------------------------------------------
 # Pass 2: global stages
 
 
-def global_stages(work: Path, n_chunks: int, cfg: CurationConfig) -> pa.Table:
-    """Dedup then resampling over the survivors of every chunk -> per-survivor decisions."""
+def global_stages(work: Path, n_chunks: int, cfg: CurationConfig, chunks_digest: str) -> pa.Table:
+    """Dedup then resampling over the survivors of every chunk -> per-survivor decisions, kept with the
+    ``chunks_digest`` they were made from (reused only while it matches)."""
     out = work / "global.parquet"
-    if out.exists():
+    if out.exists() and (pq.read_schema(out).metadata or {}).get(b"chunks_digest") == chunks_digest.encode():
         return pq.read_table(out)
     keys, captions, clip, emb_parts = [], [], [], []
     for i in range(n_chunks):
@@ -285,8 +289,8 @@ def global_stages(work: Path, n_chunks: int, cfg: CurationConfig) -> pa.Table:
         "resample_keep": resample_keep,
     })
     sink = io.BytesIO()
-    pq.write_table(table, sink)
-    (work / "global_stats.json").write_text(json.dumps(stats, indent=1))
+    pq.write_table(table.replace_schema_metadata({"chunks_digest": chunks_digest}), sink)
+    _atomic_write(work / "global_stats.json", json.dumps(stats, indent=1).encode())
     _atomic_write(out, sink.getvalue())
     return table
 
@@ -295,14 +299,16 @@ def global_stages(work: Path, n_chunks: int, cfg: CurationConfig) -> pa.Table:
 # Pass 3: shards
 
 
-def write_shard(out: Path, work: Path, index: int, decisions: dict[str, tuple[str, float, bool, bool]]) -> dict:
+def write_shard(out: Path, work: Path, index: int, decisions: dict[str, tuple[str, float, bool, bool]],
+                chunks_digest: str) -> dict:
+    """Shard ``index`` from its chunk and the global ``decisions``; its stats (the resume marker) record the
+    ``chunks_digest`` the decisions were made from."""
     import webdataset as wds
 
     name = f"shard_{index:05d}"
     t = pq.read_table(work / f"chunk_{index:05d}.parquet").to_pylist()
     rows, counts = [], {"inputs": len(t), OK: 0, DROPPED: 0, "error": 0}
-    tmp_tar = out / f"{name}.tar.tmp"
-    with open(tmp_tar, "wb") as f:
+    with _replacing(out / f"{name}.tar") as tmp_tar, open(tmp_tar, "wb") as f:
         writer = wds.TarWriter(f, mtime=0.0)
         for r in t:
             status, stage, reason = r["status"], r["stage"], r["reason"]
@@ -324,9 +330,8 @@ def write_shard(out: Path, work: Path, index: int, decisions: dict[str, tuple[st
     sink = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=STATUS_SCHEMA), sink)
     _atomic_write(out / f"{name}.parquet", sink.getvalue())
-    os.replace(tmp_tar, out / f"{name}.tar")
     assert counts[OK] + counts[DROPPED] + counts["error"] == counts["inputs"]
-    stats = {"shard": name, **counts, "written_at": time.time()}
+    stats = {"shard": name, **counts, "chunks_digest": chunks_digest, "written_at": time.time()}
     _atomic_write(out / f"{name}_stats.json", json.dumps(stats).encode())  # last: the resume marker
     return stats
 
@@ -337,62 +342,65 @@ def write_shard(out: Path, work: Path, index: int, decisions: dict[str, tuple[st
 
 def build_shards(input_spec: str | Path, out_dir: str | Path, cfg: CurationConfig, progress: bool = True,
                  max_chunks: int | None = None) -> BuildResult:
-    """Run every pass (resuming finished work) and write the report. ``max_chunks`` stops pass 1 early
-    (used to simulate an interrupted job in tests)."""
+    """Run every pass (resuming finished work) and write the report, holding ``out_dir``'s lock; ``out_dir``
+    may not lie inside the input folder. ``max_chunks`` stops pass 1 early (used to simulate an interrupted
+    job in tests)."""
+    out = Path(out_dir)
+    refuse_output_inside_input(input_spec, out)
+    with output_lock(out):
+        return _build_locked(input_spec, out, cfg, progress, max_chunks)
+
+
+def _build_locked(input_spec: str | Path, out: Path, cfg: CurationConfig, progress: bool,
+                  max_chunks: int | None) -> BuildResult:
     from data_curation.report import write_report
 
-    out = Path(out_dir)
     work = out / "_work"
     work.mkdir(parents=True, exist_ok=True)
-    cfg_json = json.dumps(config_to_dict(cfg), sort_keys=True)
-    cfg_file = work / "config.json"
-    if cfg_file.exists() and cfg_file.read_text() != cfg_json:
-        raise ValueError(f"{out}: already built with a different config ({cfg_file}); use a new output folder")
-    cfg_file.write_text(cfg_json)
+    resume = ResumeConfig(work / "config.json", cfg)
+    resume.check()
     t0 = time.perf_counter()
 
-    # Pass 1. Inputs are read in the main process; finished chunks are skipped (still read for order).
-    todo = ((i, chunk, str(work)) for i, chunk in _chunks(open_input(input_spec), cfg.samples_per_shard)
-            if not (work / f"chunk_{i:05d}.parquet").exists() and (max_chunks is None or i < max_chunks))
-    # Stage models load here first: a bad SSCD file or a missing tesseract is one named error up front,
-    # not a pool of workers failing in their initializer.
-    _init_worker(cfg, threads=max(1, os.cpu_count() or 1))
-    bar = tqdm(desc="per-sample stages", unit="sample", disable=not progress)
-    if cfg.workers == 1:
-        for job in todo:
-            bar.update(_run_chunk(job)[1])
-    else:
-        # A bounded window of chunks in flight: Pool.imap would read every input into memory up front.
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=(cfg, 1)) as pool:
-            pending: list = []
-            for job in todo:
-                pending.append(pool.apply_async(_run_chunk, (job,)))
-                while len(pending) >= 2 * cfg.workers:
-                    bar.update(pending.pop(0).get()[1])
-            for res in pending:
-                bar.update(res.get()[1])
-    global _WORKER
-    _WORKER = None  # free the main process's copy of the stage models
-    bar.close()
-    n_chunks = 0
-    while (work / f"chunk_{n_chunks:05d}.parquet").exists():
-        n_chunks += 1
+    # Pass 1. Inputs are read in the main process; finished chunks are skipped (still read, for order and
+    # for their fingerprint). The config is saved once the stage models loaded.
+    inputs = open_input(input_spec, max_sample_bytes=cfg.max_sample_bytes, allow_outside_root=cfg.allow_outside_root)
+    digests: list[str] = []
+    run_chunks(_pass1_jobs(inputs, work, cfg, max_chunks, digests), SampleProcessor, cfg, progress=progress,
+               unit="sample", on_setup=resume.save)
+    resume.save()
+    n_chunks = len(digests)
     if max_chunks is not None:
-        return BuildResult(out, -1, n_chunks, {}, {})
+        return BuildResult(out, -1, sum((work / f"chunk_{i:05d}.parquet").exists() for i in range(n_chunks)), {}, {})
+    refuse_stale_chunk(work / f"chunk_{n_chunks:05d}.parquet")
+    chunks_digest = hashlib.sha1(" ".join(digests).encode()).hexdigest()
     t_pass1 = time.perf_counter() - t0
 
     # Pass 2.
-    decisions_t = global_stages(work, n_chunks, cfg)
+    decisions_t = global_stages(work, n_chunks, cfg, chunks_digest)
     decisions = {k: (c, s, d, r) for k, c, s, d, r in zip(*(decisions_t.column(n).to_pylist()
                                                             for n in decisions_t.column_names))}
     t_pass2 = time.perf_counter() - t0 - t_pass1
 
-    # Pass 3.
+    # Pass 3: shards written from other global decisions (inputs were added since) are rewritten.
     for i in tqdm(range(n_chunks), desc="shards", disable=not progress):
-        if not (out / f"shard_{i:05d}_stats.json").exists():
-            write_shard(out, work, i, decisions)
+        stats = out / f"shard_{i:05d}_stats.json"
+        if not stats.exists() or json.loads(stats.read_text()).get("chunks_digest") != chunks_digest:
+            write_shard(out, work, i, decisions, chunks_digest)
     seconds = {"per_sample": round(t_pass1, 2), "global": round(t_pass2, 2),
                "total": round(time.perf_counter() - t0, 2)}
     report = write_report(out, n_chunks, cfg, seconds)
     return BuildResult(out, report["inputs"], n_chunks, report["counts"], report)
+
+
+def _pass1_jobs(inputs: Iterable[Sample], work: Path, cfg: CurationConfig, max_chunks: int | None,
+                digests: list[str]) -> Iterator[tuple]:
+    """The chunks pass 1 still has to run, as ``shard_jobs.run_chunks`` jobs. Every chunk's ``inputs_digest``
+    is appended to ``digests``; a finished chunk's must match the one it was written with."""
+    for i, chunk in _chunks(inputs, cfg.samples_per_shard):
+        digest = inputs_digest(chunk)
+        digests.append(digest)
+        done = work / f"chunk_{i:05d}.parquet"
+        if done.exists():
+            check_inputs_unchanged(chunk_digest(done), digest, done)
+        elif max_chunks is None or i < max_chunks:
+            yield _write_processed, i, chunk, str(work)

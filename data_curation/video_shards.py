@@ -25,15 +25,15 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields, is_dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from data_curation.curation_config import (ConfigError, LanguageConfig, _build, config_to_dict,
+from data_curation.curation_config import (ConfigError, LanguageConfig, _build, check_job_fields, config_to_dict,
                                            read_yaml_mapping)
-from data_curation.readers import (CurationInputError, read_folder, _is_pattern, _read_shard, _short_hash,
-                                   _wds_group, WDS_IMAGE_EXTS, expand_shards,
-                                   read_manifest, sanitize_key)
+from data_curation.readers import (DEFAULT_MAX_VIDEO_BYTES, CurationInputError, _is_pattern, read_folder,
+                                   read_manifest, read_webdataset)
 from data_curation.records import Sample
 from data_curation.shard_jobs import (BuildResult, StageSetupError, _atomic_write, _share, _summary, report_head,
                                       run_shard_job, write_status_shard)
@@ -86,6 +86,8 @@ class VideoCurationConfig:
     workers: int = 2
     video_key: str = "video"  # manifest column holding the video path (relative to the manifest) or bytes
     caption_key: str = "caption"  # manifest column / sidecar or member JSON field holding the caption
+    max_sample_bytes: int = DEFAULT_MAX_VIDEO_BYTES  # the reader's cap on one sample's bytes (a chunk is in memory)
+    allow_outside_root: bool = False  # manifest rows / folder symlinks may name files outside the input folder
     caption: VideoCaptionRules = field(default_factory=VideoCaptionRules)
     language: LanguageConfig = field(default_factory=LanguageConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
@@ -94,8 +96,7 @@ class VideoCurationConfig:
     motion: MotionConfig = field(default_factory=MotionConfig)
 
     def __post_init__(self) -> None:
-        if self.samples_per_shard < 1 or self.workers < 1:
-            raise ConfigError("samples_per_shard and workers must be >= 1")
+        check_job_fields(self)
         if self.decode.backend not in ("auto", "decord", "pyav"):
             raise ConfigError(f"decode.backend: {self.decode.backend!r} is not auto | decord | pyav")
         if not 1 <= self.decode.frames <= 64:
@@ -128,67 +129,45 @@ def load_video_config(path: str | Path | None, overrides: dict | None = None) ->
 # --------------------------------------------------------------------------------------------- readers
 
 
-def open_video_input(spec: str | Path, *, video_key: str = "video",
-                     caption_key: str = "caption") -> Iterator[Sample]:
+def open_video_input(spec: str | Path, *, video_key: str = "video", caption_key: str = "caption",
+                     max_sample_bytes: int = DEFAULT_MAX_VIDEO_BYTES,
+                     allow_outside_root: bool = False) -> Iterator[Sample]:
     """A folder of videos with sidecar captions, a JSONL / parquet manifest (``video_key`` + caption), or
     webdataset tars (a ``.tar``, a glob or brace pattern) of ``key.mp4`` + ``key.txt`` / ``key.json``.
-    The video's bytes travel in ``Sample.image_bytes``. Job-level problems raise ``CurationInputError``."""
+    The video's bytes travel in ``Sample.image_bytes``. Job-level problems raise ``CurationInputError``.
+    ``max_sample_bytes`` and ``allow_outside_root``: as in ``readers.open_input``."""
     text, path = str(spec), Path(spec)
     if isinstance(spec, str) and not path.exists() and _is_pattern(text):
-        return read_video_webdataset(text, caption_key=caption_key)
+        return read_video_webdataset(text, caption_key=caption_key, max_sample_bytes=max_sample_bytes)
     if not path.exists():
         raise CurationInputError(f"input not found: {path}")
     if path.is_dir():
-        return read_video_folder(path, caption_key=caption_key)
+        return read_video_folder(path, caption_key=caption_key, max_sample_bytes=max_sample_bytes,
+                                 allow_outside_root=allow_outside_root)
     if path.suffix.lower() in (".jsonl", ".parquet"):
-        return read_manifest(path, image_key=video_key, caption_key=caption_key, media="video")
+        return read_manifest(path, image_key=video_key, caption_key=caption_key, media="video",
+                             max_sample_bytes=max_sample_bytes, allow_outside_root=allow_outside_root)
     if path.suffix.lower() == ".tar":
-        return read_video_webdataset([path], caption_key=caption_key)
+        return read_video_webdataset([path], caption_key=caption_key, max_sample_bytes=max_sample_bytes)
     raise CurationInputError(f"unknown input kind: {path} (expected a folder, .jsonl, .parquet, .tar or a "
                              "pattern of .tar shards)")
 
 
-def read_video_folder(path: str | Path, *, caption_key: str = "caption") -> Iterator[Sample]:
+def read_video_folder(path: str | Path, *, caption_key: str = "caption",
+                      max_sample_bytes: int = DEFAULT_MAX_VIDEO_BYTES,
+                      allow_outside_root: bool = False) -> Iterator[Sample]:
     """``readers.read_folder`` for videos (``VIDEO_EXTS``): sidecar ``x.txt`` / ``x.json`` captions; orphan
     sidecars and other files are error Samples of their own."""
     return read_folder(path, caption_key=caption_key, media_exts=frozenset(f".{e}" for e in VIDEO_EXTS),
-                       media="video")
+                       media="video", max_sample_bytes=max_sample_bytes, allow_outside_root=allow_outside_root)
 
 
-def read_video_webdataset(paths: str | Path | Iterable[str | Path], *,
-                          caption_key: str = "caption") -> Iterator[Sample]:
+def read_video_webdataset(paths: str | Path | Iterable[str | Path], *, caption_key: str = "caption",
+                          max_sample_bytes: int = DEFAULT_MAX_VIDEO_BYTES) -> Iterator[Sample]:
     """``readers.read_webdataset`` for videos: groups of ``key.<video ext>`` + ``key.txt`` / ``key.json``
     (video2dataset's layout). Truncated or missing shards give an error Sample naming the shard."""
-    shards = expand_shards(paths)
-    return _video_wds_samples(shards, caption_key)
-
-
-def _video_wds_samples(shards: list[Path], caption_key: str) -> Iterator[Sample]:
-    seen: set[str] = set()
-    for shard in shards:
-        for s in _read_video_shard(shard, caption_key):
-            if s.key in seen:
-                s.key = sanitize_key(f"{shard.stem}__{s.key}")
-                s.key = f"{s.key}-{_short_hash(str(shard))}" if s.key in seen else s.key
-            seen.add(s.key)
-            yield s
-
-
-def _video_group(shard: Path, key: str, members: dict[str, tuple[str, bytes]], caption_key: str) -> Sample:
-    ext = next((e for e in VIDEO_EXTS if e in members), None)
-    if ext is None:
-        have = ", ".join(sorted(n for n, _ in members.values()))
-        first = next(iter(members.values()))[0]
-        return Sample(key=sanitize_key(key), source=f"{shard}:{first}").fail(
-            "read", f"{shard.name}: sample {key} has no video member ({'/'.join(VIDEO_EXTS)}; has {have})")
-    # readers._wds_group does the caption / metadata parsing once the video sits in its image slot
-    members = {e: m for e, m in members.items() if e not in WDS_IMAGE_EXTS and e != ext} | {"jpg": members[ext]}
-    return _wds_group(shard, key, members, caption_key)
-
-
-def _read_video_shard(shard: Path, caption_key: str) -> Iterator[Sample]:
-    """``readers._read_shard`` with video groups."""
-    return _read_shard(shard, caption_key, group=_video_group)
+    return read_webdataset(paths, caption_key=caption_key, media_exts=VIDEO_EXTS, media="video",
+                           max_sample_bytes=max_sample_bytes)
 
 
 def container_ext(data: bytes, source: str = "") -> str:
@@ -417,6 +396,8 @@ def build_video_shards(input_spec: str | Path, out_dir: str | Path, cfg: VideoCu
     """Curate the videos of ``input_spec`` into ``out_dir`` (resuming finished shards) and write the report.
     ``max_chunks`` stops after that many new shards (to simulate an interrupted job in tests). A rerun
     with nothing left to do loads no model and rewrites nothing."""
-    return run_shard_job(lambda: open_video_input(input_spec, video_key=cfg.video_key, caption_key=cfg.caption_key),
-                         Path(out_dir), cfg, make_processor=VideoProcessor, write_shard=write_video_shard,
-                         write_report=write_video_report, progress=progress, max_chunks=max_chunks, unit="video")
+    read = partial(open_video_input, input_spec, video_key=cfg.video_key, caption_key=cfg.caption_key,
+                   max_sample_bytes=cfg.max_sample_bytes, allow_outside_root=cfg.allow_outside_root)
+    return run_shard_job(input_spec, read, Path(out_dir), cfg, make_processor=VideoProcessor,
+                         write_shard=write_video_shard, write_report=write_video_report, progress=progress,
+                         max_chunks=max_chunks, unit="video")

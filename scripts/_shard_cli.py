@@ -1,6 +1,8 @@
 """The command line the shard builders share (``scripts.build_shards``, ``build_video_shards``,
-``build_audio_shards``): ``INPUT OUT [--config FILE] [--workers N] [--json]``; a summary on stderr and the
-report JSON on stdout; exit code 2 on a config, input or stage setup error, with the message naming it."""
+``build_audio_shards``): ``INPUT OUT [--config FILE] [--workers N] [--max-sample-bytes N] [--allow-outside-root]
+[--json]``; a summary on stderr and the report JSON on stdout; exit code 2, with one line naming the problem,
+on a config, input or stage setup error, a resume that does not match what OUT holds, or OUT in use by
+another live build."""
 
 from __future__ import annotations
 
@@ -24,15 +26,22 @@ def shard_main(argv: list[str] | None, *, doc: str, name: str, config_help: str,
     p.add_argument("out")
     p.add_argument("--config", default=None, help=config_help)
     p.add_argument("--workers", type=int, default=None, help="override the config's worker count")
+    p.add_argument("--max-sample-bytes", type=int, default=None,
+                   help="override the config's cap on the bytes one sample may read (larger inputs are errors)")
+    p.add_argument("--allow-outside-root", action="store_true", default=None,
+                   help="let manifest rows and folder symlinks name files outside the input's folder")
     p.add_argument("--json", action="store_true", help="print only the report JSON")
     args = p.parse_args(argv)
-    from data_curation.shard_jobs import StageSetupError
+    from data_curation.shard_jobs import OutputBusyError, ResumeMismatchError, StageSetupError
 
     load_config, build = builder()
+    overrides = {k: v for k, v in (("workers", args.workers), ("max_sample_bytes", args.max_sample_bytes),
+                                   ("allow_outside_root", args.allow_outside_root)) if v is not None}
     try:
-        cfg = load_config(args.config, {"workers": args.workers} if args.workers else None)
+        cfg = load_config(args.config, overrides)
         result = build(args.input, args.out, cfg, progress=not args.json)
-    except (ConfigError, CurationInputError, StageSetupError, FileNotFoundError) as e:
+    except (ConfigError, CurationInputError, StageSetupError, ResumeMismatchError, OutputBusyError,
+            FileNotFoundError) as e:
         print(f"{name}: {e}", file=sys.stderr)
         return 2
     r = result.report

@@ -1,6 +1,7 @@
 """Curate image-text pairs into webdataset shards (Llama 3 sec. 7.1).
 
-    python -m scripts.build_shards INPUT OUT [--config curation.yaml] [--workers N] [--json]
+    python -m scripts.build_shards INPUT OUT [--config curation.yaml] [--workers N]
+        [--max-sample-bytes N] [--allow-outside-root] [--json]
 
 INPUT: a folder of images with sidecar captions (x.jpg + x.txt / x.json), a JSONL or parquet manifest of
 image paths + captions, or webdataset tars (a .tar, a glob or a brace pattern). Runs caption rules,
@@ -8,7 +9,8 @@ language id, image rules, safety (pHash blocklist, classifier hook, face blurrin
 FAISS de-duplication and n-gram resampling, then writes OUT/shard_NNNNN.{tar,parquet} and
 shard_NNNNN_stats.json (written last: rerunning after a kill resumes), plus OUT/report.json and plots
 under OUT/report/. See data_curation/shards.py for the passes and configs/curation.yaml for every option.
-Exit code 2: a config, input or stage setup error (the message names it).
+Exit code 2: a config, input or stage setup error, a resume whose config or inputs differ from
+what OUT holds, or OUT in use by another live build (one line names it).
 """
 
 from __future__ import annotations

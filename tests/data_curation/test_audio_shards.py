@@ -4,7 +4,6 @@ corrupt files: the VAD score (checked against silero's own segmenter), then the 
 
 import io
 import json
-import shutil
 import socket
 import subprocess
 import tarfile
@@ -26,8 +25,8 @@ from data_curation.shard_jobs import StageSetupError
 from data_curation.vad import VadConfig, VadLoadError, VoiceActivity
 from scripts import build_audio_shards as cli
 from speech.audio import load_audio, write_audio
+from tests.system_deps import require_binary
 
-ESPEAK = "/usr/bin/espeak-ng"
 SR = 16_000
 TEXTS = {
     "fox": "The quick brown fox jumps over the lazy dog and runs into the forest.",
@@ -47,12 +46,11 @@ KEPT = {k for k, (status, _) in EXPECTED.items() if status == "ok"}
 @pytest.fixture(scope="module")
 def speech(tmp_path_factory) -> dict[str, np.ndarray]:
     """Real synthetic speech: espeak-ng's 22.05 kHz WAVs, as float32 mono at 16 kHz."""
-    if not shutil.which(ESPEAK):
-        pytest.fail(f"{ESPEAK} is needed for real speech (apt-get install espeak-ng, or make system-deps)")
+    espeak = require_binary("espeak-ng")
     root = tmp_path_factory.mktemp("espeak")
     out = {}
     for key, text in TEXTS.items():
-        subprocess.run([ESPEAK, "-w", str(root / f"{key}.wav"), text], check=True, capture_output=True)
+        subprocess.run([espeak, "-w", str(root / f"{key}.wav"), text], check=True, capture_output=True)
         out[key] = load_audio(root / f"{key}.wav").samples
     return out
 
@@ -254,9 +252,12 @@ def test_manifest_input(corpus, tmp_path):
     (tmp_path / "fox.wav").write_bytes((corpus / "fox.wav").read_bytes())  # relative to the manifest
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("\n".join(json.dumps(r) for r in rows))
-    res = build_audio_shards(manifest, tmp_path / "out", _config(tmp_path), progress=False)
+    # row 2 names a file outside the manifest's folder: read only with allow_outside_root
+    res = build_audio_shards(manifest, tmp_path / "out", _config(tmp_path, allow_outside_root=True), progress=False)
     got = [(r["status"], r["stage"]) for r in _statuses(res.out).values()]
     assert got == [("ok", None), ("dropped", "vad"), ("error", "read"), ("error", "read")]
+    strict = build_audio_shards(manifest, tmp_path / "strict", _config(tmp_path), progress=False)
+    assert "outside the dataset root" in _statuses(strict.out)["manifest_000000002"]["reason"]
     assert _statuses(res.out)["manifest_000000003"]["reason"] == (
         f"manifest.jsonl line 3: audio file not found: {tmp_path / 'missing.wav'}")
     assert json.loads(_tar_members(res.out)["manifest_000000001.json"])["meta"] == {"id": 0}

@@ -12,7 +12,8 @@ from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 from skimage import data as skdata
 
-from data_curation.filters import CaptionRules, ClipScorer, ImageRules, LanguageId, caption_reason, image_reason
+from data_curation.filters import (CaptionRules, ClipScorer, ImageRules, InvalidTextError, LanguageId, caption_reason,
+                                   image_reason)
 from vision.clip_pretrain import ClipTrainConfig, build_clip, save_clip
 from vision.encoder import vision_config
 
@@ -112,6 +113,12 @@ def test_language_id_en_de_fr(langid):
     reason, _, score = langid.reason("IMG_2031.JPG")
     assert score < 0.5 and reason == f"low_language_score({round(score, 2)}<0.5)"
     assert langid.predict("") == ("und", 0.0) and langid.predict(" \n ") == ("und", 0.0)
+
+
+def test_language_id_names_text_that_is_not_valid_unicode(langid):
+    with pytest.raises(InvalidTextError, match="lone surrogate"):  # not fastText's bare TypeError
+        langid.reason("A caption with a lone surrogate \ud800 in it")
+    assert langid.reason("A plain English caption about a dog in a park")[0] is None
 
 
 def test_language_id_newlines_and_long_text(langid):

@@ -22,7 +22,7 @@ from data_curation.readers import (
     read_webdataset,
     sanitize_key,
 )
-from data_curation.records import ERROR, OK, Sample
+from data_curation.records import ERROR, OK, Sample, bad_text_field, escape_text
 
 
 def encode(arr: np.ndarray, fmt: str) -> bytes:
@@ -306,8 +306,8 @@ def test_read_webdataset_groups_members_and_reports_damage(shards):
     assert s["000000"].source == f"{shards / '00000.tar'}:000000.jpg"
     assert s["000001"].caption == "Coffee." and s["000001"].meta == {"url": "u1"}
     assert s["sub__000004"].ok and s["sub__000004"].caption == "A cat in a folder."
-    assert "000002 has no caption" in s["000002"].reason
-    assert "000003 has no image member" in s["000003"].reason and "000003.txt" in s["000003"].reason
+    assert "has no caption (key 000002;" in s["000002"].reason
+    assert "has no image member (key 000003;" in s["000003"].reason and "000003.txt" in s["000003"].reason
     assert s["00001__000000"].ok and s["00001__000000"].caption == "Same key as in shard 0."
     assert s["000010"].status == ERROR and "00001.tar:000010.txt is not valid UTF-8" in s["000010"].reason
     assert s["000020"].ok and decode_image(s["000020"]).size == (451, 300)
@@ -323,7 +323,7 @@ def test_read_webdataset_groups_members_and_reports_damage(shards):
     # a cut header also ends tarfile's iteration silently: the half group and the shard are reported
     s4 = by_key(list(read_webdataset(shards / "00004.tar")))
     assert len(s4) == 3 and s4["000040"].ok
-    assert s4["000041"].status == ERROR and "000041 has no caption" in s4["000041"].reason
+    assert s4["000041"].status == ERROR and "has no caption (key 000041;" in s4["000041"].reason
     assert "no valid header or end-of-archive marker after member 000041.jpg" in s4["00004__shard_error"].reason
 
 
@@ -335,7 +335,7 @@ def test_webdataset_bad_shards_and_patterns(shards):
     assert [x.status for x in samples] == [ERROR, ERROR, ERROR, OK, ERROR]
     assert samples[0].key == "junk__shard_error" and "junk.tar at its start: invalid header" in samples[0].reason
     assert "zero.tar at its start: empty file" in samples[1].reason
-    assert samples[2].reason.startswith(f"cannot open shard {shards / '00009.tar'}")
+    assert samples[2].reason.startswith(f"cannot read shard {shards / '00009.tar'}: No such file")
 
     assert len(list(open_input(f"{shards}/0000[01].tar"))) == 5 + 2
     assert len(list(open_input(shards / "00001.tar"))) == 2
@@ -360,3 +360,100 @@ def test_open_input_dispatch_and_job_level_errors(tmp_path, folder):
     write(tmp_path / "table.csv", "image,caption\n")
     with pytest.raises(CurationInputError, match="unknown input kind: .*table.csv"):
         open_input(tmp_path / "table.csv")
+
+
+# --------------------------------------------------------------------------------- hostile details
+# (the corpus-wide checks are in test_hostile_readers.py)
+
+
+def test_escape_text_and_bad_text_field():
+    assert escape_text("café ok") == "café ok"
+    assert escape_text("caf\udce9.jpg") == "caf\\xe9.jpg"  # an undecodable file-name byte
+    assert escape_text("a\ud800b") == "a\\ud800b"  # a lone surrogate from JSON
+    assert bad_text_field({"caption": "fine", "tags": ["x", {"deep": "\udfff"}]}) == "tags[1].deep"
+    assert bad_text_field({"ok\ud800": 1}) == "ok\\ud800 (the name)"
+    assert bad_text_field({"caption": "café", "n": 3, "b": b"\xff"}) is None
+    s = Sample(key="caf\udce9", source="dir/caf\udce9.jpg").fail("read", "bad \ud800 name")
+    assert (s.key, s.source, s.reason) == ("caf\\xe9", "dir/caf\\xe9.jpg", "bad \\ud800 name")
+
+
+def test_parquet_oversize_bytes_and_invalid_utf8_cell_fail_their_row_only(tmp_path):
+    text = pa.array([b"A cat.", b"caf\xe9", b"A cat."], pa.binary()).view(pa.string())  # row 1: not UTF-8
+    table = pa.table({"image": [CHELSEA + b"\0", CHELSEA, CHELSEA], "caption": text})
+    pq.write_table(table, tmp_path / "rows.parquet")
+    samples = list(read_manifest(tmp_path / "rows.parquet", max_sample_bytes=len(CHELSEA)))
+    assert [s.status for s in samples] == [ERROR, ERROR, OK]
+    assert samples[0].reason == (f"cannot read rows.parquet row 0: 'image': {len(CHELSEA) + 1} bytes, above "
+                                 f"max_sample_bytes ({len(CHELSEA)})")
+    assert samples[1].reason.startswith("rows.parquet row 1: field 'caption' is not valid UTF-8")
+    assert samples[2].image_bytes == CHELSEA
+
+
+def test_jsonl_long_line_is_skipped_and_later_lines_keep_their_numbers(tmp_path):
+    write(tmp_path / "a.jpg", b"tiny")  # the reader hands bytes on undecoded
+    row = json.dumps({"image": "a.jpg", "caption": "An astronaut."})
+    write(tmp_path / "m.jsonl", "\n".join([row, json.dumps({"image": "a.jpg", "caption": "x" * 5000}), row]) + "\n")
+    samples = list(read_manifest(tmp_path / "m.jsonl", max_sample_bytes=1000))
+    assert [(s.source.rsplit(":", 1)[1], s.status) for s in samples] == [("1", OK), ("2", ERROR), ("3", OK)]
+    assert samples[1].reason == "cannot read m.jsonl line 2: longer than 1000 bytes, above max_sample_bytes"
+    assert samples[2].image_bytes == b"tiny" and samples[2].caption == "An astronaut."
+
+
+def test_manifest_paths_stay_inside_unless_allowed(tmp_path):
+    outside = write(tmp_path / "outside.jpg", CHELSEA)
+    write(tmp_path / "data" / "in.jpg", ASTRONAUT)
+    os.symlink(tmp_path / "data" / "in.jpg", tmp_path / "data" / "link_in.jpg")  # a link inside: fine
+    rows = [{"image": "in.jpg"}, {"image": "link_in.jpg"}, {"image": "../outside.jpg"}, {"image": str(outside)},
+            {"image": "bad\u0000name.jpg"}]
+    write(tmp_path / "data" / "m.jsonl", "".join(json.dumps({**r, "caption": "c"}) + "\n" for r in rows))
+    strict = list(read_manifest(tmp_path / "data" / "m.jsonl"))
+    assert [s.status for s in strict] == [OK, OK, ERROR, ERROR, ERROR]
+    assert strict[2].reason == (f"m.jsonl line 3: cannot read {tmp_path / 'data' / '..' / 'outside.jpg'}: outside "
+                                f"the dataset root {tmp_path / 'data'} (it resolves to {outside}; allow_outside_root "
+                                "reads it)")
+    assert "embedded null byte" in strict[4].reason
+    loose = list(read_manifest(tmp_path / "data" / "m.jsonl", allow_outside_root=True))
+    assert [s.status for s in loose] == [OK, OK, OK, OK, ERROR] and loose[3].image_bytes == CHELSEA
+
+
+def test_folder_links_loops_and_outside_targets(tmp_path):
+    root = tmp_path / "raw"
+    write(root / "a.jpg", ASTRONAUT)
+    os.symlink(root / "a.jpg", root / "same.jpg")  # inside: read
+    os.symlink(write(tmp_path / "secret.jpg", CHELSEA), root / "out.jpg")
+    os.symlink(root / "loop.jpg", root / "loop.jpg")
+    os.symlink(tmp_path, root / "up")  # a link to a folder: not followed, reported
+    for stem in ("a", "same", "out", "loop"):
+        write(root / f"{stem}.txt", "A caption.")
+    strict = by_key(list(read_folder(root)))
+    assert sorted(strict) == ["a", "loop", "out", "same", "up"]
+    assert strict["a"].ok and strict["same"].ok and strict["same"].image_bytes == ASTRONAUT
+    assert "outside the dataset root" in strict["out"].reason and "secret.jpg" in strict["out"].reason
+    assert strict["loop"].reason.startswith("cannot read loop.jpg: ")
+    assert strict["up"].reason == "cannot read up: not a regular file (a symbolic link to a folder; links to " \
+                                  "folders are not followed)"
+    loose = by_key(list(read_folder(root, allow_outside_root=True)))
+    assert loose["out"].ok and loose["out"].image_bytes == CHELSEA
+    assert loose["loop"].reason.startswith("cannot read loop.jpg: ") and loose["up"].status == ERROR
+
+
+def test_tar_duplicate_member_and_hard_link_to_oversize_member(tmp_path):
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w", format=tarfile.GNU_FORMAT) as tf:
+        for name, payload in (("a.jpg", ASTRONAUT), ("a.txt", b"One."), ("a.txt", b"Two."),
+                              ("b.jpg", CHELSEA), ("b.txt", b"A cat.")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+        link = tarfile.TarInfo("c.jpg")
+        link.type, link.linkname = tarfile.LNKTYPE, "./b.jpg"  # normalised: b.jpg
+        tf.addfile(link)
+        info = tarfile.TarInfo("c.txt")
+        info.size = 4
+        tf.addfile(info, io.BytesIO(b"Cat."))
+    s = by_key(list(read_webdataset(shard, max_sample_bytes=len(CHELSEA))))
+    assert "sample a has two 'txt' members (a.txt, a.txt)" in s["a"].reason
+    assert s["b"].ok and s["c"].ok and s["c"].image_bytes == CHELSEA and s["c"].source.endswith("s.tar:c.jpg")
+    small = by_key(list(read_webdataset(shard, max_sample_bytes=len(CHELSEA) - 1)))
+    assert small["c"].reason == f"cannot read s.tar:c.jpg: {len(CHELSEA)} bytes, above max_sample_bytes " \
+                                f"({len(CHELSEA) - 1})"

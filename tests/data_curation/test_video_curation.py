@@ -377,11 +377,13 @@ def test_manifest_input(corpus, clip_dir, tmp_path):
     rows.append({"video": "missing.mp4", "caption": "A video that is not there at all"})
     manifest = tmp_path / "manifest.jsonl"  # paths relative to the manifest's folder, or absolute
     manifest.write_text("\n".join(json.dumps({**r, "video": str(corpus / r["video"])}) for r in rows))
-    samples = list(open_video_input(manifest))
+    # absolute paths outside the manifest's folder: read only with allow_outside_root
+    assert [s.status for s in open_video_input(manifest)] == ["error"] * 4
+    samples = list(open_video_input(manifest, allow_outside_root=True))
     assert [s.status for s in samples] == ["ok", "ok", "ok", "error"]
     assert samples[0].image_bytes == (corpus / "pan.mp4").read_bytes() and samples[0].meta == {"id": 0}
-    res = build_video_shards(manifest, tmp_path / "out", _config(tmp_path, clip_dir, ocr=None, clip=None),
-                             progress=False)
+    res = build_video_shards(manifest, tmp_path / "out",
+                             _config(tmp_path, clip_dir, ocr=None, clip=None, allow_outside_root=True), progress=False)
     rows = _statuses(res.out)
     assert [(r["status"], r["stage"]) for r in rows.values()] == [
         ("ok", None), ("dropped", "motion"), ("error", "decode"), ("error", "read")]
