@@ -66,6 +66,8 @@ def save_checkpoint(
     sd = model.state_dict()
     if lm_path is not None:
         sd = {k: v for k, v in sd.items() if not k.startswith("lm.")}
+    elif model.cfg.lm.tie_embeddings:  # one tensor under two names: stored once (safetensors refuses shared ones)
+        sd.pop("lm.output.weight")
     # The encoder's weights are in this checkpoint: its initial ``pretrained`` source is provenance only
     # (loading must not need that file or tag again).
     cfg = dataclasses.replace(model.cfg, vision=dataclasses.replace(model.cfg.vision, pretrained=None))
@@ -93,7 +95,11 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, lm_path:
         sd.update({f"lm.{k}": v for k, v in cast_floats(lm.state_dict(), own_dtype).items()})
     with torch.device("meta"):
         model = MultimodalLlama(cfg, Llama(cfg.lm))
+    if cfg.lm.tie_embeddings and "lm.tok_embeddings.weight" in sd:
+        sd["lm.output.weight"] = sd["lm.tok_embeddings.weight"]
     load_state_dict_strict(model, cast_floats(sd, dtype), str(path))
+    if cfg.lm.tie_embeddings:
+        model.lm.output.weight = model.lm.tok_embeddings.weight
     model.lm.inv_freq = rope_frequencies(cfg.lm.head_dim, cfg.lm.rope_theta, cfg.lm.rope_scaling)
     model.lm.freeze()
     return model

@@ -253,3 +253,18 @@ def test_export_written_before_fingerprints_loads_with_its_config_checked(lm_run
 def test_lm_path_for_an_export_holding_its_lm_is_refused(export, meta_lm):
     with pytest.raises(CheckpointError, match="this export holds its LM"):
         load_checkpoint(export, lm_path=meta_lm)
+
+
+def test_export_of_a_tied_lm_round_trips(tmp_path):
+    """An export holding a tied LM (Llama 3.2 1B / 3B) stores the shared tensor once and loads it tied."""
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    cfg = multimodal_config("tiny")
+    model = build_multimodal(replace(cfg, lm=replace(cfg.lm, tie_embeddings=True)))
+    out = save_checkpoint(model, tmp_path / "tied")
+    assert "lm.output.weight" not in load_file(out / "model.safetensors")
+    loaded = load_checkpoint(out)
+    assert loaded.lm.output.weight is loaded.lm.tok_embeddings.weight
+    tokens = torch.randint(0, cfg.lm.vocab_size, (1, 5))
+    torch.testing.assert_close(loaded.lm(tokens), model.lm(tokens), rtol=0, atol=0)
