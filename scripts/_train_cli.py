@@ -2,7 +2,8 @@
 
 Launch alone (one CPU/GPU process, no launcher needed), or with ``torchrun --nproc_per_node N -m
 scripts.train_image_adapter ...`` / ``deepspeed --module scripts.train_image_adapter ...``. Exit code 2: a
-config, DeepSpeed config, tokenizer, checkpoint or shard error (the message names it).
+config, DeepSpeed config, tokenizer, checkpoint or shard error, a resume the checkpoint cannot honour or
+refused rank state, a non-finite loss (the message names it).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def train_main(argv: list[str] | None, *, doc: str, name: str, kind: str) -> int
     from adapters.tokenizer import TokenizerError
     from training.config import TrainConfigError, load_run_config
     from training.data import BadSampleError, ShardError
+    from training.trainer import TrainError, train
 
     overrides = list(args.set) + ([f"deepspeed={args.deepspeed}"] if args.deepspeed else [])
     overrides += [f"parallel={args.parallel}"] if args.parallel else []
@@ -35,10 +37,8 @@ def train_main(argv: list[str] | None, *, doc: str, name: str, kind: str) -> int
         cfg = load_run_config(args.config, overrides)
         if cfg.kind != kind:
             raise TrainConfigError(f"{args.config}: kind {cfg.kind!r}, but {name} trains {kind!r}")
-        from training.trainer import train  # parallel: pipeline imports training.pipeline only then
-
         result = train(cfg)
-    except (TrainConfigError, ShardError, BadSampleError, TokenizerError, CheckpointError) as e:
+    except (TrainConfigError, ShardError, BadSampleError, TokenizerError, CheckpointError, TrainError) as e:
         print(f"{name}: {e}", file=sys.stderr)
         return 2
     last = max(result.losses) if result.losses else None

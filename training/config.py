@@ -24,6 +24,10 @@ class TrainConfigError(ValueError):
     """A run or DeepSpeed config that cannot be used; the message names the file and the key."""
 
 
+class ResumeConfigError(TrainConfigError):
+    """A resumed run whose config differs from its checkpoint's where the checkpoint cannot honour it."""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which model trains and where its weights start.
@@ -207,6 +211,31 @@ def to_dict(cfg: Any) -> Any:
     if isinstance(cfg, tuple):
         return [to_dict(v) for v in cfg]
     return cfg
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": 1}}`` -> ``{"optim.lr": 1}``: nested mappings to dotted keys."""
+    flat = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        flat.update(flatten(v, key + ".") if isinstance(v, dict) and v else {key: v})
+    return flat
+
+
+def resume_changes(saved: dict, now: dict, mutable: frozenset[str], where: str) -> list[str]:
+    """The changes from ``saved`` (the checkpoint's run record) to ``now`` that a resume applies, as
+    ``"key: old -> new"`` over dotted keys; any other change raises `ResumeConfigError` naming every such
+    key with both values on one line (the optimizer and scheduler states come from the checkpoint, so a
+    new ``optim.lr`` would be silently ignored, a new data seed would not match the saved data position)."""
+    old, new = flatten(saved), flatten(now)
+    diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    shown = {k: f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in diff}
+    refused = [shown[k] for k in diff if k not in mutable]
+    if refused:
+        raise ResumeConfigError(f"{where}: the checkpoint cannot honour these changes (checkpoint -> now): "
+                                f"{', '.join(refused)}; resume with the checkpoint's values or start a new "
+                                "run directory")
+    return [shown[k] for k in diff]
 
 
 def load_deepspeed_config(path: str | Path) -> dict:

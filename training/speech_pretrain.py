@@ -20,9 +20,11 @@
   The optimizer is always the torch AdamW of `speech.pretrain.param_groups` (DeepSpeed never builds its
   own Adam ops); gradient clipping is DeepSpeed's ``gradient_clipping`` = ``cfg.grad_clip``.
 * **Checkpoints** (``save_every``): ``out/checkpoints/step_N`` holds DeepSpeed's model, optimizer and
-  scheduler states plus ``rank_R.pt`` (sampler position, generators, the curves so far). A run whose
-  ``out/checkpoints/latest`` exists continues from it, so the step after the resume has the uninterrupted
-  run's loss; its config, world size and accumulation must be the checkpoint's.
+  scheduler states plus ``rank_R.pt`` (sampler position, generators, the curves so far, the run's config),
+  tensors and plain values read with ``torch.load(weights_only=True)`` (`training.trainer.load_rank_state`).
+  A run whose ``out/checkpoints/latest`` exists continues from it, so the step after the resume has the
+  uninterrupted run's loss; its config, world size and accumulation must be the checkpoint's (only
+  ``log_every`` may change; any other difference is a `ResumeConfigError` naming each key).
 * **Outputs.** Rank 0 writes ``encoder.safetensors``, ``encoder_config.json``, ``bestrq.safetensors`` and
   ``report.json`` (`speech.pretrain.save_run`); per-step curves are means over ranks (and micro-batches),
   and the report adds ``world_size``, ``gradient_accumulation_steps``, ``deepspeed`` (the resolved config),
@@ -48,7 +50,8 @@ from speech.features import LogMel
 from speech.pretrain import (AudioClips, PretrainConfig, build_bestrq, build_report, lr_multiplier, pad_waves,
                              param_groups, save_run)
 from training.config import TrainConfigError, resolve_deepspeed
-from training.trainer import TrainError, _latest_tag, init_distributed
+from training.trainer import (TrainError, _latest_tag, check_resume, init_distributed, load_rank_state,
+                              truncate_steps)
 
 CURVES = ("loss", "accuracy", "target_perplexity", "masked_fraction")
 
@@ -114,12 +117,8 @@ class RankClipSampler:
         self._share = self._order(self.epoch)
 
 
-def _same_run(saved: dict, now: dict, state_file: Path) -> None:
-    diff = sorted(k for k in set(saved) | set(now) if k != "log_every" and saved.get(k) != now.get(k))
-    if diff:
-        detail = ", ".join(f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in diff)
-        raise TrainError(f"{state_file}: this checkpoint belongs to another run ({detail}); "
-                         "use another --out or the same options")
+# Everything else shapes the weights, the LR schedule (cfg.steps) or the clips' order.
+RESUME_MUTABLE = frozenset({"log_every"})
 
 
 def pretrain_distributed(clips: AudioClips, cfg: PretrainConfig, out_dir: str | Path,
@@ -156,11 +155,9 @@ def pretrain_distributed(clips: AudioClips, cfg: PretrainConfig, out_dir: str | 
     resumed_from = None
     if tag is not None:
         state_file = ckpt_dir / tag / f"rank_{rank}.pt"
-        if not state_file.is_file():
-            raise TrainError(f"{state_file}: missing (checkpoint saved with another world size than "
-                             f"{world}?)")
-        state = torch.load(state_file, weights_only=False)
-        _same_run(state["run"], run_id, state_file)
+        state = load_rank_state(state_file, world, ("run", "sampler", "crop_rng", "mask_rng", "curves", "log",
+                                                    "seen"))
+        check_resume(state["run"], run_id, RESUME_MUTABLE, state_file, rank)
         path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag)
         if path is None:
             raise TrainError(f"{ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
@@ -172,9 +169,7 @@ def pretrain_distributed(clips: AudioClips, cfg: PretrainConfig, out_dir: str | 
     start = engine.global_steps
     clip_dir.mkdir(parents=True, exist_ok=True)
     clip_log = clip_dir / f"rank_{rank}.jsonl"
-    kept = [ln for ln in clip_log.read_text().splitlines() if json.loads(ln)["step"] <= start] \
-        if clip_log.is_file() else []
-    clip_log.write_text("".join(ln + "\n" for ln in kept))  # an interrupted run's later steps are redone
+    truncate_steps(clip_log, start)  # an interrupted run's later steps are redone
 
     engine.train()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"BEST-RQ x{world}",

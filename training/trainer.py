@@ -8,10 +8,17 @@ per rank. bf16 compute with fp32 gradient accumulation is DeepSpeed's ``BF16_Opt
 ``gradient_clipping``, applied once per step on the fp32 gradients.
 
 Checkpoints (``run_dir/checkpoints/step_N``): DeepSpeed's model (trainable tensors only), optimizer and
-scheduler states, plus one ``rank_R.pt`` per rank with its data-iterator position and RNG states, so the
-step after a resume sees the same batch, weights and moments, hence the same loss, as the uninterrupted
-run. The end of a run exports ``run_dir/export``: one inference checkpoint (`adapters.model_io` or
-`speech.asr` format) that ``scripts.demo_vqa --checkpoint`` loads.
+scheduler states, plus one ``rank_R.pt`` per rank with its data-iterator position, RNG states and the run
+record (resolved run config + DeepSpeed config), so the step after a resume sees the same batch, weights
+and moments, hence the same loss, as the uninterrupted run. ``rank_R.pt`` holds tensors and plain Python
+values only and is read with ``torch.load(weights_only=True)``: resuming runs no code from the run
+directory through it (DeepSpeed's own ``*model_states.pt`` / ``*optim_states.pt`` are still unpickled by
+DeepSpeed). A resume compares the run record with the current config: changes in `RESUME_MUTABLE` are
+applied and logged, any other raises `ResumeConfigError` before anything in the run directory is written;
+``losses.jsonl`` drops the records past the resumed step, so every step appears once.
+
+The end of a run exports ``run_dir/export``: one inference checkpoint (`adapters.model_io` or `speech.asr`
+format) that ``scripts.demo_vqa --checkpoint`` loads.
 
 Without a launcher (no RANK / WORLD_SIZE in the environment) the process initialises a one-rank gloo
 group itself, so tests and CPU users run the same code directly.
@@ -22,8 +29,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import random
 import socket
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,12 +44,25 @@ from torch import Tensor, nn
 
 from adapters.task import ImageTextTask, build_param_groups
 from adapters.tokenizer import Tokenizer
-from training.config import RunConfig, load_deepspeed_config, resolve_deepspeed, write_resolved
+from training.config import (RunConfig, load_deepspeed_config, resolve_deepspeed, resume_changes, to_dict,
+                             write_resolved)
 from training.data import (ImageCaptionCodec, ShardStream, TrainBatches, VideoCaptionCodec, expand_shards)
 
 
 class TrainError(RuntimeError):
     """A run that cannot start or go on (bad resume state, non-finite loss); the message says which."""
+
+
+class RankStateError(TrainError):
+    """A checkpoint's ``rank_R.pt`` that is missing, incomplete, or holds more than tensors and plain data."""
+
+
+# What a resume may change: the run's length, its outputs and logging, the DeepSpeed file's path (its
+# content is compared key by key) and the bad-sample policy. Model, data, optimizer, batch sizes, seeds
+# and parallel layout are in the checkpoint's states (or its data position) and may not change.
+RESUME_MUTABLE = frozenset({"train.steps", "train.save_every", "train.log_every", "train.export",
+                            "train.resume", "train.progress", "train.run_dir", "deepspeed", "data.on_error",
+                            "deepspeed_config.steps_per_print", "deepspeed_config.wall_clock_breakdown"})
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -190,7 +212,12 @@ class TrainResult:
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """The process RNGs as tensors and plain values (what ``torch.load(weights_only=True)`` reads back)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss],
+             "numpy": {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                       "cached_gaussian": float(cached)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -200,13 +227,84 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
 
 
 def _latest_tag(ckpt_dir: Path) -> str | None:
     latest = ckpt_dir / "latest"
     return latest.read_text().strip() if latest.is_file() else None
+
+
+def load_rank_state(path: Path, world: int, keys: tuple[str, ...]) -> dict:
+    """A ``rank_R.pt`` read with ``weights_only=True``: only tensors and plain Python values unpickle, so a
+    tampered file is refused (`RankStateError`) before any code in it runs."""
+    if not path.is_file():
+        raise RankStateError(f"{path}: missing (saved with another world size than {world}?)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        lines = str(e).splitlines() or [type(e).__name__]
+        why = next((ln.strip() for ln in lines if "Unsupported" in ln), lines[0]).split(". Please")[0]
+        raise RankStateError(f"{path}: refused, not readable as tensors and plain values (torch.load "
+                             f"weights_only=True: {why}); nothing in it was run") from None
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise RankStateError(f"{path}: no {', '.join(missing)} (a rank state of another format)")
+    return state
+
+
+def check_resume(saved: dict, now: dict, mutable: frozenset[str], where: Path, rank: int) -> None:
+    """Refuse a resume whose run record differs from the checkpoint's outside ``mutable``
+    (`ResumeConfigError`); rank 0 logs the changes it applies."""
+    applied = resume_changes(saved, now, mutable, str(where))
+    if applied and rank == 0:
+        print(f"resume from {where}: applying {', '.join(applied)}", file=sys.stderr)
+
+
+def truncate_steps(path: Path, last_step: int) -> None:
+    """Keep the JSON lines of ``path`` with ``"step" <= last_step``: a killed run logged steps past its last
+    checkpoint, and the resumed run redoes and logs them again, so each step is written once. An unreadable
+    last line is a write the kill cut short; an unreadable earlier line is an error."""
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    kept = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise TrainError(f"{path}: line {i + 1} is not JSON: {line[:80]!r}") from None
+        if record["step"] <= last_step:
+            kept.append(line)
+    path.write_text("".join(ln + "\n" for ln in kept))
+
+
+def run_record(cfg: RunConfig, ds: dict) -> dict:
+    """What a checkpoint records of its run, compared key by key on resume."""
+    return json.loads(json.dumps({**to_dict(cfg), "deepspeed_config": ds}))
+
+
+def open_run(cfg: RunConfig, ds: dict, rank: int, world: int) -> tuple[str, dict] | None:
+    """(tag, this rank's state) of the checkpoint to resume, after checking the run record against ``cfg``;
+    None for a fresh start. Then rank 0 writes config.yaml and deepspeed.json (never for a refused resume)."""
+    run_dir = Path(cfg.train.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    tag = _latest_tag(ckpt_dir) if cfg.train.resume else None
+    resumed = None
+    if tag is not None:
+        state_file = ckpt_dir / tag / f"rank_{rank}.pt"
+        state = load_rank_state(state_file, world, ("run", "data", "rng"))
+        check_resume(state["run"], run_record(cfg, ds), RESUME_MUTABLE, ckpt_dir / tag, rank)
+        resumed = (tag, state)
+    if rank == 0:
+        write_resolved(cfg, ds, run_dir)
+    return resumed
 
 
 def _to_device(x, device):
@@ -234,8 +332,7 @@ def train(cfg: RunConfig, ds_config: dict | None = None) -> TrainResult:
     ds = resolve_deepspeed(ds_config if ds_config is not None else load_deepspeed_config(cfg.deepspeed),
                            dp_world, cfg.deepspeed)
     run_dir = Path(cfg.train.run_dir)
-    if rank == 0:
-        write_resolved(cfg, ds, run_dir)
+    resumed = open_run(cfg, ds, rank, world)
     tok = Tokenizer(cfg.model.tokenizer)
     model = build_model(cfg, tok)
     if tp_group is not None:
@@ -256,9 +353,11 @@ def train(cfg: RunConfig, ds_config: dict | None = None) -> TrainResult:
     model.train()
 
     ckpt_dir = run_dir / "checkpoints"
-    if cfg.train.resume:
-        resume(engine, batches, ckpt_dir, rank, world)
+    if resumed is not None:
+        resume(engine, batches, ckpt_dir, *resumed)
     start = engine.global_steps
+    if rank == 0:
+        truncate_steps(run_dir / "losses.jsonl", start)
     gas = engine.gradient_accumulation_steps()
     device = engine.device
 
@@ -295,7 +394,7 @@ def train(cfg: RunConfig, ds_config: dict | None = None) -> TrainResult:
         result.steps_per_s, result.tokens_per_s = steps_done / dt, tokens_done / dt
         if rank == 0:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{result.tokens_per_s:.0f}")
-            with open(run_dir / "losses.jsonl", "a") as f:  # one line per step; a resumed run appends
+            with open(run_dir / "losses.jsonl", "a") as f:  # one line per step (past the resumed one)
                 f.write(json.dumps({"step": step + 1, "loss": loss, "lr": lr, "tokens": int(stats[2]),
                                     "label_tokens": int(stats[1]), "steps_per_s": result.steps_per_s}) + "\n")
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
@@ -304,7 +403,7 @@ def train(cfg: RunConfig, ds_config: dict | None = None) -> TrainResult:
                                     ("bad_samples", batches.n_bad)):
                     writer.add_scalar(f"train/{name}", value, step + 1)
         if (step + 1) % cfg.train.save_every == 0 or step + 1 == cfg.train.steps:
-            save(engine, batches, ckpt_dir, step + 1, rank)
+            save(engine, batches, ckpt_dir, step + 1, rank, run_record(cfg, ds))
     result.bad_samples = batches.n_bad
     if batches.n_bad and rank == 0:
         (run_dir / f"bad_samples_rank{rank}.json").write_text(json.dumps(batches.bad, indent=1))
@@ -316,27 +415,23 @@ def train(cfg: RunConfig, ds_config: dict | None = None) -> TrainResult:
     return result
 
 
-def resume(engine, batches: TrainBatches, ckpt_dir: Path, rank: int, world: int) -> None:
-    """Load ``ckpt_dir/latest`` if there is one: DeepSpeed's states, this rank's data position and RNGs."""
-    tag = _latest_tag(ckpt_dir)
-    if tag is None:
-        return
+def resume(engine, batches: TrainBatches, ckpt_dir: Path, tag: str, state: dict) -> None:
+    """Load checkpoint ``tag``: DeepSpeed's states, then this rank's data position and RNGs from ``state``
+    (its ``rank_R.pt``, read and checked by `open_run`)."""
     path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False)
     if path is None:
         raise TrainError(f"{ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
-    state_file = ckpt_dir / tag / f"rank_{rank}.pt"
-    if not state_file.is_file():
-        raise TrainError(f"{state_file}: missing (saved with another world size than {world}?)")
-    state = torch.load(state_file, weights_only=False)
     batches.load_state_dict(state["data"])
     _set_rng_state(state["rng"])
 
 
-def save(engine, batches: TrainBatches, ckpt_dir: Path, step: int, rank: int) -> None:
-    """DeepSpeed's states (trainable tensors only) + this rank's data position and RNG states."""
+def save(engine, batches: TrainBatches, ckpt_dir: Path, step: int, rank: int, run: dict) -> None:
+    """DeepSpeed's states (trainable tensors only) + this rank's data position, RNG states and ``run``
+    (`run_record`), as tensors and plain values."""
     tag = f"step_{step}"
     (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
-    torch.save({"data": batches.state_dict(), "rng": _rng_state()}, ckpt_dir / tag / f"rank_{rank}.pt")
+    state = {"run": run, "data": batches.state_dict(), "rng": _rng_state()}
+    torch.save(state, ckpt_dir / tag / f"rank_{rank}.pt")
     dist.barrier()  # every rank's state is on disk before DeepSpeed writes "latest"
     engine.save_checkpoint(str(ckpt_dir), tag=tag, exclude_frozen_parameters=True)
 
@@ -386,8 +481,7 @@ def train_pipeline(cfg: RunConfig, ds_config: dict | None = None) -> TrainResult
     ds = resolve_deepspeed(ds_config if ds_config is not None else load_deepspeed_config(cfg.deepspeed),
                            world // S, cfg.deepspeed)
     run_dir = Path(cfg.train.run_dir)
-    if rank == 0:
-        write_resolved(cfg, ds, run_dir)
+    resumed = open_run(cfg, ds, rank, world)
     tok = Tokenizer(cfg.model.tokenizer)
     model = build_model(cfg, tok)
     module = build_pipeline_module(model, S, ds.get("pipeline", {}).get("activation_checkpoint_interval", 0))
@@ -403,8 +497,10 @@ def train_pipeline(cfg: RunConfig, ds_config: dict | None = None) -> TrainResult
     batches = build_batches(fixed, tok, model, engine.grid.get_data_parallel_rank(),
                             engine.grid.get_data_parallel_world_size())
     ckpt_dir = run_dir / "checkpoints"
-    if cfg.train.resume:
-        resume(engine, batches, ckpt_dir, rank, world)
+    if resumed is not None:
+        resume(engine, batches, ckpt_dir, *resumed)
+    if rank == 0:
+        truncate_steps(run_dir / "losses.jsonl", engine.global_steps)
     tokens_seen = [0]
 
     def data():
@@ -430,7 +526,7 @@ def train_pipeline(cfg: RunConfig, ds_config: dict | None = None) -> TrainResult
                 f.write(json.dumps({"step": step + 1, "loss": loss, "lr": sched.get_last_lr()[0],
                                     "steps_per_s": result.steps_per_s}) + "\n")
         if (step + 1) % cfg.train.save_every == 0 or step + 1 == cfg.train.steps:
-            save(engine, batches, ckpt_dir, step + 1, rank)
+            save(engine, batches, ckpt_dir, step + 1, rank, run_record(cfg, ds))
     result.bad_samples = batches.n_bad
     if cfg.train.export:
         weights = pipeline_state_dict(engine)  # collective; MultimodalLlama names on rank 0

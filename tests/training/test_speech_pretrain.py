@@ -123,7 +123,8 @@ def test_resume_gives_the_uninterrupted_losses(audio, tmp_path, capsys):
     capsys.readouterr()
     assert cli.main([*argv, "--out", str(resumed), "--seed", "5"]) == 2
     err = capsys.readouterr().err
-    assert str(resumed / "checkpoints" / "step_4" / "rank_0.pt") in err and "seed: 0 then, 5 now" in err
+    assert str(resumed / "checkpoints" / "step_4" / "rank_0.pt") in err and "seed: 0 -> 5" in err
+    assert "the checkpoint cannot honour" in err and len(err.strip().splitlines()) == 1
 
 
 def test_option_and_deepspeed_config_errors_are_named(audio, tmp_path, capsys):

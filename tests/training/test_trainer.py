@@ -22,7 +22,7 @@ from adapters.vqa import build_tiny_tokenizer
 from scripts import demo_vqa, train_image_adapter
 from training.config import load_run_config, to_dict
 from training.resolution import resize_grid_tokens
-from training.trainer import build_model, train
+from training.trainer import RankStateError, TrainError, build_model, load_rank_state, train, truncate_steps
 from tests.training.ranks import free_port
 from tests.training.test_data import caption_texts, make_image_shards
 
@@ -80,22 +80,81 @@ def test_losses_fall_and_the_frozen_lm_is_untouched(stage1):
 def test_checkpoint_holds_no_frozen_lm_tensor(stage1):
     root, cfg, _ = stage1
     step = root / "run" / "checkpoints" / "step_3"
-    module = torch.load(step / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    module = torch.load(step / "mp_rank_00_model_states.pt", weights_only=True)["module"]
     fresh = build_model(cfg, Tokenizer(cfg.model.tokenizer))
     trainable = {f"model.{n}" for n, _ in fresh.trainable_named_parameters()}
     assert set(module) == trainable and not any(k.startswith("model.lm.") for k in module)
-    assert (step / "rank_0.pt").is_file()
+    state = load_rank_state(step / "rank_0.pt", 1, ("run", "data", "rng"))  # weights_only=True
+    assert state["run"]["optim"]["lr"] == cfg.optim.lr and state["run"]["deepspeed_config"]["train_batch_size"] == 2
+
+
+def copy_run(src: Path, dst: Path, tag: str) -> Path:
+    """``dst`` as ``src`` would be had it stopped after checkpoint ``tag``."""
+    shutil.copytree(src / "checkpoints" / tag, dst / "checkpoints" / tag)
+    (dst / "checkpoints" / "latest").write_text(tag)
+    for name in ("config.yaml", "deepspeed.json", "losses.jsonl"):
+        shutil.copy(src / name, dst / name)
+    return dst
 
 
 def test_resume_continues_with_the_uninterrupted_losses(stage1):
     root, cfg, result = stage1
-    ckpts = root / "run_resumed" / "checkpoints"
-    shutil.copytree(root / "run" / "checkpoints" / "step_3", ckpts / "step_3")
-    (ckpts / "latest").write_text("step_3")  # as if the run had been killed after step 4
+    copy_run(root / "run", root / "run_resumed", "step_3")  # as if the run had been killed logging step 6:
+    logged = (root / "run" / "losses.jsonl").read_text().splitlines()
+    (root / "run_resumed" / "losses.jsonl").write_text("\n".join(logged[:5]) + "\n" + logged[5][:20])
     resumed = train(replace(cfg, train=replace(cfg.train, run_dir=str(root / "run_resumed"), export=False)))
     assert sorted(resumed.losses) == [4, 5, 6]
     for step in (4, 5, 6):
         assert resumed.losses[step] == result.losses[step], step
+    log = [json.loads(line) for line in (root / "run_resumed" / "losses.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]  # steps 4 and 5 redone, written once
+    assert [r["loss"] for r in log] == [result.losses[s] for s in range(1, 7)]
+
+
+def test_resume_refuses_config_changes_the_checkpoint_cannot_honour(stage1, tmp_path, capsys):
+    root, cfg, _ = stage1
+    run = copy_run(root / "run", tmp_path / "run", "step_6")
+    cfg = replace(cfg, train=replace(cfg.train, run_dir=str(run), export=False))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(cfg)))))
+    saved_config = (run / "config.yaml").read_bytes()
+    argv = ["--config", str(tmp_path / "run.yaml"), "--set", "optim.lr=0.001", "--set", "data.seed=1",
+            "--set", "train.steps=7"]
+    assert train_image_adapter.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"{run / 'checkpoints' / 'step_6'}: the checkpoint cannot honour" in err
+    assert "optim.lr: 0.003 -> 0.001" in err and "data.seed: 0 -> 1" in err and "train.steps" not in err
+    assert (run / "config.yaml").read_bytes() == saved_config  # nothing written for a refused resume
+
+    # A longer run is a change the checkpoint can honour: applied, logged, recorded in config.yaml.
+    out = train(replace(cfg, train=replace(cfg.train, steps=7)))
+    assert sorted(out.losses) == [7]
+    err = capsys.readouterr().err
+    assert "step_6: applying" in err and "train.steps: 6 -> 7" in err
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["steps"] == 7
+    log = [json.loads(line) for line in (run / "losses.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 8))
+
+
+def test_resume_runs_no_code_from_a_tampered_rank_file(stage1, tmp_path, capsys):
+    root, cfg, _ = stage1
+    run = copy_run(root / "run", tmp_path / "run", "step_6")
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return exec, (f"open({str(marker)!r}, 'w').write('ran')",)
+
+    torch.save({"run": {}, "data": {}, "rng": Payload()}, run / "checkpoints" / "step_6" / "rank_0.pt")
+    cfg = replace(cfg, train=replace(cfg.train, run_dir=str(run)))
+    with pytest.raises(RankStateError, match=r"rank_0\.pt: refused.*Unsupported global: GLOBAL exec"):
+        train(cfg)
+    assert not marker.exists()
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(cfg)))))
+    assert train_image_adapter.main(["--config", str(tmp_path / "run.yaml")]) == 2
+    assert "rank_0.pt: refused" in capsys.readouterr().err and not marker.exists()
+    torch.load(run / "checkpoints" / "step_6" / "rank_0.pt", weights_only=False)  # what resume used to do
+    assert marker.read_text() == "ran"  # the payload is live: the refusal above is what kept it from running
 
 
 def test_export_answers_in_demo_vqa(stage1, capsys):
@@ -174,9 +233,9 @@ def test_two_processes_data_parallel(stage1, tmp_path):
     assert all(torch.isfinite(torch.tensor([r["loss"] for r in log])))
     assert json.loads((tmp_path / "dp" / "deepspeed.json").read_text())["train_batch_size"] == 4
     step = tmp_path / "dp" / "checkpoints" / "step_2"
-    states = [torch.load(step / f"rank_{r}.pt", weights_only=False)["data"] for r in (0, 1)]
+    states = [load_rank_state(step / f"rank_{r}.pt", 2, ("data",))["data"] for r in (0, 1)]
     assert all(s["samples_delivered"] > 0 for s in states)
-    module = torch.load(step / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    module = torch.load(step / "mp_rank_00_model_states.pt", weights_only=True)["module"]
     assert module and not any(k.startswith("model.lm.") for k in module)
     load_checkpoint(tmp_path / "dp" / "export")
 
@@ -250,3 +309,18 @@ def test_pipeline_mode_through_the_entry_point(stage1, tmp_path):
     assert [r["step"] for r in log] == [1, 2] and all(torch.isfinite(torch.tensor([r["loss"] for r in log])))
     assert (tmp_path / "pipe" / "checkpoints" / "step_2").is_dir()
     assert load_checkpoint(tmp_path / "pipe" / "export").cfg == load_checkpoint(result.export_dir).cfg
+
+
+def test_step_logs_keep_each_step_once_and_rank_states_are_checked(tmp_path):
+    log = tmp_path / "losses.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3, 4)) + '{"step": 5, "lo')
+    truncate_steps(log, 2)  # the cut-short last line is the write a kill interrupted
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
+    log.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(TrainError, match=r"losses\.jsonl: line 2 is not JSON"):
+        truncate_steps(log, 2)
+    torch.save({"data": {}}, tmp_path / "rank_0.pt")
+    with pytest.raises(RankStateError, match=r"rank_0\.pt: no run, rng"):
+        load_rank_state(tmp_path / "rank_0.pt", 1, ("run", "data", "rng"))
+    with pytest.raises(RankStateError, match=r"rank_1\.pt: missing \(saved with another world size than 2"):
+        load_rank_state(tmp_path / "rank_1.pt", 2, ("data",))
