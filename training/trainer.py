@@ -140,12 +140,15 @@ def build_model(cfg: RunConfig, tok: Tokenizer) -> nn.Module:
             model.encoder.load_state_dict(encoder.state_dict(), strict=True)
         return model
 
-    from adapters.model_io import load_checkpoint
+    from adapters.model_io import load_checkpoint, read_export_meta
     from adapters.multimodal import build_multimodal, multimodal_config
     from training.resolution import with_tile_size
 
     if m.init_from:
-        model = load_checkpoint(m.init_from)
+        # An export that points at its LM finds it through ``model.lm`` when set (the LM moved since, or the
+        # run names it anew); the fingerprint check still refuses another LM.
+        points_at_lm = read_export_meta(Path(m.init_from) / "config.json").get("lm_path")
+        model = load_checkpoint(m.init_from, lm_path=m.lm if points_at_lm and m.lm else None)
         if m.tile_size is not None:
             model = with_tile_size(model, m.tile_size)  # stage 2: anneal at a higher per-tile resolution
     else:

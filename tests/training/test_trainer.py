@@ -183,6 +183,26 @@ def test_stage2_anneals_at_a_higher_tile_size(stage1):
     assert all(torch.isfinite(torch.tensor(list(out.losses.values()))))
 
 
+def test_init_from_an_export_whose_lm_moved_finds_it_through_model_lm(stage1, tmp_path):
+    from adapters.checkpoint import save_meta_checkpoint
+    from adapters.llama import build_llama, llama_config
+    from adapters.model_io import LMMismatchError, save_checkpoint
+    from adapters.multimodal import build_multimodal, multimodal_config
+
+    root, cfg, _ = stage1
+    tok = Tokenizer(cfg.model.tokenizer)
+    torch.manual_seed(1)
+    lm = build_llama(replace(llama_config("tiny"), vocab_size=tok.n_words))
+    save_meta_checkpoint(lm, tmp_path / "lm")
+    image = build_multimodal(replace(multimodal_config("tiny"), lm=lm.cfg), lm)
+    save_checkpoint(image, tmp_path / "export", lm_path=str(tmp_path / "lm"))
+    moved = shutil.move(tmp_path / "lm", tmp_path / "moved")
+    with pytest.raises(LMMismatchError, match="--lm"):
+        build_model(run_config(root, "lost", f"model.init_from={tmp_path / 'export'}"), tok)
+    model = build_model(run_config(root, "found", f"model.init_from={tmp_path / 'export'}", f"model.lm={moved}"), tok)
+    assert torch.equal(model.lm.tok_embeddings.weight, lm.tok_embeddings.weight)
+
+
 def test_row_packing_trains_and_is_refused_where_it_cannot_work(stage1):
     root, cfg, _ = stage1
     packed = run_config(root, "packed", "data.pack_rows=true", "data.max_seq_len=80", "data.max_tokens=160",
