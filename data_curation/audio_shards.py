@@ -38,12 +38,13 @@ import numpy as np
 import soundfile as sf
 
 from data_curation.curation_config import ConfigError, _build, check_job_fields, config_to_dict, read_yaml_mapping
-from data_curation.readers import (DEFAULT_MAX_AUDIO_BYTES, CurationInputError, _is_pattern, read_folder,
-                                   read_manifest, read_webdataset)
+from data_curation.input_files import DEFAULT_MAX_AUDIO_BYTES, CurationInputError
+from data_curation.readers import read_folder, read_manifest
 from data_curation.records import Sample
 from data_curation.shard_jobs import (BuildResult, StageSetupError, _atomic_write, _summary, report_head,
                                       run_shard_job, write_status_shard)
 from data_curation.vad import VadConfig
+from data_curation.wds_reader import _is_pattern, read_webdataset
 from speech.audio import SAMPLE_RATE
 
 AUDIO_EXTS = ("flac", "wav", "ogg", "opus", "mp3")  # what libsndfile (>= 1.1) decodes

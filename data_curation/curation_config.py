@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from data_curation.filters import CaptionRules, ImageRules
-from data_curation.readers import DEFAULT_MAX_SAMPLE_BYTES
+from data_curation.input_files import DEFAULT_MAX_SAMPLE_BYTES
 
 
 class ConfigError(ValueError):

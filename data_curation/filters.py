@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_curation.readers import LONE_SURROGATE
+from data_curation.input_files import LONE_SURROGATE
 from data_curation.records import bad_text_field
 
 

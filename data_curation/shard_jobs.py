@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from data_curation.curation_config import config_to_dict
-from data_curation.readers import LONE_SURROGATE, CurationInputError
+from data_curation.input_files import LONE_SURROGATE, CurationInputError
 from data_curation.records import DROPPED, ERROR, OK, STATUSES, Sample, bad_text_field, escape_text
 
 STATUS_SCHEMA = pa.schema([("key", pa.string()), ("source", pa.string()), ("status", pa.string()),

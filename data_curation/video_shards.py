@@ -32,12 +32,13 @@ import numpy as np
 
 from data_curation.curation_config import (ConfigError, LanguageConfig, _build, check_job_fields, config_to_dict,
                                            read_yaml_mapping)
-from data_curation.readers import (DEFAULT_MAX_VIDEO_BYTES, CurationInputError, _is_pattern, read_folder,
-                                   read_manifest, read_webdataset)
+from data_curation.input_files import DEFAULT_MAX_VIDEO_BYTES, CurationInputError
+from data_curation.readers import read_folder, read_manifest
 from data_curation.records import Sample
 from data_curation.shard_jobs import (BuildResult, StageSetupError, _atomic_write, _share, _summary, report_head,
                                       run_shard_job, write_status_shard)
 from data_curation.video_filters import VideoCaptionRules
+from data_curation.wds_reader import _is_pattern, read_webdataset
 
 VIDEO_EXTS = ("mp4", "m4v", "mov", "webm", "mkv", "avi")  # also the webdataset member preference order
 
@@ -164,7 +165,7 @@ def read_video_folder(path: str | Path, *, caption_key: str = "caption",
 
 def read_video_webdataset(paths: str | Path | Iterable[str | Path], *, caption_key: str = "caption",
                           max_sample_bytes: int = DEFAULT_MAX_VIDEO_BYTES) -> Iterator[Sample]:
-    """``readers.read_webdataset`` for videos: groups of ``key.<video ext>`` + ``key.txt`` / ``key.json``
+    """``wds_reader.read_webdataset`` for videos: groups of ``key.<video ext>`` + ``key.txt`` / ``key.json``
     (video2dataset's layout). Truncated or missing shards give an error Sample naming the shard."""
     return read_webdataset(paths, caption_key=caption_key, media_exts=VIDEO_EXTS, media="video",
                            max_sample_bytes=max_sample_bytes)

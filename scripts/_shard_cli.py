@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 
 from data_curation.curation_config import ConfigError
-from data_curation.readers import CurationInputError
+from data_curation.input_files import CurationInputError
 
 
 def shard_main(argv: list[str] | None, *, doc: str, name: str, config_help: str,

@@ -8,7 +8,7 @@ and for every case the reason the reader must give (``expected_reason``, None: r
 ``by_case`` matches records (Samples, or status rows with a ``source``) to their cases.
 
 Media are real and tiny: a PIL PNG, a PyAV-written MPEG-4 mp4 (no ffmpeg binary), a soundfile WAV.
-The reasons are ``data_curation.readers``' named constants. ``CASES`` describes every case and its
+The reasons are ``data_curation.input_files``' named constants. ``CASES`` describes every case and its
 reasons, ``LAYOUT_CASES`` says which layouts hold it. Every tar corpus also holds a directory member:
 folders are not inputs and give no record.
 """
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from data_curation.readers import (HARD_LINK_UNRESOLVED, LONE_SURROGATE, NOT_REGULAR, OUTSIDE_ROOT, TOO_LARGE)
+from data_curation.input_files import (HARD_LINK_UNRESOLVED, LONE_SURROGATE, NOT_REGULAR, OUTSIDE_ROOT, TOO_LARGE)
 from data_curation.records import escape_text
 
 MEDIA_EXT = {"image": "png", "video": "mp4", "audio": "wav"}

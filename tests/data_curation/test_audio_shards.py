@@ -20,7 +20,7 @@ import yaml
 from data_curation.audio_shards import (AudioCurationConfig, build_audio_shards, load_audio_config,
                                         open_audio_input)
 from data_curation.curation_config import ConfigError
-from data_curation.readers import CurationInputError
+from data_curation.input_files import CurationInputError
 from data_curation.shard_jobs import StageSetupError
 from data_curation.vad import VadConfig, VadLoadError, VoiceActivity
 from scripts import build_audio_shards as cli

@@ -8,7 +8,8 @@ from contextlib import contextmanager
 import pytest
 
 from data_curation.audio_shards import open_audio_input
-from data_curation.readers import NOT_REGULAR, OUTSIDE_ROOT, TOO_LARGE, CurationInputError, open_input, read_manifest
+from data_curation.input_files import NOT_REGULAR, OUTSIDE_ROOT, TOO_LARGE, CurationInputError
+from data_curation.readers import open_input, read_manifest
 from data_curation.records import ERROR, OK, Sample
 from data_curation.video_shards import open_video_input
 from tests.data_curation.hostile import CASES, LAYOUT_CASES, case_names, make_hostile_corpus

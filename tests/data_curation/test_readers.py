@@ -13,16 +13,10 @@ import pytest
 from PIL import Image, ImageDraw
 from skimage import data as skdata
 
-from data_curation.readers import (
-    CurationInputError,
-    decode_image,
-    open_input,
-    read_folder,
-    read_manifest,
-    read_webdataset,
-    sanitize_key,
-)
+from data_curation.input_files import CurationInputError, sanitize_key
+from data_curation.readers import decode_image, open_input, read_folder, read_manifest
 from data_curation.records import ERROR, OK, Sample, bad_text_field, escape_text
+from data_curation.wds_reader import read_webdataset
 
 
 def encode(arr: np.ndarray, fmt: str) -> bytes:
