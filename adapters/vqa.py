@@ -20,7 +20,7 @@ from adapters.llama import Llama, build_llama
 from adapters.multimodal import ImageBatch, MultimodalConfig, MultimodalLlama, build_multimodal, multimodal_config
 from adapters.task import IGNORE_INDEX, ImageTextTask, build_param_groups
 from adapters.tokenizer import Tokenizer, train_byte_bpe, write_tiktoken_bpe
-from data_curation.synthetic_vqa import VQARecord, corpus_text
+from synthetic.shapes import VQARecord, corpus_text
 from vision.tiling import TilingConfig, collate_tiled, tile_image
 
 
@@ -174,7 +174,7 @@ def pretrain_text_lm(lm: Llama, tok: Tokenizer, steps: int = 200, batch_size: in
     set's) with answers drawn uniformly from each question's candidates, so the LM learns the chat
     format and the answer vocabulary but, never seeing an image, stays at chance.
     """
-    from data_curation.synthetic_vqa import QUESTIONS
+    from synthetic.shapes import QUESTIONS
 
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -221,7 +221,7 @@ def run_vqa_benchmark(steps: int, seed: int, work_dir: str | Path, clip_steps: i
     3. train encoder (at a tenth of the rate) + projector + cross-attention for ``steps`` on the same
        scenes' questions; 4. answer ``n_test`` unseen scenes' questions greedily.
     """
-    from data_curation.synthetic_vqa import chance_accuracy, make_caption_set, make_vqa_set
+    from synthetic.shapes import chance_accuracy, make_caption_set, make_vqa_set
     from vision.clip_pretrain import ClipTrainConfig, save_clip, train_clip
 
     t0 = time.perf_counter()

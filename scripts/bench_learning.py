@@ -36,8 +36,8 @@ import torch
 
 from adapters.model_io import save_checkpoint
 from adapters.vqa import run_vqa_benchmark
-from data_curation.synthetic_vqa import save_vqa_set
 from speech.asr import run_asr_benchmark, save_asr_set, save_speech_checkpoint
+from synthetic.shapes import save_vqa_set
 from video.vqa import run_video_benchmark, save_video_qa_set
 
 DEFAULT_STEPS = {"image": 600, "video": 600, "speech": 400}

@@ -19,7 +19,7 @@ from pathlib import Path
 from adapters.model_io import load_checkpoint, save_checkpoint
 from adapters.vqa import VQAEncoder, answer, run_vqa_benchmark
 from adapters.tokenizer import Tokenizer
-from data_curation.synthetic_vqa import save_vqa_set
+from synthetic.shapes import save_vqa_set
 
 
 def main(argv: list[str] | None = None) -> int:

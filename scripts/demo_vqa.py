@@ -1,7 +1,8 @@
-"""Ask a question about an image; the answer streams to stdout.
+"""Ask a question about an image; the answer streams to stdout. Or answer a file of questions.
 
     python -m scripts.demo_vqa --image PATH --question TEXT (--checkpoint DIR [--lm DIR] | --mllama DIR)
         [--tokenizer tokenizer.model] [--max-new-tokens 64] [--temperature 0] [--top-p 0.9]
+    python -m scripts.demo_vqa --questions FILE.jsonl --out PREDICTIONS.jsonl (--checkpoint DIR | ...) [...]
 
 --checkpoint: a directory written by our training (config.json + model.safetensors + tokenizer.model).
 --lm:         the frozen LM of an export that does not hold it, when it is neither at the absolute path
@@ -9,14 +10,22 @@
 --mllama:     a Hugging Face Llama 3.2 Vision (Mllama) directory or Meta's Llama 3.2 Vision layout; the
               tiktoken ``tokenizer.model`` is looked up in DIR and DIR/original unless --tokenizer is given.
 
+--questions:  batch mode: JSONL rows {"id", "image": path relative to the file's folder, "question", "kind"};
+              every row is answered exactly as --image/--question would answer it (the model loads once) and
+              {"id", "answer"} lines are written to --out, in input order, renamed into place at the end
+              (see scripts._batch). Progress and a summary go to stderr.
+
 Bad arguments (--max-new-tokens < 1 or more than the model's context holds, --temperature < 0, --top-p
-outside (0, 1]) print one line and exit with status 2.
+outside (0, 1]), another modality's export, and in batch mode a malformed row, a duplicate id or a missing
+image print one line and exit with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -24,8 +33,10 @@ import torch
 from adapters.chat import Message, encode_dialog
 from adapters.checkpoint import CheckpointError
 from adapters.generation import GenerationLengthError, SamplingConfig, check_length, generate, stream_text
-from adapters.multimodal import ImageBatch
+from adapters.multimodal import ImageBatch, MultimodalLlama
 from adapters.tokenizer import Tokenizer, TokenizerError
+from scripts._batch import (BatchInputError, add_batch_args, check_batch_args, read_questions,
+                            write_predictions)
 from vision.image_io import ImageLoadError, load_image
 from vision.tiling import TilingConfig, collate_tiled, tile_image
 
@@ -81,20 +92,62 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
-def load_model(args):
-    if args.checkpoint:
-        from adapters.model_io import load_checkpoint
+def export_modality_problem(model_dir: Path, want: str) -> str | None:
+    """Why ``model_dir`` holds another modality's export than ``want`` ("image/video" or "speech"), or None.
+    The loaders only see a format tag that is not theirs; this names what the export is and which demo
+    takes it. Anything else (no config.json, bad JSON, an HF directory) is left to the loader to report."""
+    from adapters.model_io import FORMAT as MM_FORMAT
+    from speech.asr import FORMAT as SPEECH_FORMAT
+    from speech.pretrain import FORMAT as ENCODER_FORMAT
 
-        return load_checkpoint(args.checkpoint, lm_path=args.lm), Path(args.checkpoint)
+    exports = {  # format -> (the models it holds, what it is and where it goes)
+        MM_FORMAT: ("image/video", "an image/video model: ask with scripts.demo_vqa or scripts.demo_video"),
+        SPEECH_FORMAT: ("speech", "a speech model: transcribe with scripts.demo_asr"),
+        ENCODER_FORMAT: ("speech encoder", "a pre-trained speech encoder without an LM: train a speech "
+                         "adapter on it first (scripts.train_speech_adapter)")}
+    # A speech encoder's run (speech.pretrain.save_pretrained) has encoder_config.json, not config.json.
+    config = next((f for f in (model_dir / "config.json", model_dir / "encoder_config.json") if f.is_file()), None)
+    try:
+        fmt = json.loads(config.read_text()).get("format")
+    except (AttributeError, OSError, ValueError):  # no config file, not JSON, not an object
+        return None
+    if fmt not in exports or exports[fmt][0] == want:
+        return None
+    return (f"{model_dir}: this demo answers with {want} models, and this export (format {fmt!r}) is "
+            f"{exports[fmt][1]}")
+
+
+def load_export(path: str | Path, lm: str | Path | None) -> MultimodalLlama:
+    """Our image/video export at ``path`` (``lm``: --lm), in eval mode; `CheckpointError` when it cannot be
+    used, naming the modality when it is another one's."""
+    from adapters.model_io import load_checkpoint
+
+    problem = export_modality_problem(Path(path), "image/video")
+    if problem is not None:
+        raise CheckpointError(problem)
+    return load_checkpoint(path, lm_path=lm).eval()
+
+
+def load_model(args) -> tuple[MultimodalLlama, Path]:
+    """The model of --checkpoint (our export) or --mllama, and its directory."""
+    if args.checkpoint:
+        return load_export(args.checkpoint, args.lm), Path(args.checkpoint)
     from adapters.model_io import load_multimodal_checkpoint
 
-    return load_multimodal_checkpoint(args.mllama), Path(args.mllama)
+    return load_multimodal_checkpoint(args.mllama).eval(), Path(args.mllama)
+
+
+def image_input(model: MultimodalLlama, path: str | Path) -> ImageBatch:
+    """One image, tiled for ``model``'s vision encoder; `ImageLoadError` when it cannot be read."""
+    vcfg = model.cfg.vision
+    tiled = tile_image(load_image(path), TilingConfig(tile_size=vcfg.tile_size, max_tiles=vcfg.max_tiles))
+    return ImageBatch.from_collated(collate_tiled([[tiled]]))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--image", required=True)
-    p.add_argument("--question", required=True)
+    add_batch_args(p, "image")
+    p.add_argument("--question", default=None, help="with --image: the question")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="our checkpoint directory")
     src.add_argument("--mllama", help="HF Mllama or Meta Llama 3.2 Vision directory")
@@ -102,35 +155,49 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer", default=None)
     add_sampling_args(p)
     args = p.parse_args(argv)
+    check_batch_args(p, args, single_only=("--question",))
+    if args.image is not None and args.question is None:
+        p.error("--image needs --question")
     if args.lm is not None and not args.checkpoint:
         p.error("--lm goes with --checkpoint (an HF or Meta directory holds its LM)")
 
     try:
+        rows = read_questions(args.questions, "image") if args.questions else None
         model, model_dir = load_model(args)
         tok = Tokenizer(find_tokenizer(model_dir, args.tokenizer))
-        image = load_image(args.image)
-    except (CheckpointError, TokenizerError, ImageLoadError) as e:
+        if rows is None:
+            pieces = ask(model, tok, args, args.question, args.image)
+    except (BatchInputError, CheckpointError, TokenizerError, ImageLoadError, GenerationLengthError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    model.eval()
-    vcfg = model.cfg.vision
-    tiled = tile_image(image, TilingConfig(tile_size=vcfg.tile_size, max_tiles=vcfg.max_tiles))
-    images = ImageBatch.from_collated(collate_tiled([[tiled]]))
-    return stream_answer(model, tok, Message("user", args.question, n_images=1), args, images=images)
+    if rows is None:
+        return print_stream(pieces)
+    return write_predictions(rows, lambda row: "".join(ask(model, tok, args, row.question, row.media)),
+                             args.out, (ImageLoadError, GenerationLengthError), "demo_vqa")
 
 
-def stream_answer(model, tok: Tokenizer, message: Message, args, images=None, videos=None) -> int:
-    """Generate the answer to one user message and print it as it comes (sampling from ``args``).
-    Returns the exit status: 2, with one line on stderr, when the answer cannot fit the context."""
+def ask(model: MultimodalLlama, tok: Tokenizer, args, question: str, image: str | Path) -> Iterator[str]:
+    """The answer about one image file, as text pieces (`answer_pieces`): both modes come through here."""
+    message = Message("user", question, n_images=1)
+    return answer_pieces(model, tok, message, args, images=image_input(model, image))
+
+
+def answer_pieces(model, tok: Tokenizer, message: Message, args, images=None, videos=None) -> Iterator[str]:
+    """The answer to one user message as text pieces, as they are generated (sampling from ``args``).
+    `GenerationLengthError` (raised before any decoding) when the answer cannot fit the context."""
     prompt = torch.tensor([encode_dialog(tok, [message])])
     try:
         check_length(prompt.shape[1], args.max_new_tokens, model.cfg.lm.max_seq_len)
     except GenerationLengthError as e:
-        print(f"error: --max-new-tokens: {e}", file=sys.stderr)
-        return 2
+        raise GenerationLengthError(f"--max-new-tokens: {e}") from None
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     ids = (int(t[0]) for t in generate(model, prompt, images, sampling, tok.stop_ids, videos=videos))
-    for piece in stream_text(tok, ids, tok.stop_ids):
+    return stream_text(tok, ids, tok.stop_ids)
+
+
+def print_stream(pieces: Iterable[str]) -> int:
+    """Print text pieces as they come, then a newline; the exit status (0)."""
+    for piece in pieces:
         print(piece, end="", flush=True)
     print()
     return 0

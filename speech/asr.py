@@ -18,21 +18,15 @@ The recipe of sec. 8 in miniature, on digit strings spoken by espeak-ng ("three 
     metrics, model, tok, test = run_asr_benchmark(steps=400, seed=0, work_dir="/tmp/asr")  # ~7 min, 1 core
     save_speech_checkpoint(model, "ckpt", tok.path); model = load_speech_checkpoint("ckpt")
 
-Data: each utterance is 3-5 uniform random digits, rendered by its own ``espeak-ng`` process with a
-voice, speed (words per minute) and pitch drawn per utterance, read back through `speech.audio.load_audio`
-(22.05 kHz -> 16 kHz). Test utterances use a different seed: unseen digit strings and speed/pitch draws,
-from the same voices.
+Data: `synthetic.digits` (3-5 random digits per utterance, espeak-ng voice, speed and pitch drawn per
+utterance). Test utterances use a different seed: unseen digit strings and speed/pitch draws, same voices.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import shutil
-import subprocess
-import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -52,69 +46,14 @@ from adapters.vqa import build_tiny_tokenizer, pad_examples
 from speech.adapter import (SpeechLlama, SpeechLlamaConfig, asr_prompt, build_speech_llama,
                             encode_speech_dialog, encode_speech_training_example, speech_generate,
                             speech_llama_config)
-from speech.audio import SAMPLE_RATE, load_audio, write_audio
+from speech.audio import SAMPLE_RATE, write_audio
 from speech.features import LogMel
 from speech.metrics import cer, wer
+from synthetic.digits import DIGITS, SpokenDigits, random_digit_string, synthesize_digits
 
-DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-# espeak-ng's own (non-MBROLA) English voices, two with its female/male variants; `espeak-ng --voices=en`.
-VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc", "en-us+f2", "en-gb+f4")
-SPEED_WPM = (130, 200)  # espeak-ng -s (default 175)
 # Non-digit words in the tokenizer's corpus: they give the noise pool of `copy_dialog` a few whole words.
 FILLERS = ("uh", "um", "er")
-PITCH = (25, 75)  # espeak-ng -p, 0-99 (default 50)
 FORMAT = "llama3-speech/1"
-
-
-class EspeakError(RuntimeError):
-    """espeak-ng is missing or failed; the message says which and how to install it."""
-
-
-@dataclass
-class SpokenDigits:
-    text: str  # "three one four"
-    samples: np.ndarray  # (T,) float32 at 16 kHz
-    voice: str
-    speed: int
-    pitch: int
-
-    @property
-    def duration_s(self) -> float:
-        return len(self.samples) / SAMPLE_RATE
-
-
-def espeak_binary() -> str:
-    path = shutil.which("espeak-ng")
-    if path is None:
-        raise EspeakError("espeak-ng not found on PATH: the spoken-digit set is rendered with it "
-                          "(Debian/Ubuntu: apt-get install espeak-ng)")
-    return path
-
-
-def _render(binary: str, text: str, voice: str, speed: int, pitch: int, path: Path) -> np.ndarray:
-    cmd = [binary, "-w", str(path), "-v", voice, "-s", str(speed), "-p", str(pitch), text]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0 or not path.is_file():
-        raise EspeakError(f"{' '.join(cmd)!r} failed (exit {done.returncode}): {done.stderr.strip()}")
-    return load_audio(path).samples
-
-
-def synthesize_digits(n: int, seed: int, out_dir: str | Path | None = None, workers: int = 4) -> list[SpokenDigits]:
-    """``n`` utterances of 3-5 random digit words, each rendered by espeak-ng (``workers`` at a time).
-
-    The wavs (espeak-ng's 22.05 kHz) go to ``out_dir`` as ``00000.wav``... when given, else to a
-    temporary directory removed afterwards. Deterministic in ``seed``. Raises `EspeakError`.
-    """
-    binary = espeak_binary()
-    rng = random.Random(seed)
-    specs = [(" ".join(rng.choice(DIGITS) for _ in range(rng.randint(3, 5))), rng.choice(VOICES),
-              rng.randint(*SPEED_WPM), rng.randint(*PITCH)) for _ in range(n)]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(out_dir) if out_dir is not None else Path(tmp)
-        out.mkdir(parents=True, exist_ok=True)
-        with ThreadPoolExecutor(max(1, workers)) as pool:  # threads only wait on the subprocesses
-            samples = list(pool.map(lambda i: _render(binary, *specs[i], out / f"{i:05d}.wav"), range(n)))
-    return [SpokenDigits(text, x, voice, speed, pitch) for (text, voice, speed, pitch), x in zip(specs, samples)]
 
 
 def asr_corpus_text() -> list[str]:
@@ -132,10 +71,6 @@ def warmup_cosine(opt: torch.optim.Optimizer, warmup: int, steps: int) -> torch.
     """Linear warmup over ``warmup`` steps, then cosine decay to 0 at ``steps``."""
     return torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / steps))))
-
-
-def random_digit_string(rng: random.Random) -> str:
-    return " ".join(rng.choice(DIGITS) for _ in range(rng.randint(3, 5)))
 
 
 def noise_pool(tok: Tokenizer) -> list[int]:

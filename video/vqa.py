@@ -1,6 +1,6 @@
 """Tiny video question answering on CPU: the proof that the video adapter learns.
 
-The recipe in miniature, on rendered motion clips (`video.synthetic`):
+The recipe in miniature, on rendered motion clips (`synthetic.motion`):
 1. the tiny image encoder CLIP-pretrained on captioned frames ("a white ball at the top left"), then
    frozen; a tiny LM pre-trained on text-only dialogs (it learns the answer words, never sees a video);
 2. the image-only baseline: projector + image cross-attention trained on each clip's middle frame as an
@@ -31,12 +31,12 @@ from adapters.llama import build_llama
 from adapters.multimodal import MultimodalLlama, build_multimodal, multimodal_config
 from adapters.vqa import (VQAEncoder, VQATrainConfig, answer, build_tiny_tokenizer, candidate_accuracy, pad_examples,
                           pretrain_text_lm, train_vqa)
-from data_curation.synthetic_vqa import VQARecord
+from synthetic.motion import (MOTION_QUESTIONS, QUESTION, MotionClip, frame_caption_set, make_motion_clips,
+                              motion_corpus_text)
+from synthetic.shapes import VQARecord
 from video.adapter import VideoAdapterConfig, VideoBatch
 from video.frames import TiledVideo, collate_videos, tile_frames, video_tiling
 from video.reader import VideoReader
-from video.synthetic import (MOTION_QUESTIONS, QUESTION, MotionClip, frame_caption_set, make_motion_clips,
-                             motion_corpus_text)
 
 
 @dataclass

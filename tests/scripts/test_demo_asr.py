@@ -1,3 +1,4 @@
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -123,3 +124,101 @@ def test_no_room_for_audio_is_one_error_line(assets, short_context, capsys):
     out, err = capsys.readouterr()
     assert out == "" and len(err.strip().splitlines()) == 1
     assert "--max-new-tokens 20 leaves no room for audio" in err
+
+
+# ---------------------------------------------------------------------------------------------- batch mode
+
+
+def write_questions(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def run_batch(assets, questions, out, *extra, ckpt=None):
+    return demo_asr.main(["--questions", str(questions), "--out", str(out), "--checkpoint",
+                          str(ckpt or assets["ckpt"]), "--max-new-tokens", "3", *extra])
+
+
+@pytest.mark.parametrize("extra", [(), ("--chunk-seconds", "1", "--task", "ast", "--language", "French")])
+def test_batch_transcripts_equal_single_transcripts(assets, capsys, tmp_path, extra):
+    folder = tmp_path / "held_out"
+    (folder / "audio").mkdir(parents=True)
+    t = np.arange(16_000 * 2) / 16_000
+    sf.write(folder / "audio" / "low.flac", 0.2 * np.sin(2 * np.pi * 220 * t), 16_000)
+    rows = [{"id": "low", "audio": "audio/low.flac", "kind": "transcript"},
+            {"id": "tone", "audio": str(assets["wav"]), "kind": "transcript"}]
+    questions = write_questions(folder / "questions.jsonl", rows)
+    out = tmp_path / "predictions.jsonl"
+    assert run_batch(assets, questions, out, *extra) == 0
+    err = capsys.readouterr().err
+    assert "demo_asr: answered 2 rows" in err and "channel(s)" not in err  # a summary, not per file
+    preds = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [p["id"] for p in preds] == ["low", "tone"] and all(p["answer"].strip() for p in preds)
+    for audio, pred in zip([folder / "audio" / "low.flac", assets["wav"]], preds):
+        assert run(assets, *extra, audio=audio) == 0
+        assert capsys.readouterr().out == pred["answer"] + "\n"
+    if extra:  # pieces of 1 s: one transcript per piece, joined by spaces in the answer too
+        assert len(preds[1]["answer"].split()) >= 3
+
+
+def test_speech_rows_with_a_question_are_refused(assets, capsys, tmp_path):
+    questions = write_questions(tmp_path / "q.jsonl", [{"id": "a", "audio": str(assets["wav"]),
+                                                        "question": "Which digit?"}])
+    assert run_batch(assets, questions, tmp_path / "p.jsonl") == 2
+    assert capsys.readouterr().err == (f"error: {questions}:1 (id 'a'): speech rows carry no question (the task "
+                                       f"is --task asr/ast), got 'Which digit?'\n")
+
+
+def test_batch_corrupt_and_missing_audio_are_named(assets, capsys, tmp_path):
+    bad = tmp_path / "broken.flac"
+    bad.write_bytes(np.random.default_rng(0).bytes(2048))
+    questions = write_questions(tmp_path / "q.jsonl", [{"id": "ok", "audio": str(assets["wav"])},
+                                                       {"id": "bad", "audio": "broken.flac"}])
+    out = tmp_path / "p.jsonl"
+    assert run_batch(assets, questions, out) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {questions}:2 (id 'bad'): ") and "broken.flac" in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+    questions = write_questions(tmp_path / "q.jsonl", [{"id": "gone", "audio": "nowhere.wav"}])
+    assert run_batch(assets, questions, out) == 2
+    assert "(id 'gone'): audio file not found: 'nowhere.wav'" in capsys.readouterr().err
+
+
+def test_audio_and_questions_are_mutually_exclusive(assets, capsys):
+    with pytest.raises(SystemExit) as e:
+        demo_asr.main(["--questions", "q.jsonl", "--audio", str(assets["wav"]), "--out", "p.jsonl",
+                       "--checkpoint", str(assets["ckpt"])])
+    assert e.value.code == 2
+    assert "argument --audio: not allowed with argument --questions" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_an_image_export_is_refused_naming_its_modality(assets, capsys, tmp_path, batch):
+    from adapters.model_io import save_checkpoint
+    from adapters.vqa import build_tiny_vqa_model
+
+    tok = build_tiny_tokenizer(tmp_path)
+    ckpt = save_checkpoint(build_tiny_vqa_model(tok), tmp_path / "vqa", tokenizer_path=tmp_path / "tokenizer.model")
+    if batch:
+        questions = write_questions(tmp_path / "q.jsonl", [{"id": "a", "audio": str(assets["wav"])}])
+        assert run_batch(assets, questions, tmp_path / "p.jsonl", ckpt=ckpt) == 2
+    else:
+        assert run(assets, ckpt=ckpt) == 2
+    assert capsys.readouterr().err == (f"error: {ckpt}: this demo answers with speech models, and this export "
+                                       f"(format 'llama3-mm/1') is an image/video model: ask with "
+                                       f"scripts.demo_vqa or scripts.demo_video\n")
+
+
+def test_a_speech_encoder_run_is_refused_naming_what_it_is(assets, capsys, tmp_path):
+    from speech.bestrq import BestRQConfig
+    from speech.conformer import conformer_config
+    from speech.features import LogMelConfig
+    from speech.pretrain import build_bestrq, save_pretrained
+
+    model = build_bestrq(conformer_config("tiny"), BestRQConfig(n_codebooks=2, codebook_size=64), LogMelConfig())
+    run_dir = save_pretrained(model, LogMelConfig(), tmp_path / "encoder")
+    assert run(assets, ckpt=run_dir) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {run_dir}: this demo answers with speech models, and this export (format "
+                          f"'llama3-speech-encoder/1') is a pre-trained speech encoder without an LM")

@@ -1,4 +1,4 @@
-"""The spoken-digit ASR recipe's parts: synthesis, the LM's copy dialogs, the checkpoint round trip."""
+"""The spoken-digit ASR recipe's parts: the LM's copy dialogs, batches, the checkpoint round trip."""
 
 import json
 import random
@@ -17,26 +17,6 @@ from speech.adapter import build_speech_llama
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory) -> Tokenizer:
     return build_tiny_tokenizer(tmp_path_factory.mktemp("asr_tok"), texts=asr.asr_corpus_text())
-
-
-def test_synthesized_digits_are_speech_of_the_text(tmp_path):
-    utts = asr.synthesize_digits(4, seed=3, out_dir=tmp_path, workers=2)
-    again = asr.synthesize_digits(4, seed=3, workers=2)
-    assert [u.text for u in utts] == [u.text for u in again]  # a seed fixes texts, voices, speed, pitch
-    for u in utts:
-        words = u.text.split()
-        assert 3 <= len(words) <= 5 and set(words) <= set(asr.DIGITS)
-        assert u.voice in asr.VOICES and asr.SPEED_WPM[0] <= u.speed <= asr.SPEED_WPM[1]
-        assert u.samples.dtype == np.float32 and 0.8 < u.duration_s < 6
-        assert np.abs(u.samples).max() > 0.05  # not silence
-    assert len(list(tmp_path.glob("*.wav"))) == 4
-    assert [u.text for u in asr.synthesize_digits(4, seed=4, workers=2)] != [u.text for u in utts]
-
-
-def test_missing_espeak_is_a_named_error(monkeypatch):
-    monkeypatch.setattr(asr.shutil, "which", lambda name: None)
-    with pytest.raises(asr.EspeakError, match="apt-get install espeak-ng"):
-        asr.synthesize_digits(1, seed=0)
 
 
 def test_copy_dialog_labels_only_the_answer(tok):

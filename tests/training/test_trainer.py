@@ -269,7 +269,7 @@ def test_video_from_the_image_export_and_speech_from_audio_shards(stage1, tmp_pa
     import webdataset as wds
 
     from speech.asr import load_speech_checkpoint
-    from video.synthetic import make_motion_clips
+    from synthetic.motion import make_motion_clips
 
     root, _, result = stage1
     clips = make_motion_clips(2, seed=0, max_frames=9)

@@ -23,7 +23,7 @@ from video.aggregator import AggregatorConfig, TemporalAggregator
 from video.frames import TiledVideo, collate_videos, tile_frames, video_tiling
 from video.reader import VideoReader
 from tests.adapters.test_multimodal import _images
-from video.synthetic import make_motion_clips
+from synthetic.motion import make_motion_clips
 
 IMG, VID = 512, 513  # tiny LM vocab 512: <|image|> enters as 512, <|video|> as 513
 TOKENS = 17  # tokens per tile of the tiny encoder (4 x 4 patches + CLS)

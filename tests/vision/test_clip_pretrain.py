@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from data_curation.synthetic_vqa import make_caption_set
+from synthetic.shapes import make_caption_set
 from vision.clip_pretrain import ClipTrainConfig, save_clip, train_clip
 from vision.encoder import build_vision_encoder, vision_config
 

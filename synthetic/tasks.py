@@ -1,0 +1,152 @@
+"""The synthetic tasks as raw files: a train folder the shard builders curate and a held-out question set.
+
+    write_task("image-vqa", "out/shapes", n_train=2000, n_test=100, seed=0)
+
+writes
+* ``OUT/train/``: media files (``00000.png`` / ``.mp4`` / ``.wav``), each with a sidecar ``00000.json``
+  ``{"caption": answer, "question": ..., "answer": ..., "kind": ..., ...}``: the folder layout
+  `data_curation.readers.read_folder` reads (its other fields land in the shard's ``key.json`` under
+  ``meta``). One question per file: image-vqa cycles the question kinds over the scenes (balanced);
+* ``OUT/test/``: the media files, ``questions.jsonl`` (``{"id", "image"|"video"|"audio": path relative to
+  the file, "question", "kind"}``, no answers) and ``answers.jsonl`` (``{"id", "answer", "kind"}``, the key
+  `synthetic.score` reads). image-vqa asks every question kind about each held-out scene.
+
+Spoken digits have no question: the speech model's own ASR prompt asks for the transcript, so the sidecars
+and question rows carry none, and their kind is ``"transcript"`` (scored by WER / CER).
+
+Deterministic: the same task, counts and seed give the same files. The train and test renderers draw from
+``2 * seed`` and ``2 * seed + 1``, so no seed's held-out set is another seed's train set.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from synthetic.motion import QUESTION as MOTION_QUESTION
+from synthetic.motion import make_motion_clips
+from synthetic.shapes import QUESTIONS, render_scene
+
+TRANSCRIPT_KIND = "transcript"  # the kind of a spoken-digit answer (WER / CER in `synthetic.score`)
+
+
+class SyntheticTaskError(ValueError):
+    """Arguments a task cannot be written with (unknown task, bad count or seed, OUT already used)."""
+
+
+@dataclass(frozen=True)
+class QA:
+    question: str | None  # None: the model's own prompt asks (spoken digits)
+    answer: str
+    kind: str
+
+
+@dataclass(frozen=True)
+class Item:
+    """One rendered media file (already written) and what is asked about it."""
+
+    file: str  # name inside the split's folder: "00000.png"
+    qas: tuple[QA, ...]  # train: exactly one (the sidecar holds one question); held out: one or more
+    meta: dict = field(default_factory=dict)  # further sidecar fields (spoken digits: voice, speed, pitch)
+
+
+def render_shapes(n: int, seed: int, out: Path, held_out: bool) -> list[Item]:
+    """Shape scenes as PNG; train scenes get one question (kinds in turn), held-out scenes all of them."""
+    rng = random.Random(seed)
+    kinds = tuple(QUESTIONS)
+    items = []
+    for i in range(n):
+        img, facts = render_scene(rng)
+        name = f"{i:05d}.png"
+        img.save(out / name)
+        asked = kinds if held_out else (kinds[i % len(kinds)],)
+        items.append(Item(name, tuple(QA(QUESTIONS[k][0], facts[k], k) for k in asked)))
+    return items
+
+
+def render_motion(n: int, seed: int, out: Path, held_out: bool) -> list[Item]:
+    """Moving-ball clips as H.264 mp4, asked which way the ball moves (directions balanced)."""
+    items = []
+    for i, clip in enumerate(make_motion_clips(n, seed)):
+        name = f"{i:05d}.mp4"
+        (out / name).write_bytes(clip.video)
+        qa = QA(MOTION_QUESTION, clip.direction, "direction")
+        items.append(Item(name, (qa,), {"frames": clip.n_frames}))
+    return items
+
+
+def render_digits(n: int, seed: int, out: Path, held_out: bool) -> list[Item]:
+    """espeak-ng's wavs (22.05 kHz, as rendered) of 3-5 spoken digits; the transcript is the answer."""
+    from synthetic.digits import synthesize_digits  # needs espeak-ng: only this task asks for it
+
+    utts = synthesize_digits(n, seed, out_dir=out)
+    return [Item(f"{i:05d}.wav", (QA(None, u.text, TRANSCRIPT_KIND),),
+                 {"voice": u.voice, "speed": u.speed, "pitch": u.pitch}) for i, u in enumerate(utts)]
+
+
+@dataclass(frozen=True)
+class Task:
+    media: str  # the questions.jsonl key naming the file: image | video | audio
+    render: Callable[[int, int, Path, bool], list[Item]]
+
+
+TASKS = {
+    "image-vqa": Task("image", render_shapes),
+    "video-motion": Task("video", render_motion),
+    "spoken-digits": Task("audio", render_digits),
+}
+
+
+def _fresh_dir(path: Path) -> Path:
+    # Files left by an earlier run with other counts would be curated with these: refuse, never mix.
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise SyntheticTaskError(f"{path} already exists and is not empty: remove it or choose another OUT")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _sidecar(item: Item) -> dict:
+    (qa,) = item.qas
+    question = {} if qa.question is None else {"question": qa.question}
+    return {"caption": qa.answer, **question, "answer": qa.answer, "kind": qa.kind, **item.meta}
+
+
+def _write_train(items: list[Item], out: Path) -> None:
+    for item in items:
+        (out / item.file).with_suffix(".json").write_text(json.dumps(_sidecar(item)) + "\n")
+
+
+def _write_held_out(items: list[Item], out: Path, media: str) -> int:
+    """``questions.jsonl`` and ``answers.jsonl`` with one row per (file, question); returns the row count."""
+    n = 0
+    with open(out / "questions.jsonl", "w") as q, open(out / "answers.jsonl", "w") as a:
+        for item in items:
+            for qa in item.qas:
+                qid = f"{Path(item.file).stem}-{qa.kind}"
+                row = {"id": qid, media: item.file, "kind": qa.kind}
+                q.write(json.dumps(row if qa.question is None else {**row, "question": qa.question}) + "\n")
+                a.write(json.dumps({"id": qid, "answer": qa.answer, "kind": qa.kind}) + "\n")
+                n += 1
+    return n
+
+
+def write_task(task: str, out: str | Path, n_train: int, n_test: int, seed: int) -> dict:
+    """Render ``task`` into ``out/train`` (media + sidecars) and ``out/test`` (media + questions + answers).
+    Returns a summary: task, seed, counts and paths. Raises `SyntheticTaskError` on bad arguments, before
+    anything is written (spoken digits: `synthetic.digits.EspeakError` without espeak-ng)."""
+    if task not in TASKS:
+        raise SyntheticTaskError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    for name, value, low in (("n_train", n_train, 1), ("n_test", n_test, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise SyntheticTaskError(f"{name}: {value!r} is not a whole number >= {low}")
+    out = Path(out)
+    train_dir, test_dir = _fresh_dir(out / "train"), _fresh_dir(out / "test")
+    spec = TASKS[task]
+    _write_train(spec.render(n_train, 2 * seed, train_dir, False), train_dir)
+    n_questions = _write_held_out(spec.render(n_test, 2 * seed + 1, test_dir, True), test_dir, spec.media)
+    return {"task": task, "seed": seed, "train": n_train, "test": n_test, "test_questions": n_questions,
+            "train_dir": str(train_dir), "questions": str(test_dir / "questions.jsonl"),
+            "answers": str(test_dir / "answers.jsonl")}
