@@ -27,6 +27,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from common.jsonl import read_jsonl
+
 MEDIA_KEYS = {"image": "demo_vqa", "video": "demo_video", "audio": "demo_asr"}  # row key -> the demo for it
 PROGRESS_MIN_ROWS = 20  # shorter files finish before a progress bar says anything useful
 
@@ -74,20 +76,10 @@ def check_batch_args(p: argparse.ArgumentParser, args: argparse.Namespace, singl
 def read_questions(path: str | Path, media_key: str) -> list[Row]:
     """Every row of ``path``, checked (see the module docstring); raises `BatchInputError`."""
     path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except FileNotFoundError:
-        raise BatchInputError(f"questions file not found: {path}") from None
-    except OSError as e:
-        raise BatchInputError(f"{path}: cannot read ({e.strerror or e})") from None
-    except UnicodeDecodeError as e:
-        raise BatchInputError(f"{path} is not UTF-8 (byte offset {e.start})") from None
     rows: list[Row] = []
     first_line: dict[str, int] = {}
-    for n, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        row = _parse_row(path, n, line, media_key)
+    for n, obj in read_jsonl(path, BatchInputError, what="questions file"):
+        row = _parse_row(path, n, obj, media_key)
         if row.id in first_line:
             raise BatchInputError(f"{path}:{n}: duplicate id {row.id!r} (first on line {first_line[row.id]})")
         first_line[row.id] = n
@@ -97,14 +89,8 @@ def read_questions(path: str | Path, media_key: str) -> list[Row]:
     return rows
 
 
-def _parse_row(path: Path, n: int, line: str, media_key: str) -> Row:
+def _parse_row(path: Path, n: int, obj: dict, media_key: str) -> Row:
     where = f"{path}:{n}"
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise BatchInputError(f"{where}: not valid JSON ({e.msg})") from None
-    if not isinstance(obj, dict):
-        raise BatchInputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     _check_keys(obj, where, media_key)
     row_id = obj["id"]
     if not isinstance(row_id, str) or not row_id:

@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from common.jsonl import parse_object
 from speech.metrics import WerResult, cer, normalize_text, wer
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -64,11 +65,8 @@ def _parse_tsv_line(path: Path, n: int, line: str) -> tuple[str, str]:
 
 
 def _parse_jsonl_line(path: Path, n: int, line: str) -> tuple[str, str]:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise TranscriptFileError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-    if not isinstance(row, dict) or "key" not in row or "text" not in row:
+    row = parse_object(line, f"{path}:{n}", TranscriptFileError)
+    if "key" not in row or "text" not in row:
         raise TranscriptFileError(f"{path}:{n}: expected an object with keys 'key' and 'text'")
     key, value = row["key"], row["text"]
     if isinstance(key, int) and not isinstance(key, bool):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.jsonl import parse_object
 from data_curation.ngram_match import NgramMatcher, Vocabulary, VocabularyError
 from data_curation.resample import PROBS, build_report, document_frequencies, resample
 
@@ -57,11 +58,8 @@ def _parse_jsonl(path: Path, lines: list[str], key: str) -> list[str]:
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CaptionFileError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or key not in row:
+        row = parse_object(line, f"{path}:{n}", CaptionFileError)
+        if key not in row:
             raise CaptionFileError(f"{path}:{n}: expected an object with key {key!r}")
         value = row[key]
         if value is not None and not isinstance(value, str):

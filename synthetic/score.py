@@ -11,10 +11,10 @@ exactly one prediction: a missing, unknown or repeated id is a `ScoreError` nami
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
+from common.jsonl import read_jsonl
 from speech.metrics import cer, wer
 from synthetic.tasks import TRANSCRIPT_KIND
 
@@ -25,25 +25,11 @@ class ScoreError(ValueError):
     """An answer key or prediction file that cannot be scored; the message names the file, line or id."""
 
 
-def read_jsonl(path: str | Path, fields: tuple[str, ...]) -> dict[str, dict]:
+def read_rows(path: str | Path, fields: tuple[str, ...]) -> dict[str, dict]:
     """Rows of ``path`` by id; each must be an object with string ``id`` and string ``fields``."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise ScoreError(f"{path}: not found") from None
-    except UnicodeDecodeError as e:
-        raise ScoreError(f"{path}: not UTF-8 ({e})") from None
     rows: dict[str, dict] = {}
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ScoreError(f"{path}:{n}: not valid JSON ({e})") from None
-        if not isinstance(row, dict):
-            raise ScoreError(f"{path}:{n}: expected an object, got {type(row).__name__}")
+    for n, row in read_jsonl(path, ScoreError):
         for key in ("id", *fields):
             if not isinstance(row.get(key), str):
                 raise ScoreError(f"{path}:{n}: {key!r} is missing or not a string")
@@ -83,8 +69,8 @@ def _kind_metrics(kind: str, pairs: list[tuple[str, str]]) -> dict:
 def score(answers_jsonl: str | Path, predictions_jsonl: str | Path) -> dict:
     """``{"n", "accuracy", "by_kind": {kind: {"n", "accuracy", "by_answer" | "wer", "cer"}}}``, plus
     top-level ``wer`` / ``cer`` over the transcript rows when there are any."""
-    answers = read_jsonl(answers_jsonl, ("answer", "kind"))
-    preds = read_jsonl(predictions_jsonl, ("answer",))
+    answers = read_rows(answers_jsonl, ("answer", "kind"))
+    preds = read_rows(predictions_jsonl, ("answer",))
     unknown = [i for i in preds if i not in answers]
     if unknown:
         raise ScoreError(f"{predictions_jsonl}: ids not in {answers_jsonl}: {_name_ids(unknown)}")

@@ -1,0 +1,1 @@
+"""The lowest layer: small readers every other package may use. Knows no model, no media, no training."""
