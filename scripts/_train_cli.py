@@ -13,9 +13,10 @@ import json
 import sys
 
 
-def train_main(argv: list[str] | None, *, doc: str, name: str, kind: str) -> int:
+def train_main(argv: list[str] | None, *, doc: str, name: str, kind: str | None) -> int:
+    """``kind`` None: any kind the config names (`scripts.train`); else the config must name ``kind``."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="run config YAML (configs/train/*.yaml)")
+    p.add_argument("--config", default=None, help="run config YAML (configs/train/*.yaml, configs/run_*.yaml)")
     p.add_argument("--deepspeed", default=None, help="DeepSpeed JSON (overrides the config's 'deepspeed')")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, repeatable: --set train.steps=10 --set data.shards='x/{0..3}.tar'")
@@ -35,7 +36,7 @@ def train_main(argv: list[str] | None, *, doc: str, name: str, kind: str) -> int
     overrides += [f"parallel={args.parallel}"] if args.parallel else []
     try:
         cfg = load_run_config(args.config, overrides)
-        if cfg.kind != kind:
+        if kind is not None and cfg.kind != kind:
             raise TrainConfigError(f"{args.config}: kind {cfg.kind!r}, but {name} trains {kind!r}")
         result = train(cfg)
     except (TrainConfigError, ShardError, BadSampleError, TokenizerError, CheckpointError, TrainError) as e:

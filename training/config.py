@@ -16,7 +16,6 @@ import yaml
 
 from data_curation.curation_config import read_yaml_mapping
 
-KINDS = ("image", "video", "speech")
 PARALLEL = ("data", "pipeline")
 
 
@@ -45,7 +44,8 @@ class ModelConfig:
     tokenizer: str = ""  # tokenizer.model (tiktoken); copied into every export
     lm: str | None = None
     init_from: str | None = None
-    encoder_from: str | None = None  # speech: a BEST-RQ output dir (scripts.pretrain_speech_encoder)
+    # speech: a BEST-RQ output dir (scripts.pretrain_speech_encoder); image: a clip run's export dir
+    encoder_from: str | None = None
     tile_size: int | None = None  # None: the preset's (or init_from's)
     max_tiles: int | None = None
     train_vision: bool = True
@@ -59,8 +59,11 @@ class DataConfig:
 
     shards: a path, glob or brace pattern (``out/shards/shard_{00000..00003}.tar``).
     format: "caption" = ``<bos><|image|>caption<eos>`` (pre-training: loss on the caption and eos);
-        "chat" = the Llama 3 chat format with ``prompt`` as the user turn and the text as the answer
-        (speech always uses its chat format, ``prompt`` as the system turn, default ASR).
+        "chat" = the Llama 3 chat format with ``prompt`` as the user turn and the text as the answer;
+        "qa" = the chat format with each sample's own ``question`` (key.json meta) as the user turn and its
+        ``answer`` as the assistant turn (image, video, text); "dialog" = key.json meta ``messages`` (text).
+        Speech always uses its chat format, ``prompt`` as the system turn, default ASR. Which formats a
+        kind takes: `training.spec.SPECS`.
     max_tokens: token budget of one micro-batch (rows x longest row); short texts give more rows.
     max_rows: most rows per micro-batch.
     pack_rows: several consecutive samples share a row (up to ``max_seq_len`` tokens) with a document mask
@@ -102,7 +105,7 @@ class TrainLoopConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    kind: str = "image"
+    kind: str = "image"  # a key of training.spec.SPECS: image | video | speech | text | clip
     parallel: str = "data"
     deepspeed: str = "configs/deepspeed/zero1_bf16_fp32accum.json"
     pipeline_stages: int = 2
@@ -116,19 +119,25 @@ class RunConfig:
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
 
     def __post_init__(self) -> None:
+        from training.spec import SPECS
+
+        if self.kind not in SPECS:
+            raise TrainConfigError(f"kind: {self.kind!r} is not one of {tuple(SPECS)}")
+        spec = SPECS[self.kind]
         checks = [
-            (self.kind in KINDS, "kind", f"{self.kind!r} is not one of {KINDS}"),
             (self.parallel in PARALLEL, "parallel", f"{self.parallel!r} is not one of {PARALLEL}"),
-            (self.data.format in ("caption", "chat"), "data.format",
-             f"{self.data.format!r} is not caption | chat"),
+            (self.parallel == "data" or spec.pipeline, "parallel",
+             f"pipeline lays out the image model only, not kind {self.kind!r}"),
+            (self.data.format in spec.formats, "data.format",
+             f"{self.data.format!r} is not one of kind {self.kind}'s formats {spec.formats}"),
             (self.data.on_error in ("raise", "count"), "data.on_error",
              f"{self.data.on_error!r} is not raise | count"),
             (self.data.max_rows >= 1 and self.data.max_tokens >= self.data.max_seq_len, "data.max_tokens",
              "max_rows must be >= 1 and max_tokens >= max_seq_len (one full-length sample must fit)"),
-            (not self.data.pack_rows or (self.kind in ("image", "video") and self.parallel == "data"),
+            (not self.data.pack_rows or (spec.pack_rows and self.parallel == "data"),
              "data.pack_rows", "packs image or video samples in data-parallel mode only (speech rows splice "
              "audio into the embeddings; pipeline stages need fixed shapes)"),
-            (self.tensor_parallel == 1 or (self.tensor_parallel > 1 and self.kind == "image"
+            (self.tensor_parallel == 1 or (self.tensor_parallel > 1 and spec.tensor_parallel
                                             and self.parallel == "data"), "tensor_parallel",
              f"{self.tensor_parallel}: must be >= 1, and > 1 only for the image kind in data-parallel mode"),
             (self.train.steps >= 1 and self.train.save_every >= 1 and self.train.log_every >= 1, "train",

@@ -183,7 +183,7 @@ class Codec(Protocol):
     def collate(self, examples: list[Example]) -> dict: ...
 
 
-def _text(raw: RawSample) -> str:
+def sample_text(raw: RawSample) -> str:
     if "txt" in raw.members:
         data = raw.members["txt"]
     else:
@@ -198,20 +198,53 @@ def _text(raw: RawSample) -> str:
         raise BadSampleError(f"{raw.shard}: sample {raw.key}.txt is not UTF-8 ({e})") from e
 
 
-def encode_text(tok: Tokenizer, media_id: int, text: str, fmt: str, prompt: str) -> tuple[list[int], list[int]]:
+def sample_meta(raw: RawSample, fmt: str) -> dict:
+    """The ``meta`` object of the sample's ``key.json``: where the shard builders put a sidecar's own fields
+    (``question``, ``answer``, ``kind``, ``messages``, ...). Missing or malformed: a `BadSampleError`."""
+    if "json" not in raw.members:
+        raise BadSampleError(f"{raw.shard}: sample {raw.key} has no json (data.format {fmt} reads key.json's "
+                             f"meta; has {sorted(raw.members)})")
+    try:
+        record = json.loads(raw.members["json"])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadSampleError(f"{raw.shard}: sample {raw.key}.json is not valid JSON ({e})") from e
+    meta = record.get("meta") if isinstance(record, dict) else None
+    if not isinstance(meta, dict):
+        raise BadSampleError(f"{raw.shard}: sample {raw.key}.json has no 'meta' object (data.format {fmt} reads "
+                             "the sidecar fields the shard builders keep there)")
+    return meta
+
+
+def qa_fields(raw: RawSample) -> tuple[str, str]:
+    """(question, answer) from the sample's ``key.json`` meta; a missing one is a `BadSampleError` naming it."""
+    meta = sample_meta(raw, "qa")
+    fields = []
+    for name in ("question", "answer"):
+        value = meta.get(name)
+        if not isinstance(value, str) or not value.strip():
+            raise BadSampleError(f"{raw.shard}: sample {raw.key}.json has no meta {name!r} (a non-empty string; "
+                                 "data.format qa needs question and answer)")
+        fields.append(value.strip())
+    return fields[0], fields[1]
+
+
+def encode_sample(tok: Tokenizer, media_id: int, raw: RawSample, fmt: str, prompt: str) -> tuple[list[int], list[int]]:
     """(tokens, labels) of one media-text sample.
 
     ``caption``: ``<bos><media>text<eos>``, labels on the text and eos (pre-training on pairs);
-    ``chat``: ``prompt`` as the user turn with the media before it, the text as the assistant answer.
+    ``chat``: ``prompt`` as the user turn with the media before it, the text as the assistant answer;
+    ``qa``: the sample's own ``question`` (key.json) as the user turn with the media before it, its
+    ``answer`` as the assistant turn. Chat and qa label the answer and its ``<|eot_id|>`` only.
     """
     if fmt == "caption":
-        ids = tok.encode(text) + [tok.eos_id]
+        ids = tok.encode(sample_text(raw)) + [tok.eos_id]
         return [tok.bos_id, media_id, *ids], [IGNORE_INDEX, IGNORE_INDEX, *ids]
-    if media_id == image_input_id(tok):
-        user = Message("user", prompt or "Describe the image.", n_images=1)
+    media = {"n_images": 1} if media_id == image_input_id(tok) else {"n_videos": 1}
+    if fmt == "qa":
+        question, answer = qa_fields(raw)
     else:
-        user = Message("user", prompt or "Describe the video.", n_videos=1)
-    return encode_training_example(tok, [user, Message("assistant", text)])
+        question, answer = prompt or f"Describe the {'image' if 'n_images' in media else 'video'}.", sample_text(raw)
+    return encode_training_example(tok, [Message("user", question, **media), Message("assistant", answer)])
 
 
 class ImageCaptionCodec:
@@ -229,7 +262,7 @@ class ImageCaptionCodec:
             tiled = tile_image(image, self.tiling)
         except (ImageLoadError, TilingError) as e:
             raise BadSampleError(f"{raw.shard}: sample {raw.key}: {e}") from e
-        tokens, labels = encode_text(self.tok, image_input_id(self.tok), _text(raw), self.fmt, self.prompt)
+        tokens, labels = encode_sample(self.tok, image_input_id(self.tok), raw, self.fmt, self.prompt)
         return Example(tokens, labels, tiled, raw)
 
     def collate(self, examples: list[Example]) -> dict:
@@ -261,7 +294,7 @@ class VideoCaptionCodec:
             tiled = tile_frames(frames, self.tiling)
         except (VideoReadError, TilingError) as e:
             raise BadSampleError(f"{raw.shard}: sample {raw.key}: {e}") from e
-        tokens, labels = encode_text(self.tok, video_input_id(self.tok), _text(raw), self.fmt, self.prompt)
+        tokens, labels = encode_sample(self.tok, video_input_id(self.tok), raw, self.fmt, self.prompt)
         return Example(tokens, labels, tiled, raw)
 
     def collate(self, examples: list[Example]) -> dict:
@@ -295,7 +328,7 @@ class SpeechCodec:
             audio = load_audio(raw.members[ext], self.sample_rate)
         except AudioReadError as e:
             raise BadSampleError(f"{raw.shard}: sample {raw.key}: {e}") from e
-        tokens, labels = encode_speech_training_example(self.tok, self.prompt, _text(raw))
+        tokens, labels = encode_speech_training_example(self.tok, self.prompt, sample_text(raw))
         return Example(tokens, labels, torch.from_numpy(np.asarray(audio.samples, dtype=np.float32)), raw)
 
     def collate(self, examples: list[Example]) -> dict:

@@ -5,8 +5,9 @@
 
 `pretrain_distributed(clips, cfg, out_dir, ds_config)` is what the script runs when a launcher started it
 (WORLD_SIZE > 1) or ``--deepspeed`` was given; alone (no launcher) it runs in a one-rank gloo group
-(`training.trainer.init_distributed`). The model, features, loss, LR schedule
-(`speech.pretrain.lr_multiplier`) and outputs are the single-process path's; what changes:
+(`training.trainer.init_distributed`). The model, features, loss and outputs are the single-process path's;
+the LR schedule is the trainer's (`training.optim.warmup_cosine`: linear warmup over ``cfg.warmup``, cosine
+to 0 at ``cfg.steps``); what changes:
 
 * **Batches.** ``cfg.batch_size`` clips per micro-batch per rank (the DeepSpeed config's
   ``train_micro_batch_size_per_gpu``); one optimizer step = ``gradient_accumulation_steps`` micro-batches per
@@ -47,9 +48,10 @@ from tqdm import tqdm
 from speech.audio import SAMPLE_RATE
 from speech.conformer import conformer_config
 from speech.features import LogMel
-from speech.pretrain import (AudioClips, PretrainConfig, build_bestrq, build_report, lr_multiplier, pad_waves,
-                             param_groups, save_run)
+from speech.pretrain import (AudioClips, PretrainConfig, build_bestrq, build_report, pad_waves, param_groups,
+                             save_run)
 from training.config import TrainConfigError, resolve_deepspeed
+from training.optim import warmup_cosine
 from training.trainer import (TrainError, _latest_tag, check_resume, init_distributed, load_rank_state,
                               truncate_steps)
 
@@ -142,7 +144,7 @@ def pretrain_distributed(clips: AudioClips, cfg: PretrainConfig, out_dir: str | 
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98))
     engine, opt, _, sched = deepspeed.initialize(
         model=model, optimizer=opt, config=ds,
-        lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_multiplier(cfg)))
+        lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, warmup_cosine(cfg.warmup, cfg.steps)))
     device, gas = engine.device, engine.gradient_accumulation_steps()
     logmel = LogMel(cfg.features).to(device)  # fp32, outside the engine: bf16 mode would round its filterbank
     crop_rng = np.random.default_rng([cfg.seed, rank])

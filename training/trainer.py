@@ -17,8 +17,10 @@ DeepSpeed). A resume compares the run record with the current config: changes in
 applied and logged, any other raises `ResumeConfigError` before anything in the run directory is written;
 ``losses.jsonl`` drops the records past the resumed step, so every step appears once.
 
-The end of a run exports ``run_dir/export``: one inference checkpoint (`adapters.model_io` or `speech.asr`
-format) that ``scripts.demo_vqa --checkpoint`` loads.
+What differs between kinds (model, task, codec, parameter groups, export) is the kind's `training.spec`
+entry, looked up once; the loop below is the same for all of them. The end of a run exports
+``run_dir/export`` through the spec: an inference checkpoint (`adapters.model_io` / `speech.asr` format,
+what ``scripts.demo_vqa --checkpoint`` loads), a Meta-layout LM (text) or an encoder (clip).
 
 Without a launcher (no RANK / WORLD_SIZE in the environment) the process initialises a one-rank gloo
 group itself, so tests and CPU users run the same code directly.
@@ -40,17 +42,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
-from adapters.task import ImageTextTask, build_param_groups
 from adapters.tokenizer import Tokenizer
 from training.config import (RunConfig, load_deepspeed_config, resolve_deepspeed, resume_changes, to_dict,
                              write_resolved)
-from training.data import (ImageCaptionCodec, ShardStream, TrainBatches, VideoCaptionCodec, expand_shards)
-
-
-class TrainError(RuntimeError):
-    """A run that cannot start or go on (bad resume state, non-finite loss); the message says which."""
+from training.data import ShardStream, TrainBatches, expand_shards
+from training.optim import warmup_cosine
+from training.spec import TrainError, get_spec
 
 
 class RankStateError(TrainError):
@@ -87,118 +86,29 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def warmup_cosine(warmup: int, steps: int, min_ratio: float):
-    """LR multiplier: linear warmup over ``warmup`` steps, then cosine from 1 to ``min_ratio`` at ``steps``."""
-
-    def fn(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        t = min(1.0, (step - warmup) / max(1, steps - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-
-    return fn
+def build_model(cfg: RunConfig, tok: Tokenizer | None) -> nn.Module:
+    """The run's model, by its kind's spec (`training.spec`)."""
+    return get_spec(cfg.kind).build_model(cfg, tok)
 
 
-class SpeechTask(nn.Module):
-    """`SpeechLlama` + its loss as the engine's module, returning the same dict as `ImageTextTask`."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, tokens: Tensor, labels: Tensor, waves: Tensor, wave_lengths: Tensor,
-                token_lengths: Tensor) -> dict[str, Tensor]:
-        out = self.model(tokens, labels, waves, wave_lengths, token_lengths=token_lengths, return_logits=False)
-        return {"loss": out.loss, "n_tokens": out.n_tokens}
-
-
-def build_model(cfg: RunConfig, tok: Tokenizer) -> nn.Module:
-    """The run's model: from ``model.init_from`` (our checkpoint) or a preset around the frozen LM."""
-    from adapters.checkpoint import load_llama
-    from adapters.llama import build_llama
-
-    m = cfg.model
-    torch.manual_seed(m.seed)
-    if cfg.kind == "speech":
-        from speech.adapter import build_speech_llama, speech_llama_config
-
-        if m.init_from:
-            from speech.asr import load_speech_checkpoint
-
-            return load_speech_checkpoint(m.init_from)
-        scfg = speech_llama_config(m.preset)
-        lm = load_llama(m.lm) if m.lm else None
-        if lm is None:
-            scfg = replace(scfg, lm=replace(scfg.lm, vocab_size=tok.n_words))
-        if m.encoder_from:  # the self-supervised encoder (sec. 8.1) under a fresh adapter
-            from speech.pretrain import load_pretrained_encoder
-
-            encoder = load_pretrained_encoder(m.encoder_from)
-            scfg = replace(scfg, encoder=encoder.cfg)
-        model = build_speech_llama(scfg if lm is None else replace(scfg, lm=lm.cfg), lm)
-        if m.encoder_from:
-            model.encoder.load_state_dict(encoder.state_dict(), strict=True)
-        return model
-
-    from adapters.model_io import load_checkpoint, read_export_meta
-    from adapters.multimodal import build_multimodal, multimodal_config
-    from training.resolution import with_tile_size
-
-    if m.init_from:
-        # An export that points at its LM finds it through ``model.lm`` when set (the LM moved since, or the
-        # run names it anew); the fingerprint check still refuses another LM.
-        points_at_lm = read_export_meta(Path(m.init_from) / "config.json").get("lm_path")
-        model = load_checkpoint(m.init_from, lm_path=m.lm if points_at_lm and m.lm else None)
-        if m.tile_size is not None:
-            model = with_tile_size(model, m.tile_size)  # stage 2: anneal at a higher per-tile resolution
-    else:
-        mcfg = multimodal_config(m.preset, train_vision=m.train_vision)
-        vision = {k: v for k, v in (("tile_size", m.tile_size), ("max_tiles", m.max_tiles)) if v is not None}
-        mcfg = replace(mcfg, vision=replace(mcfg.vision, **vision))
-        lm = load_llama(m.lm) if m.lm else build_llama(replace(mcfg.lm, vocab_size=tok.n_words))
-        model = build_multimodal(replace(mcfg, lm=lm.cfg), lm)
-    if cfg.kind == "video" and model.video is None:
-        from video.adapter import VideoAdapterConfig
-
-        image = model
-        every = max(1, min(4, image.cfg.n_xattn))  # "before every 4th image cross-attention layer"
-        vcfg = replace(image.cfg, video=VideoAdapterConfig(max_frames=m.num_frames, every=every))
-        model = build_multimodal(vcfg, image.lm)
-        missing, unexpected = model.load_state_dict(image.state_dict(), strict=False)
-        if unexpected or any(not k.startswith("video.") for k in missing):
-            raise TrainError(f"{m.init_from}: image weights do not fit the video model: {missing} {unexpected}")
-    if model.lm.cfg.vocab_size != tok.n_words:
-        raise TrainError(f"model.tokenizer {m.tokenizer} has {tok.n_words} ids, the LM {model.lm.cfg.vocab_size}")
-    return model
-
-
-def build_batches(cfg: RunConfig, tok: Tokenizer, model: nn.Module, rank: int, world: int) -> TrainBatches:
+def build_batches(cfg: RunConfig, tok: Tokenizer | None, model: nn.Module, rank: int, world: int,
+                  shards: list[Path]) -> TrainBatches:
+    """``shards``: `expand_shards` of ``data.shards``, resolved before the model is built so a run config
+    naming shards that do not exist fails first, naming them."""
     d = cfg.data
-    stream = ShardStream(expand_shards(d.shards), rank, world, d.seed, d.shuffle_buffer)
-    if cfg.kind == "image":
-        from vision.tiling import TilingConfig
-
-        v = model.cfg.vision
-        tiling = TilingConfig(tile_size=v.tile_size, max_tiles=v.max_tiles)
-        codec = ImageCaptionCodec(tok, tiling, d.format, d.prompt)
-    elif cfg.kind == "video":
-        codec = VideoCaptionCodec(tok, model.cfg.vision.tile_size, cfg.model.num_frames, d.format, d.prompt)
-    else:
-        from training.data import SpeechCodec
-
-        codec = SpeechCodec(tok, model.cfg.features.sample_rate, d.prompt)
-    return TrainBatches(stream, codec, tok.pad_id, d.max_seq_len, d.max_tokens, d.max_rows, d.on_error,
-                        pack_rows=d.pack_rows)
+    stream = ShardStream(shards, rank, world, d.seed, d.shuffle_buffer)
+    codec = get_spec(cfg.kind).build_codec(cfg, tok, model)
+    return TrainBatches(stream, codec, tok.pad_id if tok is not None else 0, d.max_seq_len, d.max_tokens,
+                        d.max_rows, d.on_error, pack_rows=d.pack_rows)
 
 
 def param_groups(cfg: RunConfig, model: nn.Module) -> list[dict]:
-    o = cfg.optim
-    if cfg.kind == "speech":
-        params = [p for _, p in model.trainable_named_parameters()]
-        if any(p.requires_grad for p in model.lm.parameters()):
-            raise TrainError("the speech model's LM has trainable parameters; it must stay frozen")
-        return [{"params": params, "lr": o.lr, "weight_decay": o.weight_decay}]
-    return build_param_groups(model, o.lr, o.weight_decay, o.encoder_lr_scale)
+    return get_spec(cfg.kind).param_groups(cfg, model)
+
+
+def load_tokenizer(cfg: RunConfig) -> Tokenizer | None:
+    """``model.tokenizer``; None for a kind that needs none (clip brings open_clip's own BPE)."""
+    return Tokenizer(cfg.model.tokenizer) if get_spec(cfg.kind).needs_tokenizer else None
 
 
 # ---------------------------------------------------------------------------------------------- loop
@@ -334,10 +244,12 @@ def train(cfg: RunConfig, ds_config: dict | None = None) -> TrainResult:
         dp_rank, dp_world = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
     ds = resolve_deepspeed(ds_config if ds_config is not None else load_deepspeed_config(cfg.deepspeed),
                            dp_world, cfg.deepspeed)
+    shards = expand_shards(cfg.data.shards)  # before anything is built or written
     run_dir = Path(cfg.train.run_dir)
     resumed = open_run(cfg, ds, rank, world)
-    tok = Tokenizer(cfg.model.tokenizer)
-    model = build_model(cfg, tok)
+    spec = get_spec(cfg.kind)
+    tok = load_tokenizer(cfg)
+    model = spec.build_model(cfg, tok)
     if tp_group is not None:
         from training.tensor_parallel import apply_tensor_parallel, validate_tp_size
 
@@ -346,9 +258,9 @@ def train(cfg: RunConfig, ds_config: dict | None = None) -> TrainResult:
         except ValueError as e:
             raise TrainError(f"tensor_parallel={tp}: {e}") from e
         apply_tensor_parallel(model, tp_group)
-    batches = build_batches(cfg, tok, model, dp_rank, dp_world)  # the ranks of one TP group read the same data
-    task = SpeechTask(model) if cfg.kind == "speech" else ImageTextTask(model)
-    opt = torch.optim.AdamW(param_groups(cfg, model), betas=tuple(cfg.optim.betas))
+    batches = build_batches(cfg, tok, model, dp_rank, dp_world, shards)  # the ranks of one TP group read the same data
+    task = spec.build_task(model)
+    opt = torch.optim.AdamW(spec.param_groups(cfg, model), betas=tuple(cfg.optim.betas))
     schedule = warmup_cosine(cfg.optim.warmup, cfg.train.steps, cfg.optim.min_lr_ratio)
     engine, opt, _, sched = deepspeed.initialize(
         model=task, optimizer=opt, config=ds, mpu=mpu,
@@ -441,7 +353,8 @@ def save(engine, batches: TrainBatches, ckpt_dir: Path, step: int, rank: int, ru
 
 def export(model: nn.Module, cfg: RunConfig, out: Path, rank: int, tp_group=None,
            tok: Tokenizer | None = None) -> Path:
-    """Rank 0 writes the inference checkpoint in fp32 (the LM only by reference when ``model.lm`` is set).
+    """Rank 0 writes the kind's export in fp32 (`TrainSpec.export`; the multimodal kinds hold the LM only by
+    reference when ``model.lm`` is set).
     A tensor-parallel model is gathered first (every rank takes part) into a freshly built full model."""
     if tp_group is not None:
         from training.tensor_parallel import tp_state_dict
@@ -451,15 +364,7 @@ def export(model: nn.Module, cfg: RunConfig, out: Path, rank: int, tp_group=None
             model = build_model(cfg, tok)
             model.load_state_dict(full_state, strict=True)
     if rank == 0:
-        model = model.float().eval()
-        if cfg.kind == "speech":
-            from speech.asr import save_speech_checkpoint
-
-            save_speech_checkpoint(model, out, tokenizer_path=cfg.model.tokenizer)
-        else:
-            from adapters.model_io import save_checkpoint
-
-            save_checkpoint(model, out, tokenizer_path=cfg.model.tokenizer, lm_path=cfg.model.lm)
+        get_spec(cfg.kind).export(model.float().eval(), cfg, out)
     return out
 
 
@@ -475,17 +380,16 @@ def train_pipeline(cfg: RunConfig, ds_config: dict | None = None) -> TrainResult
     from training.pipeline import (build_pipeline_module, pipeline_batch, pipeline_param_groups,
                                    pipeline_state_dict)
 
-    if cfg.kind != "image":
-        raise TrainError(f"parallel: pipeline lays out the image model only, not kind {cfg.kind!r}")
     rank, world = init_distributed()
     S = cfg.pipeline_stages
     if world % S:
         raise TrainError(f"pipeline_stages: world size {world} is not a multiple of {S} stages")
     ds = resolve_deepspeed(ds_config if ds_config is not None else load_deepspeed_config(cfg.deepspeed),
                            world // S, cfg.deepspeed)
+    shards = expand_shards(cfg.data.shards)
     run_dir = Path(cfg.train.run_dir)
     resumed = open_run(cfg, ds, rank, world)
-    tok = Tokenizer(cfg.model.tokenizer)
+    tok = load_tokenizer(cfg)
     model = build_model(cfg, tok)
     module = build_pipeline_module(model, S, ds.get("pipeline", {}).get("activation_checkpoint_interval", 0))
     o = cfg.optim
@@ -498,7 +402,7 @@ def train_pipeline(cfg: RunConfig, ds_config: dict | None = None) -> TrainResult
     micro = ds["train_micro_batch_size_per_gpu"]
     fixed = replace(cfg, data=replace(cfg.data, max_rows=micro, max_tokens=micro * cfg.data.max_seq_len))
     batches = build_batches(fixed, tok, model, engine.grid.get_data_parallel_rank(),
-                            engine.grid.get_data_parallel_world_size())
+                            engine.grid.get_data_parallel_world_size(), shards)
     ckpt_dir = run_dir / "checkpoints"
     if resumed is not None:
         resume(engine, batches, ckpt_dir, *resumed)

@@ -12,8 +12,8 @@ from PIL import Image
 from adapters.task import IGNORE_INDEX
 from adapters.vqa import build_tiny_tokenizer
 from training.config import TrainConfigError, load_deepspeed_config, load_run_config, resolve_deepspeed
-from training.data import (BadSampleError, ImageCaptionCodec, ShardError, ShardStream, TrainBatches, encode_text,
-                           expand_shards)
+from training.data import (BadSampleError, ImageCaptionCodec, ShardError, ShardStream, TrainBatches, RawSample,
+                           encode_sample, expand_shards)
 from vision.tiling import TilingConfig
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
@@ -30,17 +30,26 @@ def jpeg(color, size=(56, 40)) -> bytes:
     return buf.getvalue()
 
 
-def make_image_shards(root: Path, n_shards: int = 3, per_shard: int = 5) -> str:
-    """Tiny image-caption shards (key.jpg, key.txt, key.json) of solid colours; every other caption long."""
+def write_shards(root: Path, name: str, n_shards: int, per_shard: int, sample) -> str:
+    """``n_shards`` tars ``name_NNNNN.tar`` of ``sample(shard, i)`` dicts; returns their brace pattern."""
     root.mkdir(parents=True, exist_ok=True)
     for s in range(n_shards):
-        with wds.TarWriter(str(root / f"shard_{s:05d}.tar")) as w:
+        with wds.TarWriter(str(root / f"{name}_{s:05d}.tar")) as w:
             for i in range(per_shard):
-                name = list(COLORS)[(s * per_shard + i) % len(COLORS)]
-                cap = f"a {name} square" + (LONG if i % 2 else "")
-                w.write({"__key__": f"s{s}_{i:03d}", "jpg": jpeg(COLORS[name], (56, 32 + 8 * (i % 3))),
-                         "txt": cap, "json": {"caption": cap}})
-    return f"{root}/shard_{{00000..{n_shards - 1:05d}}}.tar"
+                w.write(sample(s, i))
+    return f"{root}/{name}_{{00000..{n_shards - 1:05d}}}.tar"
+
+
+def make_image_shards(root: Path, n_shards: int = 3, per_shard: int = 5) -> str:
+    """Tiny image-caption shards (key.jpg, key.txt, key.json) of solid colours; every other caption long."""
+
+    def sample(s: int, i: int) -> dict:
+        name = list(COLORS)[(s * per_shard + i) % len(COLORS)]
+        cap = f"a {name} square" + (LONG if i % 2 else "")
+        return {"__key__": f"s{s}_{i:03d}", "jpg": jpeg(COLORS[name], (56, 32 + 8 * (i % 3))), "txt": cap,
+                "json": {"caption": cap}}
+
+    return write_shards(root, "shard", n_shards, per_shard, sample)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +118,8 @@ def test_packing_fills_the_token_budget_with_whole_samples(shards):
     sizes = {len(mb.keys) for mb in (next(short) for _ in range(6))}
     assert max(sizes) > 1  # short captions share a micro-batch
     # Caption format: <bos><|image|> caption <eos>, labels on the caption and eos only.
-    toks, labels = encode_text(tok, tok.n_words, "a red square", "caption", "")
+    raw = RawSample("s.tar", "k", {"txt": b"a red square"}, 0, 0)
+    toks, labels = encode_sample(tok, tok.n_words, raw, "caption", "")
     assert toks[:2] == [tok.bos_id, tok.n_words] and labels[:2] == [IGNORE_INDEX] * 2
     assert labels[2:] == toks[2:] and toks[-1] == tok.eos_id
 
