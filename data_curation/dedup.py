@@ -4,18 +4,37 @@ kept per component.
 
 Search (never materialises N x N; embeddings may be a memory-mapped ``.npy`` larger than RAM):
 
-1. Spherical k-means (``faiss.Kmeans(spherical=True)``) on a random sample of the descriptors.
-2. One streaming pass in ``batch_size`` rows: each vector's ``clusters_per_vector`` most similar centroids
-   (its *probes*); the first one is its *home* cluster. The pass also checks the rows are unit-norm.
-3. For every cluster c, the vectors that probe c are compared exactly (float32 matrix products, in
-   blocks of bounded size) with the vectors whose home is c. A pair (i, j) is found when
+1. Cells, trained on a random sample of the descriptors (``_train_partition``): spherical k-means
+   (``faiss.Kmeans(spherical=True)``) into ``sqrt(k)`` *coarse* cells, then every coarse cell split into
+   cells in proportion to its share of the sample by spherical k-means on its members' *residuals* (``_cell_centres``).
+2. One streaming pass in ``batch_size`` rows: each vector's ``clusters_per_vector`` most similar cell
+   centres (its *probes*). The pass also checks the rows are unit-norm.
+3. Cell bound: each vector's *home* is its first probe, unless that cell already holds ``max_cell_size``
+   vectors more similar to its centre; then its next probe (deferred acceptance, ``_bound_cells``).
+4. For every cell c, the vectors that probe c are compared exactly (float32 matrix products, in blocks of
+   bounded size) with the vectors whose home is c. A pair (i, j) is found when
    ``home(j)`` is among i's probes or ``home(i)`` among j's: IVF search with nprobe = ``clusters_per_vector``,
    run symmetrically. This is asymmetric on purpose: assigning *both* sides to their top-k clusters finds a
    few more pairs but costs k^2 instead of k comparisons per pair (measured on 100k uniform 512-d vectors:
    top-3 on both sides, 0.9% of all pairs compared, recall 0.988; probing 8 clusters, 0.8% compared,
    recall 0.996).
-4. Global union-find over all found edges (vectorised numpy, hooking the larger root under the smaller),
+5. Global union-find over all found edges (vectorised numpy, hooking the larger root under the smaller),
    so components that span clusters are joined; the component id is its smallest member index.
+
+Why two levels (step 1): real descriptors cluster (many photos of one landmark, product or meme template).
+In a dense cluster every member shares the cluster's direction and differs from the others only by small,
+near-isotropic noise, so a member's similarity to a centroid inside the cluster is set by how much of the
+cluster's direction that centroid holds (more, the more members it averages), not by the member's own
+noise: one-level k-means leaves a few *hub* cells that hold most of a cluster and that all its members
+probe. On 50k vectors in Zipf-sized clusters (``bench_dedup``, ``layout="clustered"``) that gave cells of
+1 / 5 / 2,675 vectors (min / median / max) and 8.3% of all pairs compared, against 2.2% on uniform vectors.
+The coarse level finds the clusters; inside one, the cells are split by the members' own directions and
+every cell centre is put at the same cosine to the coarse centroid (the members' mean), so no cell can
+outbid the others, and a dense cluster's members probe its own cells. Same data: 1 / 38 / 641 vectors,
+2.37% of all pairs, planted-pair recall 1.0; at 100k, 1.55% and 0.9995 (1.59% and 0.9885 when the cells
+were k-means on residuals shared by all coarse cells: dense members then probed other clusters' cells).
+Uniform data is unchanged (2.19%, recall 0.999). The bound (step 3, default 4x the mean cell size) caps
+what is left: 1 / 39 / 183 vectors, 3,177 vectors (6%) stored in a lower probe, same recall and cost.
 
 Found pairs are exact (their similarity is computed, not estimated), so the result is a refinement of the
 exact components: a missed pair can split a component, a spurious pair cannot appear. ``exact_components``
@@ -23,13 +42,12 @@ is the brute-force reference for tests.
 
 Cost per vector is about ``k`` centroid products (assignment) plus ``clusters_per_vector * N / k`` products
 (search), minimised at ``k = sqrt(clusters_per_vector * N)``, the default (~4,900 for 1M vectors with 24
-probes, ~1,550 for 100k). On uniform random 512-d data (no cluster structure, the worst case) the recall of
-planted pairs at cosine 0.85-0.98 falls as k grows at fixed probes: 8 probes gave 0.991 at 100k but 0.967 at
-1M, 16 probes 0.989 at 1M, hence 24. k-means only has to give a balanced partition: the sample defaults to 16
-points per centroid, capped at ``N / kmeans_iters`` so it costs no more than the assignment pass (faiss's
-256/centroid would cost more than everything else together at k = 4,900; taking random sample points as
-centroids lost only 0.003 recall at 100k). faiss's "at least 39 points per centroid" warning is silenced on
-purpose.
+probes, ~1,550 for 100k). On uniform random 512-d data the recall of planted pairs at cosine 0.85-0.98 falls
+as k grows at fixed probes: 8 probes gave 0.991 at 100k but 0.967 at 1M, 16 probes 0.989 at 1M, hence 24.
+k-means only has to give a balanced partition: the sample defaults to 16 points per centroid, capped at
+``N / kmeans_iters`` so it costs no more than the assignment pass (faiss's 256/centroid would cost more than
+everything else together at k = 4,900; taking random sample points as centroids lost only 0.003 recall at
+100k). faiss's "at least 39 points per centroid" warning is silenced on purpose.
 
 Measured figures: ``data_curation/bench_dedup.py``.
 """
@@ -47,6 +65,8 @@ NORM_ATOL = 1e-2  # |norm - 1| allowed per row (float16 storage rounds at ~1e-3)
 EXACT_BELOW = 4096  # n_clusters=None: below this many vectors one cluster, i.e. exact all-pairs
 BLOCK_ELEMS = 1 << 24  # similarity block (rows x cols) computed at once: 64 MB of float32
 KEEP_RULES = ("first", "clip", "longest_caption")
+RESIDUAL_MIN_NORM = 1e-3  # sin of the angle to the coarse centroid below which a row has no residual direction
+CAP_OVER_MEAN = 4  # max_cell_size=None: this many times the mean cell size N / n_clusters
 
 
 class EmbeddingsError(ValueError):
@@ -60,6 +80,7 @@ class DedupConfig:
     n_clusters: int | None = None  # None: 1 below EXACT_BELOW vectors, else round(sqrt(clusters_per_vector * N))
     clusters_per_vector: int = 24  # probes per vector (IVF nprobe); 1 loses pairs straddling cluster borders
     kmeans_iters: int = 10
+    max_cell_size: int | None = None  # vectors stored per cell; None: CAP_OVER_MEAN * N / n_clusters
     max_train_points: int | None = None  # k-means sample; None: 16/centroid, at most N / kmeans_iters
     batch_size: int = 65536  # rows per streaming batch (assignment pass)
     seed: int = 0
@@ -72,8 +93,9 @@ class DedupConfig:
         for name in ("clusters_per_vector", "kmeans_iters", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.n_clusters is not None and self.n_clusters < 1:
-            raise ValueError(f"n_clusters must be >= 1 or None, got {self.n_clusters}")
+        for name in ("n_clusters", "max_cell_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
 
 
 @dataclass
@@ -186,6 +208,16 @@ def _default_clusters(n: int, probes: int) -> int:
     return 1 if n <= EXACT_BELOW else int(round(np.sqrt(probes * n)))
 
 
+def _coarse_clusters(k: int) -> int:
+    # Enough to give the dense clusters their own coarse cells; measured at 100k clustered: sqrt(k) / 2,
+    # sqrt(k), 2 sqrt(k) coarse cells gave recall 0.9995 / 0.9995 / 0.999 and 1.61 / 1.55 / 1.69% compared.
+    return max(1, int(round(np.sqrt(k))))
+
+
+def _default_cap(n: int, k: int) -> int:
+    return int(np.ceil(CAP_OVER_MEAN * n / k))
+
+
 def _resolve_gpu(use_gpu: bool | None) -> bool:
     n_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if use_gpu and n_gpus == 0:
@@ -193,39 +225,135 @@ def _resolve_gpu(use_gpu: bool | None) -> bool:
     return n_gpus > 0 if use_gpu is None else bool(use_gpu)
 
 
-def _train_centroids(x: np.ndarray, k: int, cfg: DedupConfig, gpu: bool) -> tuple[np.ndarray, int]:
-    n, d = x.shape
-    # default sample: 16 points per centroid, but at most N / iters so that k-means costs no more than
-    # the assignment pass (about N * k products), and at least 4 per centroid
+def _train_sample(x: np.ndarray, k: int, cfg: DedupConfig) -> np.ndarray:
+    """The k-means sample, rows checked: 16 points per centroid, but at most N / iters so that k-means costs
+    no more than the assignment pass (about N * k products), and at least 4 per centroid."""
+    n = x.shape[0]
     default = max(4 * k, min(16 * k, n // cfg.kmeans_iters))
     n_train = min(n, max(k, cfg.max_train_points or default))
     rng = np.random.default_rng(cfg.seed)
     sample = np.sort(rng.choice(n, size=n_train, replace=False)) if n_train < n else np.arange(n)
-    xs = _read_rows(x, sample, cfg.normalize)
-    km = faiss.Kmeans(d, k, niter=cfg.kmeans_iters, seed=cfg.seed, spherical=True, gpu=gpu, verbose=False,
-                      min_points_per_centroid=1, max_points_per_centroid=max(1, n_train // k + 1))
+    return _read_rows(x, sample, cfg.normalize)
+
+
+def _kmeans(xs: np.ndarray, k: int, cfg: DedupConfig, gpu: bool) -> np.ndarray:
+    """(k, D) unit centroids of spherical k-means on all of ``xs``."""
+    km = faiss.Kmeans(xs.shape[1], k, niter=cfg.kmeans_iters, seed=cfg.seed, spherical=True, gpu=gpu,
+                      verbose=False, min_points_per_centroid=1, max_points_per_centroid=len(xs) // k + 1)
     km.train(xs)
-    return np.ascontiguousarray(km.centroids, dtype=np.float32), n_train
+    return np.ascontiguousarray(km.centroids, dtype=np.float32)
 
 
-def _assign(x: np.ndarray, centroids: np.ndarray, probes: int, cfg: DedupConfig, gpu: bool,
-            progress: bool) -> np.ndarray:
-    """(N, probes) int32 cluster ids, most similar first; also validates every row."""
+def _flat_index(centroids: np.ndarray, gpu: bool):
     index = faiss.IndexFlatIP(centroids.shape[1])
     index.add(centroids)
-    if gpu:
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index) if gpu else index
+
+
+def _cell_centres(members: np.ndarray, mu: np.ndarray, k: int, cfg: DedupConfig, gpu: bool) -> np.ndarray:
+    """(k', D) unit centres (k' <= k) of the cells of one coarse cell with centroid ``mu`` (D,), from its
+    (n, D) sample ``members``: spherical k-means on the members' *residuals* (each row minus its component
+    along ``mu``, renormalised: the direction that tells the members of a dense cluster apart), each residual
+    centroid then put back at the members' mean cosine to ``mu``. Every cell of a coarse cell so has the same
+    share of ``mu``: none can become a hub by averaging more members (module docstring). Rows (almost) equal
+    to ``mu`` have no residual direction and train nothing; with fewer than 2 directions the coarse cell is
+    one cell, ``mu``."""
+    cos = members @ mu
+    r = members - cos[:, None] * mu
+    norm = np.linalg.norm(r, axis=1)
+    has_dir = norm >= RESIDUAL_MIN_NORM
+    k = min(k, int(has_dir.sum()))
+    if k < 2:
+        return mu[None]
+    dirs = _kmeans(np.ascontiguousarray(r[has_dir] / norm[has_dir, None]), k, cfg, gpu)
+    dirs -= (dirs @ mu)[:, None] * mu  # orthogonal to mu up to k-means' rounding: make it exact
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    c = float(np.clip(cos.mean(), -1.0, 1.0))
+    return (c * mu + np.sqrt(1.0 - c * c) * dirs).astype(np.float32)
+
+
+@dataclass
+class _Partition:
+    """The trained cells, searched by plain inner product with the rows."""
+    centres: np.ndarray  # (k, D) unit
+    coarse_clusters: int
+    train_points: int
+
+
+def _train_partition(x: np.ndarray, k: int, cfg: DedupConfig, gpu: bool) -> _Partition:
+    """``k`` cells: coarse spherical k-means on the sample, then each coarse cell split by ``_cell_centres``
+    into cells in proportion to its share of the sample (``_shares``)."""
+    xs = _train_sample(x, k, cfg)
+    coarse = _kmeans(xs, _coarse_clusters(k), cfg, gpu)
+    owner = _flat_index(coarse, gpu).search(xs, 1)[1][:, 0]
+    sizes = np.bincount(owner, minlength=len(coarse))
+    parts = [_cell_centres(xs[owner == o], coarse[o], int(share), cfg, gpu)
+             for o, share in enumerate(_shares(sizes, k)) if share > 0]
+    return _Partition(np.ascontiguousarray(np.concatenate(parts)), len(coarse), len(xs))
+
+
+def _shares(sizes: np.ndarray, k: int) -> np.ndarray:
+    """``k`` split in proportion to ``sizes`` (largest remainders), at least 1 and at most ``size`` for every
+    non-empty entry; sums to ``k`` whenever ``k`` lies between the number of non-empty entries and their
+    total."""
+    quota = k * sizes / sizes.sum()
+    share = np.minimum(sizes, np.maximum(np.floor(quota), sizes > 0)).astype(np.int64)
+    while (step := int(np.sign(k - share.sum()))) != 0:
+        room = share < sizes if step > 0 else share > 1
+        if not room.any():
+            break
+        share[np.argmax(np.where(room, step * (quota - share), -np.inf))] += step  # the largest remainder
+    return share
+
+
+def _assign(x: np.ndarray, part: _Partition | None, probes: int, cfg: DedupConfig, gpu: bool,
+            progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(N, probes) int32 cell ids, most similar first, and their (N, probes) float16 similarities; also
+    validates every row. ``part=None``: one cell, every pair compared."""
+    index = _flat_index(part.centres, gpu) if part is not None else None
     n = x.shape[0]
-    out = np.empty((n, probes), np.int32)
-    starts = range(0, n, cfg.batch_size)
-    for s in _maybe_tqdm(starts, progress, "assign"):
+    ids = np.empty((n, probes), np.int32)
+    sims = np.empty((n, probes), np.float16)  # only ranks members for the cell bound: half the memory
+    for s in _maybe_tqdm(range(0, n, cfg.batch_size), progress, "assign"):
         e = min(n, s + cfg.batch_size)
         v = _read_rows(x, slice(s, e), cfg.normalize, first_row=s)
-        if probes == centroids.shape[0] == 1:
-            out[s:e] = 0
+        if index is None:
+            sims[s:e], ids[s:e] = 1.0, 0
         else:
-            out[s:e] = index.search(v, probes)[1]
-    return out
+            sims[s:e], ids[s:e] = index.search(v, probes)
+    return ids, sims
+
+
+def _bound_cells(probe_ids: np.ndarray, probe_sims: np.ndarray, k: int, cap: int) -> tuple[np.ndarray, dict]:
+    """Homes with at most ``cap`` vectors per cell, by deferred acceptance: every vector asks its probes in
+    order, a full cell keeps the ``cap`` members most similar to its centre and turns the others to their
+    next probe. Returns ``probe_ids`` with each vector's home swapped to column 0, in place (the set of probes
+    is unchanged, so every pair is still searched from both ends), and the balancing stats. A vector turned away
+    by all its probes stays in its last one: only more than ``probes * cap`` near-identical rows do that."""
+    n, probes = probe_ids.shape
+    rows = np.arange(n)
+    rank = np.zeros(n, np.int64)
+    rounds = 0
+    while True:
+        home = probe_ids[rows, rank]
+        over = np.bincount(home, minlength=k) > cap
+        members = np.flatnonzero(over[home] & (rank < probes - 1))
+        if len(members) == 0:
+            break
+        sims = probe_sims[members, rank[members]].astype(np.float32)
+        order = members[np.lexsort((-sims, home[members]))]  # by cell, most similar first
+        h = home[order]
+        turned = order[np.arange(len(order)) - np.searchsorted(h, h) >= cap]  # past the cap within the cell
+        if len(turned) == 0:  # what is over the cap is held by vectors turned away by all their probes
+            break
+        rank[turned] += 1
+        rounds += 1
+    home = probe_ids[rows, rank]
+    probe_ids[rows, rank] = probe_ids[:, 0]  # in place: (N, probes) is the largest array of the search
+    probe_ids[:, 0] = home
+    sizes = np.bincount(home, minlength=k)
+    return probe_ids, {"cap": cap, "rounds": rounds, "moved": int((rank > 0).sum()),
+                       "cells_over_cap": int((sizes > cap).sum())}
 
 
 def _maybe_tqdm(it, progress: bool, desc: str):
@@ -271,16 +399,17 @@ def _find_duplicates(x: np.ndarray, cfg: DedupConfig, progress: bool) -> DedupRe
         return DedupResult(np.zeros(0, np.int64), 0, 0, np.zeros(0, np.float32), {"n": 0, "dim": d})
 
     k = min(n, cfg.n_clusters or _default_clusters(n, cfg.clusters_per_vector))
-    probes = min(k, cfg.clusters_per_vector)
     t = time.perf_counter()
-    if k > 1:
-        centroids, n_train = _train_centroids(x, k, cfg, gpu)
-    else:
-        centroids, n_train = np.zeros((1, d), np.float32), 0
+    part = _train_partition(x, k, cfg, gpu) if k > 1 else None
+    k = len(part.centres) if part else 1  # fewer than asked only for rows without enough distinct directions
+    probes = min(k, cfg.clusters_per_vector)
     timings["kmeans_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    probe_ids = _assign(x, centroids, probes, cfg, gpu, progress)
+    probe_ids, probe_sims = _assign(x, part, probes, cfg, gpu, progress)
+    cap = cfg.max_cell_size or _default_cap(n, k)
+    probe_ids, balance = _bound_cells(probe_ids, probe_sims, k, cap)
+    del probe_sims
     home = probe_ids[:, 0]
     timings["assign_s"] = time.perf_counter() - t
 
@@ -336,10 +465,12 @@ def _find_duplicates(x: np.ndarray, cfg: DedupConfig, progress: bool) -> DedupRe
     db_sizes = np.diff(db_ptr)
     comp_sizes = sizes[sizes > 0]
     stats = {
-        "n": n, "dim": d, "n_clusters": k, "clusters_per_vector": probes, "train_points": n_train,
+        "n": n, "dim": d, "n_clusters": k, "clusters_per_vector": probes,
+        "coarse_clusters": part.coarse_clusters if part else 0, "train_points": part.train_points if part else 0,
         "gpu": gpu, "config": asdict(cfg),
         "cluster_size": {"min": int(db_sizes.min()), "median": float(np.median(db_sizes)),
                          "max": int(db_sizes.max()), "empty": int((db_sizes == 0).sum())},
+        "cell_bound": balance,
         "comparisons": comparisons,
         "compared_fraction_of_all_pairs": comparisons / max(1, n * (n - 1)),
         "n_pairs": n_pairs, "n_components": n_components, "n_duplicates": n - n_components,

@@ -3,9 +3,11 @@
     python -m scripts.bench_curation [--json] [--dedup-n 100000] [--dedup-large 1000000]
                                      [--ngram-captions 200000] [--shard-images 64] [--skip dedup,ngram,shards]
 
-1. dedup: 512-d synthetic descriptors with planted duplicates: recall of planted pairs (goal >= 0.99) and
-   speed against exact all-pairs FAISS flat search (goal >= 10x); then the large set from a memory-mapped
-   .npy: wall time (goal <= 300 s on 2 cores) and peak memory (``data_curation.bench_dedup``);
+1. dedup: 512-d synthetic descriptors with planted duplicates, twice: uniform on the sphere, and in
+   Zipf-sized clusters (what real SSCD descriptors look like): cell sizes (min / median / max), fraction of
+   all pairs compared, recall of planted pairs (goal >= 0.99) and speed against exact all-pairs FAISS flat
+   search (goal >= 10x); then the large uniform set from a memory-mapped .npy: wall time (goal <= 300 s on
+   2 cores) and peak memory (``data_curation.bench_dedup``);
 2. n-gram matching: captions/s on one core with a 500k-entry vocabulary (goal >= 150k/s/core), counts
    identical to a brute-force matcher on a sample (``data_curation.bench_ngram``);
 3. shard building: images/s of ``build_shards`` on local files (scikit-image photos, re-encoded variants),

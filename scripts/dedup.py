@@ -1,7 +1,8 @@
 """De-duplicate images by their SSCD descriptors: connected components of "cosine >= threshold", one kept each.
 
     python -m scripts.dedup EMBEDDINGS.npy [--threshold 0.75] [--out DIR] [--clusters N]
-        [--clusters-per-vector K] [--keep first|clip|longest_caption --scores SCORES.npy] [--normalize] [--json]
+        [--clusters-per-vector K] [--max-cell-size M] [--keep first|clip|longest_caption --scores SCORES.npy]
+        [--normalize] [--json]
 
 EMBEDDINGS.npy is (N, D) float16/32, L2-normalised, row i = sample i (read memory-mapped). Writes to DIR
 (default: EMBEDDINGS_dedup/ next to the input) ``components.npy`` (N,) int64 component id = smallest member
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clusters", type=int, default=None, help="k-means clusters (default: sqrt(K * N), 1 if N is small)")
     p.add_argument("--clusters-per-vector", type=int, default=DedupConfig.clusters_per_vector,
                    help="clusters each vector is searched in (IVF nprobe)")
+    p.add_argument("--max-cell-size", type=int, default=None,
+                   help="vectors stored per cluster (default: 4x the mean, N / clusters)")
     p.add_argument("--keep", default="first", choices=KEEP_RULES, help="which member of a component to keep")
     p.add_argument("--scores", default=None, help="(N,) .npy: CLIP scores (--keep clip) or caption lengths")
     p.add_argument("--normalize", action="store_true", help="L2-normalise rows instead of rejecting them")
@@ -63,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         cfg = DedupConfig(threshold=args.threshold, n_clusters=args.clusters,
-                          clusters_per_vector=args.clusters_per_vector, seed=args.seed, normalize=args.normalize)
+                          clusters_per_vector=args.clusters_per_vector, max_cell_size=args.max_cell_size,
+                          seed=args.seed, normalize=args.normalize)
         if args.keep != "first" and args.scores is None:
             raise ValueError(f"--keep {args.keep} needs --scores")
         n = open_embeddings(args.embeddings).shape[0]  # check the inputs before the long part
