@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adapters.config_io import CheckpointError, dataclass_from_dict
+from common.config import CheckpointError, dataclass_from_dict
 from adapters.llama import Llama, LlamaConfig, rope_frequencies
 
 

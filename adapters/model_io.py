@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from adapters.checkpoint import (CheckpointError, cast_floats, load_llama, load_state_dict_strict, read_json,
                                  read_safetensors_file)
-from adapters.config_io import config_to_dict, dataclass_from_dict
+from common.config import config_to_dict, dataclass_from_dict
 from adapters.llama import Llama, LlamaConfig, rope_frequencies
 from adapters.multimodal import MultimodalConfig, MultimodalLlama
 from vision.encoder import VisionEncoderConfig

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adapters.presets import preset_config
+from common.presets import preset_config
 from adapters.chat import encode_header
 from adapters.llama import (FeedForward, KVCache, Llama, LlamaConfig, RMSNorm, apply_rope, build_llama,
                             llama_config, rope_frequencies, rope_table)

@@ -38,7 +38,7 @@ from adapters.chat import encode_header
 from adapters.checkpoint import (CheckpointError, cast_floats, load_state_dict_strict, read_json,
                                  read_safetensors_file)
 from adapters.llama import Llama, build_llama, rope_frequencies
-from adapters.config_io import config_to_dict, dataclass_from_dict
+from common.config import config_to_dict, dataclass_from_dict
 from adapters.model_io import write_checkpoint_dir
 from adapters.task import IGNORE_INDEX
 from adapters.tokenizer import Tokenizer

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adapters.presets import preset_config
+from common.presets import preset_config
 from adapters.llama import apply_rope, rope_frequencies, rope_table
 
 

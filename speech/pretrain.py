@@ -48,7 +48,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from adapters.checkpoint import CheckpointError, load_state_dict_strict, read_json, read_safetensors_file
-from adapters.config_io import config_to_dict, dataclass_from_dict
+from common.config import config_to_dict, dataclass_from_dict
 from data_curation.audio_shards import AUDIO_EXTS
 from data_curation.input_files import CurationInputError
 from data_curation.wds_reader import expand_shards, has_tar_end_marker

@@ -32,7 +32,7 @@ from open_clip.model import CLIPVisionCfg, _build_vision_tower, resize_pos_embed
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
 
-from adapters.presets import preset_config
+from common.presets import preset_config
 from vision.encoder_layers import (
     GatedTransformer,
     TilePositionEmbedding,

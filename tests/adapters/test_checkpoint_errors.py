@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from adapters.checkpoint import CheckpointError, load_llama, save_meta_checkpoint
-from adapters.config_io import MAX_COUNT, MAX_SIZE, dataclass_from_dict
+from common.config import MAX_COUNT, MAX_SIZE, dataclass_from_dict
 from adapters.llama import LlamaConfig, build_llama
 from adapters.model_io import LMMismatchError, load_checkpoint, save_checkpoint
 from adapters.multimodal import build_multimodal, multimodal_config

@@ -1,4 +1,5 @@
-"""Preset lookup shared by every config family (LM-side adapters, vision encoder, speech encoder)."""
+"""Preset lookup shared by every config family (LM, vision encoder, speech encoder): the lowest layer, so
+that no model package imports another for it."""
 
 from __future__ import annotations
 
