@@ -1,7 +1,8 @@
-"""Training throughput and memory: data-parallel vs pipeline mode, tiny and mid-size image models (JSON).
+"""Training throughput and memory: data-parallel vs pipeline mode, tiny and mid-size image models, and the
+trainer's overhead over a bare PyTorch loop (JSON).
 
     python -m scripts.bench_train [--json] [--steps 3] [--warmup 1] [--configs tiny,mid]
-                                  [--modes dp,pipeline] [--nproc 2] [--threads 1]
+                                  [--modes dp,pipeline,overhead] [--nproc 2] [--threads 1]
 
 Each config launches ``--nproc`` ranks as subprocesses (RANK / WORLD_SIZE / MASTER_* env, gloo on CPU,
 nccl on CUDA with one GPU per rank) that run the requested modes in turn, each on a freshly built model
@@ -10,12 +11,13 @@ writes its measurements as JSON into a temporary directory, and a failing rank i
 of its output.
 
 Modes, both bf16 compute with FP32 gradient accumulation (ZeRO stage 1, DeepSpeed's BF16_Optimizer):
-- ``dp``: `training.trainer`'s data-parallel setup (``init_distributed``, ``param_groups``,
-  ``ImageTextTask``, the shipped ``configs/deepspeed/zero1_bf16_fp32accum.json`` with the micro-batch
-  size and accumulation steps set here), the trainer's micro-batch loop (forward, backward, step);
-- ``pipeline``: `training.pipeline`'s 2-stage ``PipelineModule`` (4 self-attention + 1 cross-attention
-  layers per stage, the image encoder replicated on each stage and tied), ``pipeline_ds_config``,
-  ``engine.train_batch``; the remaining ranks (nproc / 2) are data parallelism.
+- ``dp``: `training.trainer`'s data-parallel engine (``init_distributed``, ``build_engine`` with the
+  default run config's optimizer, the shipped ``configs/deepspeed/zero1_bf16_fp32accum.json`` with the
+  micro-batch size and accumulation steps set here), the trainer's micro-batch loop (forward, backward, step);
+- ``pipeline``: `training.trainer`'s pipeline engine (``build_pipeline_engine``: `training.pipeline`'s
+  2-stage ``PipelineModule``, 4 self-attention + 1 cross-attention layers per stage, the image encoder
+  replicated on each stage and tied), ``pipeline_ds_config``, ``engine.train_batch``; the remaining ranks
+  (nproc / 2) are data parallelism.
 Both modes see the same global batch per optimizer step (pipeline: twice the accumulation steps of
 ``dp`` at one data-parallel replica per 2 ranks), so samples/s compare like for like.
 
@@ -40,6 +42,20 @@ On a machine with one GPU the default run is data-parallel on 1 rank (pipeline m
 reported as skipped). bf16 matmuls on a CPU without AVX512-BF16/AMX are ~40x slower than fp32 (about
 1-2 GFLOP/s per core here), which is why the ``mid`` model is small; on a GPU it is far too small to
 approach peak, so its MFU is a floor, not a target.
+
+``overhead`` (one rank, in one process; ``tiny`` only: the trainer builds presets, and ``mid`` is none):
+`training.trainer.train` as a user runs it (the trainer's ``tiny`` image preset, random frozen LM, the
+shipped DeepSpeed config with 2 accumulation steps, synthetic image-caption shards written first: random
+JPEGs of 1 to 4 tiles, 3-12-word captions, a tiny BPE) against a bare PyTorch loop on the same model from
+the same factory and seed, the same micro-batches (taken once from the trainer's data pipeline, then
+replayed), ``torch.optim.AdamW`` on the same parameter groups, the same dtype and clipping, no DeepSpeed,
+timed before and after the trainer (load drift on a shared machine). Step times: the trainer's from its
+``losses.jsonl`` (``steps_per_s`` is cumulative), the bare loop's around each step; medians after
+``--warmup`` steps. ``ratio`` = trainer / bare (goal <= 1.1), ``ratio_min`` the same of the fastest steps
+(less disturbed by other work on a shared machine); the trainer decodes its data inline, so
+``ratio_without_data_loading`` takes out the loader's time per step; ``data_loader`` is
+`training.data.TrainBatches` alone on the same shards (read, decode, tile, pack, collate), after the
+warm-up steps' micro-batches.
 """
 
 from __future__ import annotations
@@ -48,6 +64,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,9 +80,16 @@ from training.trainer import free_port
 ROOT = Path(__file__).resolve().parents[1]
 DP_DEEPSPEED = ROOT / "configs" / "deepspeed" / "zero1_bf16_fp32accum.json"
 CONFIGS = ("tiny", "mid")
-MODES = ("dp", "pipeline")
+MODES = ("dp", "pipeline", "overhead")
 DP_GRAD_ACCUM = 2  # per rank; pipeline mode uses DP_GRAD_ACCUM x its ranks per replica (same global batch)
 PIPELINE_STAGES = 2
+# Overhead mode: the trainer's own model factory builds presets only, so a bench config maps to one.
+OVERHEAD_PRESETS = {"tiny": "tiny"}
+OVERHEAD_SKIPPED = "the trainer builds the multimodal presets (tiny, 11B, 90B), none of the mid config's size"
+OVERHEAD_GOAL = 1.1  # trainer step time / bare-loop step time
+OVERHEAD_DATA = ("data.max_seq_len=64", "data.max_tokens=256", "data.max_rows=8", "data.shuffle_buffer=16")
+OVERHEAD_SAMPLES_PER_SHARD = 48
+OVERHEAD_LOADER_MICRO_BATCHES = 24  # at least; more when the timed steps need more
 
 
 @dataclass(frozen=True)
@@ -126,26 +150,28 @@ def synthetic_batches(cfg, bench: BenchConfig, n: int, seed: int) -> list[tuple]
     return out
 
 
+def shipped_dp_config(micro_batch: int) -> dict:
+    """The shipped ZeRO-1 bf16 DeepSpeed config with this benchmark's micro-batch size and accumulation steps."""
+    from training.config import load_deepspeed_config
+
+    ds = {**load_deepspeed_config(DP_DEEPSPEED), "train_micro_batch_size_per_gpu": micro_batch,
+          "gradient_accumulation_steps": DP_GRAD_ACCUM}
+    ds.pop("train_batch_size", None)
+    return ds
+
+
 # ----------------------------------------------------------------------------------------------
 # One rank
 
 
 def _build_dp(model, bench: BenchConfig, world: int, rank: int):
-    """trainer.train's engine for this model; returns (engine, one optimizer step, encoder modules)."""
-    import deepspeed
+    """trainer.train's engine (`training.trainer.build_engine`, the default run config's optimizer) for this
+    model; returns (engine, one optimizer step, encoder modules)."""
+    from training.config import RunConfig, resolve_deepspeed
+    from training.trainer import build_engine
 
-    from adapters.task import ImageTextTask
-    from training.config import RunConfig, load_deepspeed_config, resolve_deepspeed
-    from training.trainer import param_groups
-
-    ds = {**load_deepspeed_config(DP_DEEPSPEED), "train_micro_batch_size_per_gpu": bench.micro_batch,
-          "gradient_accumulation_steps": DP_GRAD_ACCUM}
-    ds.pop("train_batch_size", None)
-    ds = resolve_deepspeed(ds, world, str(DP_DEEPSPEED))
-    run = RunConfig()
-    opt = torch.optim.AdamW(param_groups(run, model), betas=tuple(run.optim.betas))
-    engine, *_ = deepspeed.initialize(model=ImageTextTask(model), optimizer=opt, config=ds)
-    model.train()
+    ds = resolve_deepspeed(shipped_dp_config(bench.micro_batch), world, str(DP_DEEPSPEED))
+    engine, _ = build_engine(RunConfig(), model, ds)
     device = engine.device
     batches = [(t.to(device), lab.to(device), im.to(device))
                for t, lab, im in synthetic_batches(model.cfg, bench, DP_GRAD_ACCUM, seed=rank)]
@@ -163,20 +189,17 @@ def _build_dp(model, bench: BenchConfig, world: int, rank: int):
 
 
 def _build_pipeline(model, bench: BenchConfig, world: int):
-    import deepspeed
-
+    """trainer.train_pipeline's engine (`training.trainer.build_pipeline_engine`, the default run config's
+    optimizer); returns (engine, one optimizer step, encoder modules)."""
     from training.config import RunConfig
-    from training.pipeline import (ENCODER_KEY, build_pipeline_module, pipeline_batch, pipeline_ds_config,
-                                   pipeline_param_groups)
+    from training.pipeline import ENCODER_KEY, pipeline_batch, pipeline_ds_config
+    from training.trainer import build_pipeline_engine
 
     dp = world // PIPELINE_STAGES
     gas = DP_GRAD_ACCUM * PIPELINE_STAGES
-    module = build_pipeline_module(model, PIPELINE_STAGES)
-    o = RunConfig().optim  # the trainer's defaults, as in dp mode
-    opt = torch.optim.AdamW(pipeline_param_groups(module, model, o.lr, o.weight_decay, o.encoder_lr_scale),
-                            betas=tuple(o.betas))
     ds = {**pipeline_ds_config(bench.micro_batch, gas, data_parallel=dp), "steps_per_print": 10**9}
-    engine, *_ = deepspeed.initialize(model=module, optimizer=opt, config=ds)
+    engine, _ = build_pipeline_engine(RunConfig(parallel="pipeline", pipeline_stages=PIPELINE_STAGES), model, ds)
+    module = engine.module
     seed = engine.grid.get_data_parallel_rank()
     pool = [pipeline_batch(*mb, n_tiles=model.cfg.vision.max_tiles)
             for mb in synthetic_batches(model.cfg, bench, gas, seed=seed)]
@@ -267,6 +290,113 @@ def run_rank(config: str, modes: list[str], steps: int, warmup: int, out: Path) 
         del engine, step, model, first, last, params, timer
         dist.barrier()
     dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer's overhead (one rank)
+
+
+def overhead_run_config(root: Path, shards: str, steps: int, preset: str):
+    """The run config of the overhead measurement: ``preset`` around a random frozen LM, the shipped DeepSpeed
+    config, ``steps`` optimizer steps; no export, one checkpoint (after the last timed step)."""
+    from training.config import load_run_config
+
+    return load_run_config(None, [
+        f"model.preset={preset}", f"model.tokenizer={root / 'tokenizer.model'}", f"data.shards={shards}",
+        *OVERHEAD_DATA, f"deepspeed={DP_DEEPSPEED}", f"train.run_dir={root / 'run'}", f"train.steps={steps}",
+        f"train.save_every={steps}", "train.export=false", "train.progress=false"])
+
+
+def trainer_step_times(losses: Path) -> list[float]:
+    """Seconds per optimizer step of a fresh `training.trainer.train` run, from its ``losses.jsonl``: a
+    record's ``steps_per_s`` is steps done / seconds since the loop started, so step k ended at k / steps_per_s."""
+    records = [json.loads(line) for line in losses.read_text().splitlines() if line.strip()]
+    if [r["step"] for r in records] != list(range(1, len(records) + 1)):
+        raise BenchError(f"{losses}: steps {[r['step'] for r in records]}, expected 1, 2, ... of one fresh run")
+    ends = [r["step"] / r["steps_per_s"] for r in records]
+    return [end - start for start, end in zip([0.0, *ends], ends)]
+
+
+def run_overhead(config: str, steps: int, warmup: int, out: Path) -> None:
+    """The trainer's step time against a bare PyTorch loop (same model factory, micro-batches, dtype) and the
+    data loader alone, in this one process; writes ``out/rank0_overhead.json``."""
+    from adapters.vqa import build_tiny_tokenizer
+    from training.bench import bare_step_times, time_loader, write_caption_shards
+    from training.data import expand_shards
+    from training.spec import get_spec
+    from training.trainer import build_batches, train
+
+    if config not in OVERHEAD_PRESETS:
+        raise BenchError(f"overhead: no trainer preset for config {config!r} ({OVERHEAD_SKIPPED})")
+    loadavg_start = os.getloadavg()
+    root = out / "overhead"
+    shards, captions = write_caption_shards(root / "shards", n_shards=2, per_shard=OVERHEAD_SAMPLES_PER_SHARD)
+    tok = build_tiny_tokenizer(root, texts=captions)
+    total = warmup + steps
+    cfg = overhead_run_config(root, shards, total, OVERHEAD_PRESETS[config])
+    ds = shipped_dp_config(1)  # the micro-batch is a token budget (data.max_tokens); 1 is DeepSpeed's nominal
+    gas = ds["gradient_accumulation_steps"]
+    if ds.get("fp16", {}).get("enabled"):
+        raise BenchError(f"{DP_DEEPSPEED}: fp16 (loss scaling) has no bare-loop counterpart here; use bf16 or fp32")
+    dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else torch.float32
+
+    spec = get_spec(cfg.kind)
+    model = spec.build_model(cfg, tok)  # the trainer's factory, the trainer's seed: the trainer's weights
+    batches = build_batches(cfg, tok, model, 0, 1, expand_shards(cfg.data.shards))
+    replay, loader = time_loader(batches, max(steps * gas, OVERHEAD_LOADER_MICRO_BATCHES), warmup=warmup * gas)
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    task = spec.build_task(model).to(device)
+    model.train()
+
+    def bare() -> list[float]:  # a fresh AdamW each time, so each run has its own first (warm-up) step
+        return bare_step_times(task, spec.param_groups(cfg, model), replay[: total * gas], gas, dtype,
+                               tuple(cfg.optim.betas), float(ds.get("gradient_clipping", 0.0)))
+
+    # Bare loop, trainer, bare loop again: on a shared machine the load drifts, and timing the bare loop on
+    # both sides of the trainer keeps that drift from reading as overhead.
+    bare_before = bare()
+    train(cfg, ds)  # the trainer as a user runs it, on the same shards, so the same micro-batches in order
+    bare_after = bare()
+    record = {
+        "preset": cfg.model.preset, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+        "micro_batches_per_step": gas, "gradient_clipping": ds.get("gradient_clipping", 0.0),
+        "trainer_step_s": trainer_step_times(Path(cfg.train.run_dir) / "losses.jsonl"),
+        "bare_step_s": {"before": bare_before, "after": bare_after},
+        "loader": loader, "torch_threads": torch.get_num_threads(),
+        "data": {k: getattr(cfg.data, k) for k in ("max_seq_len", "max_tokens", "max_rows", "pack_rows")},
+        "loadavg_1_5_15": {"start": list(loadavg_start), "end": list(os.getloadavg())},
+    }
+    (out / "rank0_overhead.json").write_text(json.dumps(record))
+
+
+def summarize_overhead(rec: dict, warmup: int) -> tuple[dict, dict]:
+    """("overhead", "data_loader") entries: medians over the timed steps, the first ``warmup`` of each run
+    excluded (the bare loop's runs before and after the trainer's pooled)."""
+    trainer_steps = rec["trainer_step_s"][warmup:]
+    bare_steps = rec["bare_step_s"]["before"][warmup:] + rec["bare_step_s"]["after"][warmup:]
+    trainer, bare = statistics.median(trainer_steps), statistics.median(bare_steps)
+    loader = rec["loader"]
+    data_per_step = loader["seconds"] / loader["micro_batches"] * rec["micro_batches_per_step"]
+    overhead = {
+        "trainer_step_s": _r(trainer, 5), "bare_step_s": _r(bare, 5), "ratio": _r(trainer / bare),
+        "goal": OVERHEAD_GOAL, "goal_met": trainer / bare <= OVERHEAD_GOAL,
+        # On a shared machine the fastest step of each is the one least slowed by other work.
+        "trainer_min_step_s": _r(min(trainer_steps), 5), "bare_min_step_s": _r(min(bare_steps), 5),
+        "ratio_min": _r(min(trainer_steps) / min(bare_steps)),
+        # The trainer decodes its micro-batches as it goes; the bare loop replays them already decoded.
+        "data_loading_s_per_step": _r(data_per_step, 5),
+        "ratio_without_data_loading": _r((trainer - data_per_step) / bare),
+        "steps_timed": len(rec["trainer_step_s"]) - warmup, "warmup_steps": warmup,
+        "trainer_step_s_each": [_r(x, 5) for x in rec["trainer_step_s"]],
+        "bare_step_s_each": {k: [_r(x, 5) for x in v] for k, v in rec["bare_step_s"].items()},
+        "model": f"training.spec image kind, preset {rec['preset']!r}, random frozen LM",
+        **{k: rec[k] for k in ("device", "dtype", "micro_batches_per_step", "gradient_clipping", "data",
+                               "torch_threads")},
+        "loadavg_1_5_15": {k: [_r(x, 2) for x in v] for k, v in rec["loadavg_1_5_15"].items()},
+    }
+    data_loader = {"what": "training.data.TrainBatches alone: tar read, JPEG decode, tiling, packing, collate",
+                   **{k: _r(v, 5) if isinstance(v, float) else v for k, v in loader.items()}}
+    return overhead, data_loader
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per run")
     p.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first")
     p.add_argument("--configs", default="tiny,mid", help="comma-separated: tiny,mid")
-    p.add_argument("--modes", default="dp,pipeline", help="comma-separated: dp,pipeline")
+    p.add_argument("--modes", default="dp,pipeline,overhead", help="comma-separated: dp,pipeline,overhead")
     p.add_argument("--nproc", type=int, default=None,
                    help="ranks per run (pipeline: a multiple of 2); default 2, on CUDA min(2, GPUs)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank (CPU)")
@@ -414,7 +544,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         if args.out is None or len(configs) != 1:
             p.error("--worker needs --out and exactly one config")
-        run_rank(configs[0], modes, args.steps, args.warmup, Path(args.out))
+        if modes == ["overhead"]:
+            run_overhead(configs[0], args.steps, args.warmup, Path(args.out))
+        else:
+            run_rank(configs[0], modes, args.steps, args.warmup, Path(args.out))
         return 0
 
     def log(msg: str) -> None:
@@ -439,14 +572,21 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_count": os.cpu_count(), "loadavg_1_5_15_at_start": [_r(x, 2) for x in os.getloadavg()],
         "configs": {},
     }
+    rank_modes = [m for m in modes if m != "overhead"]
     try:
         for c in configs:
             entry = {"model": config_summary(c, args.nproc), **{m: {"skipped": why} for m, why in skipped.items()}}
-            for group in ([[m] for m in modes] if args.isolate else [modes] if modes else []):
+            for group in ([[m] for m in rank_modes] if args.isolate else [rank_modes] if rank_modes else []):
                 log(f"{c}/{','.join(group)}: {args.nproc} ranks, {args.warmup} + {args.steps} steps per mode")
                 records = launch(c, group, args.nproc, args.steps, args.warmup, args.threads, args.timeout, log)
                 for m in group:
                     entry[m] = summarize(c, m, records[m])
+            if "overhead" in modes and c not in OVERHEAD_PRESETS:
+                entry["overhead"] = {"skipped": OVERHEAD_SKIPPED}
+            elif "overhead" in modes:
+                log(f"{c}/overhead: 1 rank, trainer vs bare loop, {args.warmup} + {args.steps} steps each")
+                rec = launch(c, ["overhead"], 1, args.steps, args.warmup, args.threads, args.timeout, log)
+                entry["overhead"], entry["data_loader"] = summarize_overhead(rec["overhead"][0], args.warmup)
             result["configs"][c] = entry
     except BenchError as e:
         print(f"bench_train: {e}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Measurement helpers for ``scripts.bench_train``: encoder time hooks, peak memory, FLOPs and MFU.
+"""Measurement helpers for ``scripts.bench_train``: encoder time hooks, peak memory, FLOPs and MFU, the bare
+PyTorch loop and the data-loader timing that the trainer's overhead is measured against, synthetic shards.
 
 Kept apart from `training.trainer` / `training.pipeline` (they stay free of benchmarking code); nothing
 here imports DeepSpeed or torch.distributed.
@@ -14,9 +15,12 @@ plus the estimate of what a frozen LM actually executes (no weight gradients for
 
 from __future__ import annotations
 
+import io
 import resource
+import statistics
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,6 +28,7 @@ from torch import Tensor, nn
 
 if TYPE_CHECKING:  # the model packages import open_clip (seconds); only forward_flops needs them
     from adapters.multimodal import MultimodalConfig
+    from training.data import MicroBatch, TrainBatches
 
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s, from NVIDIA's datasheets. Looked up by substring of
 # ``torch.cuda.get_device_name()``, first match wins: the specific H100 variants come before plain "H100".
@@ -239,3 +244,90 @@ class EncoderTimer:
         for h in self._handles:
             h.remove()
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainer overhead: the bare loop, the data loader alone, synthetic caption shards
+
+WORDS = ("red", "green", "blue", "small", "large", "square", "circle", "on", "a", "the", "left", "right", "of",
+         "photo", "drawing", "bright", "dark", "striped", "dotted", "near", "above", "below", "two", "three")
+
+
+def write_caption_shards(root: Path, n_shards: int, per_shard: int, seed: int = 0) -> tuple[str, list[str]]:
+    """``n_shards`` image-caption tars ``root/shard_NNNNN.tar`` (key.jpg of random pixels, 56 to 168 px a side,
+    so an image tiles into 1 to 4 tiles of 56 px; key.txt of 3 to 12 words); returns their brace pattern
+    and the captions (to train a tokenizer on)."""
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    captions = []
+    for s in range(n_shards):
+        with wds.TarWriter(str(root / f"shard_{s:05d}.tar")) as w:
+            for i in range(per_shard):
+                h, wd = (int(x) for x in rng.choice((56, 112, 168), size=2))
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (h, wd, 3), dtype=np.uint8)).save(buf, "JPEG")
+                caption = " ".join(rng.choice(WORDS, size=int(rng.integers(3, 13))))
+                captions.append(caption)
+                w.write({"__key__": f"s{s}_{i:04d}", "jpg": buf.getvalue(), "txt": caption})
+    return f"{root}/shard_{{00000..{n_shards - 1:05d}}}.tar", captions
+
+
+def time_loader(batches: TrainBatches, n: int, warmup: int = 0) -> tuple[list[MicroBatch], dict[str, float | int]]:
+    """Take ``warmup`` untimed micro-batches from ``batches`` (the first opens a tar and initialises the
+    decoders), then ``n`` timed ones (tar read, decode, tiling, packing, collate); returns all of them, in
+    order (to replay), and the throughput of the timed ones."""
+    out = [next(batches) for _ in range(warmup)]
+    times = []
+    samples0 = batches.samples_delivered
+    for _ in range(n):
+        t0 = time.perf_counter()
+        out.append(next(batches))
+        times.append(time.perf_counter() - t0)
+    total = sum(times)
+    samples = batches.samples_delivered - samples0
+    tokens = sum(mb.tokens.numel() for mb in out[warmup:])
+    return out, {"micro_batches": n, "warmup_micro_batches": warmup, "samples": samples, "seconds": total,
+                 "samples_per_s": samples / total, "micro_batches_per_s": n / total, "tokens_per_s": tokens / total,
+                 "median_micro_batch_s": statistics.median(times)}
+
+
+def _to(x, device: torch.device):
+    return x.to(device) if hasattr(x, "to") else x
+
+
+def bare_step_times(task: nn.Module, groups: list[dict], micro_batches: list[MicroBatch], gas: int,
+                    dtype: torch.dtype, betas: tuple[float, float], clip: float) -> list[float]:
+    """Seconds per optimizer step of a plain PyTorch loop: ``task`` (model + loss) cast to ``dtype``,
+    ``torch.optim.AdamW`` on ``groups``, ``gas`` micro-batches of ``micro_batches`` per step in order (the
+    loss divided by ``gas``, as DeepSpeed scales it), gradient clipping when ``clip`` > 0, one ``.item()``
+    per step for the loss. Runs ``len(micro_batches) // gas`` steps on the task's device."""
+    if len(micro_batches) < gas:
+        raise BenchError(f"bare_step_times: {len(micro_batches)} micro-batches for {gas} per step")
+    task.to(dtype)
+    device = next(task.parameters()).device
+    opt = torch.optim.AdamW(groups, betas=betas)
+    params = [p for g in groups for p in g["params"]]
+    cuda = device.type == "cuda"
+    times = []
+    for i in range(len(micro_batches) // gas):
+        t0 = time.perf_counter()
+        total = torch.zeros((), device=device)
+        for mb in micro_batches[i * gas : (i + 1) * gas]:
+            media = {k: _to(v, device) for k, v in mb.media.items()}
+            loss = task(mb.tokens.to(device), mb.labels.to(device), **media)["loss"]
+            (loss / gas).backward()
+            total += loss.detach().float()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if not torch.isfinite(total).item():
+            raise BenchError(f"bare_step_times: step {i + 1}: non-finite loss")
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times

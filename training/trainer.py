@@ -106,6 +106,40 @@ def param_groups(cfg: RunConfig, model: nn.Module) -> list[dict]:
     return get_spec(cfg.kind).param_groups(cfg, model)
 
 
+def _initialize(cfg: RunConfig, module: nn.Module, groups: list[dict], ds: dict, mpu=None) -> tuple:
+    """(engine, lr scheduler): DeepSpeed around ``module``, AdamW on ``groups``, warmup + cosine over
+    ``train.steps``."""
+    import deepspeed
+
+    opt = torch.optim.AdamW(groups, betas=tuple(cfg.optim.betas))
+    schedule = warmup_cosine(cfg.optim.warmup, cfg.train.steps, cfg.optim.min_lr_ratio)
+    engine, _, _, sched = deepspeed.initialize(
+        model=module, optimizer=opt, config=ds, mpu=mpu,
+        lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, schedule))
+    return engine, sched
+
+
+def build_engine(cfg: RunConfig, model: nn.Module, ds: dict, mpu=None) -> tuple:
+    """(engine, lr scheduler) of data-parallel mode: the kind's task of ``model`` and the spec's parameter
+    groups; the model left in train mode. ``scripts.bench_train`` times this same engine."""
+    spec = get_spec(cfg.kind)
+    engine, sched = _initialize(cfg, spec.build_task(model), spec.param_groups(cfg, model), ds, mpu)
+    model.train()
+    return engine, sched
+
+
+def build_pipeline_engine(cfg: RunConfig, model: nn.Module, ds: dict) -> tuple:
+    """(engine, lr scheduler) of pipeline mode: ``model`` laid out as ``cfg.pipeline_stages`` stages
+    (`training.pipeline`), with activation checkpointing every ``ds["pipeline"]``'s interval."""
+    from training.pipeline import build_pipeline_module, pipeline_param_groups
+
+    module = build_pipeline_module(model, cfg.pipeline_stages,
+                                   ds.get("pipeline", {}).get("activation_checkpoint_interval", 0))
+    o = cfg.optim
+    return _initialize(cfg, module, pipeline_param_groups(module, model, o.lr, o.weight_decay, o.encoder_lr_scale),
+                       ds)
+
+
 def load_tokenizer(cfg: RunConfig) -> Tokenizer | None:
     """``model.tokenizer``; None for a kind that needs none (clip brings open_clip's own BPE)."""
     return Tokenizer(cfg.model.tokenizer) if get_spec(cfg.kind).needs_tokenizer else None
@@ -226,8 +260,6 @@ def _to_device(x, device):
 
 def train(cfg: RunConfig, ds_config: dict | None = None) -> TrainResult:
     """Run (or resume) ``cfg``; every rank returns the same losses (averaged over ranks per step)."""
-    import deepspeed
-
     if cfg.parallel == "pipeline":
         return train_pipeline(cfg, ds_config)
     rank, world = init_distributed()
@@ -259,13 +291,7 @@ def train(cfg: RunConfig, ds_config: dict | None = None) -> TrainResult:
             raise TrainError(f"tensor_parallel={tp}: {e}") from e
         apply_tensor_parallel(model, tp_group)
     batches = build_batches(cfg, tok, model, dp_rank, dp_world, shards)  # the ranks of one TP group read the same data
-    task = spec.build_task(model)
-    opt = torch.optim.AdamW(spec.param_groups(cfg, model), betas=tuple(cfg.optim.betas))
-    schedule = warmup_cosine(cfg.optim.warmup, cfg.train.steps, cfg.optim.min_lr_ratio)
-    engine, opt, _, sched = deepspeed.initialize(
-        model=task, optimizer=opt, config=ds, mpu=mpu,
-        lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, schedule))
-    model.train()
+    engine, sched = build_engine(cfg, model, ds, mpu)
 
     ckpt_dir = run_dir / "checkpoints"
     if resumed is not None:
@@ -288,16 +314,22 @@ def train(cfg: RunConfig, ds_config: dict | None = None) -> TrainResult:
                disable=rank != 0 or not cfg.train.progress, mininterval=1)
     t0, tokens_done, steps_done = time.perf_counter(), 0, 0
     for step in bar:
-        stats = torch.zeros(3, dtype=torch.float64)  # loss sum over micro-batches, label tokens, input tokens
+        # The loss sum stays on the device (a .item() per micro-batch would wait for the GPU each time); the
+        # token counts are the CPU batch's. One sync per step, and the all-reduce runs on the device (NCCL
+        # takes no CPU tensor).
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        n_label = n_input = 0
         for _ in range(gas):
             mb = next(batches)
             media = {k: _to_device(v, device) for k, v in mb.media.items()}
             out = engine(mb.tokens.to(device), mb.labels.to(device), **media)
             engine.backward(out["loss"])
             engine.step()
-            stats += torch.tensor([out["loss"].item(), mb.n_label_tokens, mb.tokens.numel()], dtype=torch.float64)
+            loss_sum += out["loss"].detach()
+            n_label, n_input = n_label + mb.n_label_tokens, n_input + mb.tokens.numel()
+        stats = torch.stack([loss_sum, loss_sum.new_tensor(n_label), loss_sum.new_tensor(n_input)])
         dist.all_reduce(stats)
-        stats /= tp  # the ranks of a tensor-parallel group share one batch: count it once
+        stats = stats.cpu() / tp  # the ranks of a tensor-parallel group share one batch: count it once
         loss = stats[0].item() / (gas * dp_world)
         if not math.isfinite(loss):
             raise TrainError(f"step {step + 1}: non-finite loss {loss} (last batch: {mb.keys[:4]} ...)")
@@ -375,10 +407,7 @@ def train_pipeline(cfg: RunConfig, ds_config: dict | None = None) -> TrainResult
     holds exactly ``train_micro_batch_size_per_gpu`` samples padded to ``data.max_seq_len`` tokens and
     ``max_tiles`` tiles (packing by token budget does not apply). Checkpoints, resume, logs and export as
     in `train`; only the first and last stages read data."""
-    import deepspeed
-
-    from training.pipeline import (build_pipeline_module, pipeline_batch, pipeline_param_groups,
-                                   pipeline_state_dict)
+    from training.pipeline import pipeline_batch, pipeline_state_dict
 
     rank, world = init_distributed()
     S = cfg.pipeline_stages
@@ -391,14 +420,7 @@ def train_pipeline(cfg: RunConfig, ds_config: dict | None = None) -> TrainResult
     resumed = open_run(cfg, ds, rank, world)
     tok = load_tokenizer(cfg)
     model = build_model(cfg, tok)
-    module = build_pipeline_module(model, S, ds.get("pipeline", {}).get("activation_checkpoint_interval", 0))
-    o = cfg.optim
-    opt = torch.optim.AdamW(pipeline_param_groups(module, model, o.lr, o.weight_decay, o.encoder_lr_scale),
-                            betas=tuple(o.betas))
-    schedule = warmup_cosine(o.warmup, cfg.train.steps, o.min_lr_ratio)
-    engine, opt, _, sched = deepspeed.initialize(
-        model=module, optimizer=opt, config=ds,
-        lr_scheduler=lambda opt_: torch.optim.lr_scheduler.LambdaLR(opt_, schedule))
+    engine, sched = build_pipeline_engine(cfg, model, ds)
     micro = ds["train_micro_batch_size_per_gpu"]
     fixed = replace(cfg, data=replace(cfg.data, max_rows=micro, max_tokens=micro * cfg.data.max_seq_len))
     batches = build_batches(fixed, tok, model, engine.grid.get_data_parallel_rank(),

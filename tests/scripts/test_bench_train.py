@@ -1,11 +1,13 @@
-"""scripts.bench_train: a 2-rank tiny run of both modes reports sane numbers; FLOPs and MFU arithmetic.
+"""scripts.bench_train: a 2-rank tiny run of both modes reports sane numbers; FLOPs and MFU arithmetic; the
+trainer-overhead mode (trainer vs bare loop, data loader) reports its keys and consistent numbers.
 
 The 2-rank run is one launch (gloo, 1 timed step per mode, no warm-up): ~40 s on 2 busy CPU cores,
-mostly the ranks' start-up (imports, DeepSpeed engines).
+mostly the ranks' start-up (imports, DeepSpeed engines); the overhead run is one more rank, ~30 s.
 """
 
 import json
 import math
+import statistics
 from dataclasses import replace
 
 import pytest
@@ -19,7 +21,8 @@ from training.bench import BenchError, forward_flops, mfu, peak_bf16_flops, trai
 
 
 def test_tiny_dp_and_pipeline_json(capsys):
-    assert bench_train.main(["--json", "--configs", "tiny", "--steps", "1", "--warmup", "0"]) == 0
+    assert bench_train.main(["--json", "--configs", "tiny", "--modes", "dp,pipeline", "--steps", "1",
+                             "--warmup", "0"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["backend"] == "gloo" and out["nproc"] == 2 and list(out["configs"]) == ["tiny"]
     tiny = out["configs"]["tiny"]
@@ -118,3 +121,60 @@ def test_bad_arguments_exit_2(capsys):
     with pytest.raises(SystemExit):
         bench_train.main(["--modes", "pipeline", "--nproc", "3"])
     assert "multiple of 2" in capsys.readouterr().err
+
+
+def test_tiny_overhead_json(capsys):
+    """The trainer (training.trainer.train) against the bare loop on the same micro-batches: keys and sanity,
+    no timing assertion (the machine is shared)."""
+    assert bench_train.main(["--json", "--configs", "tiny", "--modes", "overhead", "--steps", "2",
+                             "--warmup", "1"]) == 0
+    tiny = json.loads(capsys.readouterr().out)["configs"]["tiny"]
+    o, loader = tiny["overhead"], tiny["data_loader"]
+    assert "dp" not in tiny and "pipeline" not in tiny
+    assert o["trainer_step_s"] > 0 and o["bare_step_s"] > 0 and o["goal"] == 1.1
+    assert o["ratio"] == pytest.approx(o["trainer_step_s"] / o["bare_step_s"], rel=1e-3)
+    assert o["goal_met"] == (o["ratio"] <= 1.1)
+    assert o["ratio_min"] == pytest.approx(o["trainer_min_step_s"] / o["bare_min_step_s"], rel=1e-3)
+    bare = o["bare_step_s_each"]  # every step, the warm-up step first
+    assert o["steps_timed"] == 2 and len(o["trainer_step_s_each"]) == len(bare["before"]) == len(bare["after"]) == 3
+    assert o["trainer_step_s"] == pytest.approx(statistics.median(o["trainer_step_s_each"][1:]), abs=1e-5)
+    assert o["bare_step_s"] == pytest.approx(statistics.median(bare["before"][1:] + bare["after"][1:]), abs=1e-5)
+    assert o["dtype"] == "bfloat16" and o["micro_batches_per_step"] == 2 and o["device"] == "cpu"
+    assert 0 < o["data_loading_s_per_step"] < o["trainer_step_s"]
+    assert loader["micro_batches"] == 24 and loader["warmup_micro_batches"] == 2  # 1 warm-up step of 2
+    assert loader["samples"] >= 24  # at least one sample per micro-batch
+    assert loader["samples_per_s"] == pytest.approx(loader["samples"] / loader["seconds"], rel=1e-3)
+    assert loader["tokens_per_s"] > loader["samples_per_s"] > 0
+
+
+def test_overhead_of_a_config_without_trainer_preset_is_skipped(capsys):
+    assert bench_train.main(["--json", "--configs", "mid", "--modes", "overhead"]) == 0
+    mid = json.loads(capsys.readouterr().out)["configs"]["mid"]
+    assert "presets" in mid["overhead"]["skipped"] and "data_loader" not in mid
+
+
+def test_trainer_step_times_from_losses_jsonl(tmp_path):
+    log = tmp_path / "losses.jsonl"
+    # Step k ends at k / steps_per_s seconds after the loop started: 0.5, 1.5, 1.8.
+    log.write_text("".join(json.dumps({"step": k, "loss": 1.0, "steps_per_s": k / end}) + "\n"
+                           for k, end in ((1, 0.5), (2, 1.5), (3, 1.8))))
+    assert bench_train.trainer_step_times(log) == pytest.approx([0.5, 1.0, 0.3])
+    log.write_text(json.dumps({"step": 4, "loss": 1.0, "steps_per_s": 2.0}) + "\n")  # a resumed run
+    with pytest.raises(BenchError, match="expected 1, 2"):
+        bench_train.trainer_step_times(log)
+
+
+def test_summarize_overhead_excludes_warmup_and_takes_medians():
+    rec = {"trainer_step_s": [9.0, 1.2, 1.4, 1.3], "bare_step_s": {"before": [5.0, 1.0, 1.2], "after": [4.0, 1.1]},
+           "micro_batches_per_step": 2,
+           "loader": {"micro_batches": 4, "samples": 10, "seconds": 0.4, "samples_per_s": 25.0,
+                      "micro_batches_per_s": 10.0, "tokens_per_s": 500.0, "median_micro_batch_s": 0.1},
+           "preset": "tiny", "device": "cpu", "dtype": "bfloat16", "gradient_clipping": 1.0, "data": {},
+           "torch_threads": 1, "loadavg_1_5_15": {"start": [1.0, 1.0, 1.0], "end": [2.0, 2.0, 2.0]}}
+    o, loader = bench_train.summarize_overhead(rec, warmup=1)
+    assert o["trainer_step_s"] == 1.3 and o["bare_step_s"] == 1.1 and o["steps_timed"] == 3
+    assert o["ratio"] == pytest.approx(1.3 / 1.1, abs=1e-4) and o["goal_met"] is False
+    assert o["trainer_min_step_s"] == 1.2 and o["bare_min_step_s"] == 1.0 and o["ratio_min"] == 1.2
+    assert o["data_loading_s_per_step"] == 0.2  # 0.1 s per micro-batch x 2
+    assert o["ratio_without_data_loading"] == pytest.approx(1.1 / 1.1, abs=1e-4)
+    assert loader["samples_per_s"] == 25.0 and loader["what"].startswith("training.data.TrainBatches")
