@@ -1,4 +1,5 @@
-"""The one strict reader from JSON dicts to config dataclasses, and its inverse.
+"""The one strict reader from JSON dicts to config dataclasses, and its inverse; and the YAML reader
+(`read_yaml_mapping`) every config family (curation, run configs) starts from.
 
 Every checkpoint config we read (our exports, speech checkpoints, Meta ``params.json`` and HF
 ``config.json`` through typed views) goes through `dataclass_from_dict`, which refuses, naming the file
@@ -23,7 +24,10 @@ import dataclasses
 import math
 import types
 import typing
+from pathlib import Path
 from typing import Any, TypeVar
+
+import yaml
 
 C = TypeVar("C")
 
@@ -125,3 +129,16 @@ def int_bounds(name: str) -> tuple[int, int]:
     lo = 0 if name in MAY_BE_ZERO or name == "index" else 1
     hi = MAX_COUNT if name.endswith(("layers", "heads")) or name == "depth" else MAX_SIZE
     return lo, hi
+
+
+def read_yaml_mapping(path: str | Path, error: type[Exception]) -> dict:
+    """A YAML file whose top level is a mapping (empty file: {}); problems raise ``error`` naming the file."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise error(f"{path}: not found") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data

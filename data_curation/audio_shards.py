@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from data_curation.curation_config import ConfigError, _build, check_job_fields, config_to_dict, read_yaml_mapping
+from common.config import read_yaml_mapping
+from data_curation.curation_config import ConfigError, _build, check_job_fields, config_to_dict
 from data_curation.input_files import DEFAULT_MAX_AUDIO_BYTES, CurationInputError
 from data_curation.readers import read_folder, read_manifest
 from data_curation.records import Sample
@@ -79,7 +80,7 @@ def load_audio_config(path: str | Path | None, overrides: dict | None = None) ->
     """Read ``audio_curation.yaml`` (None: all defaults); ``overrides`` is merged over the top level.
     Unknown keys, at any level, are a ``ConfigError`` naming them; ``vad: null`` disables the VAD."""
     where = "config" if path is None else str(path)
-    data = {**(read_yaml_mapping(path) if path is not None else {}), **(overrides or {})}
+    data = {**(read_yaml_mapping(path, ConfigError) if path is not None else {}), **(overrides or {})}
     if "vad" in data:
         data["vad"] = _build(VadConfig, data["vad"], f"{where}.vad")
     return _build(AudioCurationConfig, data, where)

@@ -10,8 +10,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from common.config import read_yaml_mapping
 from data_curation.filters import CaptionRules, ImageRules
 from data_curation.input_files import DEFAULT_MAX_SAMPLE_BYTES
 
@@ -142,19 +141,6 @@ def _build(cls, data: Any, where: str):
         raise ConfigError(f"{where}: {e}") from None
     except TypeError as e:
         raise ConfigError(f"{where}: {e}") from None
-
-
-def read_yaml_mapping(path: str | Path, error: type[Exception] = ConfigError) -> dict:
-    """A YAML file whose top level is a mapping (empty file: {}); problems raise ``error`` naming the file."""
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise error(f"{path}: not found") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise error(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise error(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
 
 
 _SECTIONS = {f.name: f.default_factory for f in fields(CurationConfig)

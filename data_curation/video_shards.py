@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_curation.curation_config import (ConfigError, LanguageConfig, _build, check_job_fields, config_to_dict,
-                                           read_yaml_mapping)
+from common.config import read_yaml_mapping
+from data_curation.curation_config import ConfigError, LanguageConfig, _build, check_job_fields, config_to_dict
 from data_curation.input_files import DEFAULT_MAX_VIDEO_BYTES, CurationInputError
 from data_curation.readers import read_folder, read_manifest
 from data_curation.records import Sample
@@ -115,7 +115,7 @@ def load_video_config(path: str | Path | None, overrides: dict | None = None) ->
     """Read ``video_curation.yaml`` (None: all defaults); ``overrides`` is merged over the top level.
     Unknown keys, at any level, are a ``ConfigError`` naming them; a stage set to null is disabled."""
     where = str(path) if path is not None else "config"
-    data = {**(read_yaml_mapping(path) if path is not None else {}), **(overrides or {})}
+    data = {**(read_yaml_mapping(path, ConfigError) if path is not None else {}), **(overrides or {})}
     known = {f.name for f in fields(VideoCurationConfig)}
     unknown = set(data) - known
     if unknown:

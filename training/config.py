@@ -14,7 +14,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from data_curation.curation_config import read_yaml_mapping
+from common.config import read_yaml_mapping
 
 PARALLEL = ("data", "pipeline")
 
