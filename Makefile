@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean system-deps
+.PHONY: demo demo-video demo-speech test install clean system-deps
 
 # Debian programs the tests and demos run: Tesseract (OCR filter), espeak-ng (synthetic speech), ffmpeg and
 # ffprobe (test clips, bench_video). Installed when running as root, else checked; tests/system_deps.py names
@@ -32,17 +32,33 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The image road end to end (raw files -> shards -> trainer -> export -> answers), written where the
+# configs/run_*_synthetic.yaml paths point (out/synthetic/image-vqa, runs/synthetic/*): a fresh run each time.
+IMAGE_ROAD := out/synthetic/image-vqa runs/synthetic/text runs/synthetic/clip runs/synthetic/image_qa \
+	runs/synthetic/image_frozen_lm
+
 demo: $(STAMP) system-deps
 	$(PY) -m scripts.inspect_image assets/coffee.jpg --preset tiny --out runs/demo/coffee_tiles.png
-	$(PY) -m scripts.demo_pipeline --out runs/demo
+	rm -rf $(IMAGE_ROAD)
+	$(PY) -m scripts.learning_image --work-dir .
+
+demo-video: $(STAMP) system-deps
 	$(PY) -m scripts.bench_learning video --save runs/demo/video
 	$(PY) -m scripts.demo_video --checkpoint runs/demo/video/checkpoint \
 		--video runs/demo/video/heldout/videos/00000.mp4 --question "Which way does the ball move?"
 	head -n 1 runs/demo/video/heldout/records.jsonl
-	$(PY) -m scripts.bench_learning speech --save runs/demo/speech
-	$(PY) -m scripts.demo_asr --checkpoint runs/demo/speech/checkpoint \
-		--audio runs/demo/speech/heldout/audio/00000.wav
-	head -n 1 runs/demo/speech/heldout/records.jsonl
+
+# The speech road end to end (espeak-ng clips -> audio shards -> text LM -> speech adapter -> export ->
+# transcripts -> WER), where configs/run_text_speech_synthetic.yaml and run_speech_synthetic.yaml point: a
+# fresh run each time. It prints a few held-out transcripts, right or wrong, and the WER; then one clip again.
+SPEECH_ROAD := out/synthetic/spoken-digits runs/synthetic/text_speech runs/synthetic/speech
+
+demo-speech: $(STAMP) system-deps
+	rm -rf $(SPEECH_ROAD)
+	$(PY) -m scripts.bench_learning speech --work-dir .
+	$(PY) -m scripts.demo_asr --checkpoint runs/synthetic/speech/export \
+		--audio out/synthetic/spoken-digits/test/00000.wav
+	head -n 1 out/synthetic/spoken-digits/test/answers.jsonl
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q

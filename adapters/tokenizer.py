@@ -131,3 +131,15 @@ def write_tiktoken_bpe(ranks: dict[bytes, int], path: str | Path) -> Path:
     lines = [f"{base64.b64encode(tok).decode()} {rank}" for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def build_tiny_tokenizer(out_dir: str | Path, texts: list[str], n_merges: int = 120) -> Tokenizer:
+    """A byte-level BPE trained on ``texts`` (a task's questions, answers and chat roles), written as
+    ``out_dir/tokenizer.model`` in the real tiktoken format: the tokenizer of the tiny synthetic-task LMs."""
+    if not texts:
+        raise ValueError(f"build_tiny_tokenizer({out_dir}): no texts to train the BPE on")
+    path = Path(out_dir) / "tokenizer.model"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Repeated so every string's merges outrank the single-occurrence byte pairs of the others.
+    write_tiktoken_bpe(train_byte_bpe(texts * 4, n_merges), path)
+    return Tokenizer(path)

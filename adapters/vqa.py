@@ -1,7 +1,8 @@
 """Tiny end-to-end VQA pipeline on the rendered set: tokenise, batch, train the adapter, answer, score.
 
-Shared by ``scripts.bench_learning`` (the CPU learning proof), ``make demo`` and the tests. Single
-process, plain PyTorch; the DeepSpeed wiring for real runs lives in the training scripts.
+Shared by ``scripts.bench_learning image`` and ``video`` (the CPU learning proofs) and the tests; the
+image road (``scripts/learning_image.py``: make_synthetic -> build_shards -> scripts.train -> export ->
+demo_vqa) is to replace it once it reaches the same bars. Single process, plain PyTorch.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from adapters.generation import SamplingConfig, generate_ids
 from adapters.llama import Llama, build_llama
 from adapters.multimodal import ImageBatch, MultimodalConfig, MultimodalLlama, build_multimodal, multimodal_config
 from adapters.task import IGNORE_INDEX, ImageTextTask, build_param_groups
-from adapters.tokenizer import Tokenizer, train_byte_bpe, write_tiktoken_bpe
+from adapters.tokenizer import Tokenizer
+from adapters.tokenizer import build_tiny_tokenizer as _build_tiny_tokenizer
 from synthetic.shapes import VQARecord, corpus_text
 from vision.tiling import TilingConfig, collate_tiled, tile_image
 
@@ -36,11 +38,11 @@ class VQATrainConfig:
 
 
 def build_tiny_tokenizer(out_dir: str | Path, n_merges: int = 120, texts: list[str] | None = None) -> Tokenizer:
-    """A byte-level BPE trained on the VQA strings (or ``texts``), in the real tokenizer.model format."""
-    path = Path(out_dir) / "tokenizer.model"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_tiktoken_bpe(train_byte_bpe((texts or corpus_text()) * 4, n_merges), path)
-    return Tokenizer(path)
+    """`adapters.tokenizer.build_tiny_tokenizer` on the shapes-VQA strings unless ``texts`` are given.
+
+    Kept only for the in-process recipes still here (video.vqa, speech.asr) and their tests; the image
+    road writes its tokenizer through ``scripts.make_synthetic``."""
+    return _build_tiny_tokenizer(out_dir, texts or corpus_text(), n_merges)
 
 
 def tiny_vqa_config(tok: Tokenizer) -> MultimodalConfig:

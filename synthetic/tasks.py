@@ -4,7 +4,8 @@
 
 writes
 * ``OUT/train/``: media files (``00000.png`` / ``.mp4`` / ``.wav``), each with a sidecar ``00000.json``
-  ``{"caption": answer, "question": ..., "answer": ..., "kind": ..., ...}``: the folder layout
+  ``{"caption", "question", "answer", "kind", ...}`` (the caption: every fact of a shapes scene, "two red
+  circles on the left", like alt text; the answer for the other tasks): the folder layout
   `data_curation.readers.read_folder` reads (its other fields land in the shard's ``key.json`` under
   ``meta``). One question per file: image-vqa cycles the question kinds over the scenes (balanced);
 * ``OUT/test/``: the media files, ``questions.jsonl`` (``{"id", "image"|"video"|"audio": path relative to
@@ -26,9 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from synthetic.digits import DIGITS
 from synthetic.motion import QUESTION as MOTION_QUESTION
-from synthetic.motion import make_motion_clips
-from synthetic.shapes import QUESTIONS, render_scene
+from synthetic.motion import make_motion_clips, motion_corpus_text
+from synthetic.shapes import QUESTIONS, caption, corpus_text, render_scene
 
 TRANSCRIPT_KIND = "transcript"  # the kind of a spoken-digit answer (WER / CER in `synthetic.score`)
 
@@ -51,6 +53,7 @@ class Item:
     file: str  # name inside the split's folder: "00000.png"
     qas: tuple[QA, ...]  # train: exactly one (the sidecar holds one question); held out: one or more
     meta: dict = field(default_factory=dict)  # further sidecar fields (spoken digits: voice, speed, pitch)
+    caption: str | None = None  # the sidecar's caption (alt text); None: the answer
 
 
 def render_shapes(n: int, seed: int, out: Path, held_out: bool) -> list[Item]:
@@ -63,7 +66,10 @@ def render_shapes(n: int, seed: int, out: Path, held_out: bool) -> list[Item]:
         name = f"{i:05d}.png"
         img.save(out / name)
         asked = kinds if held_out else (kinds[i % len(kinds)],)
-        items.append(Item(name, tuple(QA(QUESTIONS[k][0], facts[k], k) for k in asked)))
+        # The caption states every fact ("two red circles on the left"), like alt text: the clip kind
+        # pre-trains the encoder on it; the question kind asked about the scene is only one of them.
+        qas = tuple(QA(QUESTIONS[k][0], facts[k], k) for k in asked)
+        items.append(Item(name, qas, caption=caption(facts)))
     return items
 
 
@@ -91,12 +97,13 @@ def render_digits(n: int, seed: int, out: Path, held_out: bool) -> list[Item]:
 class Task:
     media: str  # the questions.jsonl key naming the file: image | video | audio
     render: Callable[[int, int, Path, bool], list[Item]]
+    texts: Callable[[], list[str]]  # the task's questions and answers: what its tiny tokenizer is trained on
 
 
 TASKS = {
-    "image-vqa": Task("image", render_shapes),
-    "video-motion": Task("video", render_motion),
-    "spoken-digits": Task("audio", render_digits),
+    "image-vqa": Task("image", render_shapes, corpus_text),
+    "video-motion": Task("video", render_motion, motion_corpus_text),
+    "spoken-digits": Task("audio", render_digits, lambda: [" ".join(DIGITS), *DIGITS]),
 }
 
 
@@ -111,7 +118,8 @@ def _fresh_dir(path: Path) -> Path:
 def _sidecar(item: Item) -> dict:
     (qa,) = item.qas
     question = {} if qa.question is None else {"question": qa.question}
-    return {"caption": qa.answer, **question, "answer": qa.answer, "kind": qa.kind, **item.meta}
+    text = qa.answer if item.caption is None else item.caption
+    return {"caption": text, **question, "answer": qa.answer, "kind": qa.kind, **item.meta}
 
 
 def _write_train(items: list[Item], out: Path) -> None:

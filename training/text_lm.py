@@ -1,8 +1,8 @@
 """The ``text`` kind: pre-training the Llama LM alone on text-only dialogs, before it is frozen.
 
-The learning proofs freeze a tiny LM that first learned the chat format and the answer vocabulary
-(`adapters.vqa.pretrain_text_lm`, `speech.asr.pretrain_asr_lm` do it in their own loops); this kind does
-it through the trainer. Input: webdataset shards whose samples carry a ``key.json`` whose ``meta`` object
+The learning proofs freeze a tiny LM that first learned the chat format and the answer vocabulary;
+this kind trains it through the trainer (e.g. configs/run_text_speech_synthetic.yaml: the spoken-digits
+LM on text-only ASR dialogs). Input: webdataset shards whose samples carry a ``key.json`` whose ``meta`` object
 (where the shard builders keep a sidecar's own fields) holds:
 
 * ``data.format: qa`` -- ``{"question": ..., "answer": ...}``: one user turn, one assistant turn. The

@@ -1,40 +1,19 @@
-"""The spoken-digit ASR recipe's parts: the LM's copy dialogs, batches, the checkpoint round trip."""
+"""The speech checkpoint: round trip and strict errors on its config and weights."""
 
 import json
-import random
 
-import numpy as np
 import pytest
 import torch
 
 from adapters.checkpoint import CheckpointError
-from adapters.task import IGNORE_INDEX
-from adapters.tokenizer import Tokenizer
-from adapters.vqa import build_tiny_tokenizer
+from adapters.tokenizer import Tokenizer, build_tiny_tokenizer
 from speech import asr
-from speech.adapter import build_speech_llama
+from speech.adapter import asr_prompt, build_speech_llama, encode_speech_training_example
+
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory) -> Tokenizer:
     return build_tiny_tokenizer(tmp_path_factory.mktemp("asr_tok"), texts=asr.asr_corpus_text())
-
-
-def test_copy_dialog_labels_only_the_answer(tok):
-    rng = random.Random(0)
-    pool = asr.noise_pool(tok)
-    digit_ids = {i for w in asr.DIGITS for i in (*tok.encode(w), *tok.encode(" " + w))}
-    assert pool and not digit_ids & set(pool)
-    for _ in range(20):
-        digits = asr.random_digit_string(rng)
-        tokens, labels = asr.copy_dialog(tok, digits, rng, max_noise=3, pool=pool, max_repeat=4)
-        target = [t for t, y in zip(tokens, labels) if y != IGNORE_INDEX]
-        assert target == [*tok.encode(digits), tok.eot_id]
-        assert [y for y in labels if y != IGNORE_INDEX] == target
-        # The user turn holds the digits (each repeated, with noise between) and nothing else from DIGITS.
-        prompt = tokens[: len(tokens) - len(target)]
-        heard = tok.decode([t for t in prompt if t in digit_ids]).split()
-        collapse = lambda ws: [w for i, w in enumerate(ws) if i == 0 or w != ws[i - 1]]  # noqa: E731
-        assert len(heard) >= len(digits.split()) and collapse(heard) == collapse(digits.split())
 
 
 def test_checkpoint_round_trip_and_strict_errors(tok, tmp_path):
@@ -44,9 +23,11 @@ def test_checkpoint_round_trip_and_strict_errors(tok, tmp_path):
     loaded = asr.load_speech_checkpoint(ckpt)
     assert loaded.cfg == model.cfg and (ckpt / "tokenizer.model").exists()
     assert not any(p.requires_grad for p in loaded.lm.parameters())
-    waves = torch.randn(2, 8000) * 0.1
-    utts = [asr.SpokenDigits("one two three", w.numpy(), "en-us", 175, 50) for w in waves]
-    assert asr.transcribe(loaded, tok, utts, max_new_tokens=4) == asr.transcribe(model, tok, utts, max_new_tokens=4)
+    tokens, labels = encode_speech_training_example(tok, asr_prompt(), "one two three")
+    batch = dict(tokens=torch.tensor([tokens] * 2), labels=torch.tensor([labels] * 2),
+                 waves=torch.randn(2, 8000) * 0.1, wave_lengths=torch.tensor([8000, 6000]))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
 
     meta = json.loads((ckpt / "config.json").read_text())
     bad = dict(meta, format="llama3-speech/0")
@@ -93,11 +74,3 @@ def test_speech_checkpoint_that_is_not_an_object_or_mixes_dtypes(tok, tmp_path):
     (ckpt / "config.json").write_text("[]")
     with pytest.raises(CheckpointError, match="config.json: expected an object, got list"):
         asr.load_speech_checkpoint(ckpt)
-
-
-def test_no_audio_baseline_ignores_the_clip(tok):
-    torch.manual_seed(0)
-    model = build_speech_llama(asr.tiny_asr_config(tok)).eval()
-    a = [asr.SpokenDigits("one", (torch.randn(6000) * 0.1).numpy(), "en-us", 175, 50)]
-    b = [asr.SpokenDigits("one", np.zeros(9000, np.float32), "en-us", 175, 50)]
-    assert asr.transcribe(model, tok, a, use_audio=False) == asr.transcribe(model, tok, b, use_audio=False)

@@ -29,7 +29,9 @@ def test_image_vqa_train_sidecars_and_held_out_questions(tmp_path):
     assert sorted(p.name for p in train.glob("*.png")) == [f"{i:05d}.png" for i in range(8)]
     kinds = list(QUESTIONS)
     for i, s in enumerate(sidecars):
-        assert set(s) == {"caption", "question", "answer", "kind"} and s["caption"] == s["answer"]
+        assert set(s) == {"caption", "question", "answer", "kind"}
+        # the caption is alt text stating every fact of the scene ("two red circles on the left")
+        assert s["answer"] in s["caption"] and len(s["caption"].split()) == 6
         assert s["kind"] == kinds[i % 4] and s["question"] == QUESTIONS[s["kind"]][0]
         assert s["answer"] in QUESTIONS[s["kind"]][1]
     questions, answers = _rows(test / "questions.jsonl"), _rows(test / "answers.jsonl")
@@ -122,3 +124,26 @@ def test_missing_espeak_is_one_line_with_the_install_command(tmp_path, monkeypat
                                 "--seed", "0"]) == 2
     err = capsys.readouterr().err
     assert "espeak-ng not found" in err and "apt-get install espeak-ng" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("task", ["image-vqa", "video-motion"])
+def test_make_synthetic_writes_a_tokenizer_trained_on_the_task(tmp_path, capsys, task):
+    from adapters.tokenizer import Tokenizer
+
+    assert make_synthetic.main([task, str(tmp_path), "--n-train", "4", "--n-test", "1", "--seed", "0", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    tok = Tokenizer(summary["tokenizer"])
+    assert summary["tokenizer"] == str(tmp_path / "tokenizer.model")
+    questions = _rows(tmp_path / "test" / "questions.jsonl")
+    for q in questions:  # the task's strings got merges: far fewer tokens than bytes, and they round-trip
+        ids = tok.encode(q["question"])
+        assert tok.decode(ids) == q["question"] and len(ids) <= len(q["question"]) // 3
+    for a in _rows(tmp_path / "test" / "answers.jsonl"):
+        assert len(tok.encode(a["answer"])) == 1
+
+
+def test_tiny_tokenizer_needs_texts(tmp_path):
+    from adapters.tokenizer import build_tiny_tokenizer
+
+    with pytest.raises(ValueError, match="no texts"):
+        build_tiny_tokenizer(tmp_path, [])

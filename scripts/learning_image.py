@@ -1,0 +1,188 @@
+"""The image learning proof as the production road: every stage is an entry point's ``main(argv)``.
+
+    run_image_road(work_dir, seed) -> metrics
+
+Stages, in order (each timed), all under ``work_dir`` with the layout the checked-in synthetic configs name
+(``out/synthetic/image-vqa`` for the data, ``runs/synthetic/<run>`` for the runs: with ``work_dir`` = the
+repository root, ``python -m scripts.train --config configs/run_*_synthetic.yaml`` reruns any stage by hand):
+
+1. ``make_synthetic``: ``image-vqa`` scenes as PNG + sidecars, the held-out questions and answer key, and
+   ``tokenizer.model``;
+2. ``build_shards`` with configs/curation_synthetic.yaml, every stage as checked in but dedup, which is
+   off: it names the official SSCD TorchScript file, not available offline, and random SSCD weights can only
+   tell exact copies (which the renderer never makes: every scene has its own tint and positions) at
+   ~0.06 s a scene on 2 cores (288 px inputs), more than the rest of the road's curation together.
+   tests/synthetic/test_curation.py runs the stage on this task with a tiny SSCD and a planted copy;
+3. ``train`` text (run_text_synthetic: the tiny LM on the shards' question -> answer dialogs, never an
+   image; frozen from here on), 4. ``train`` clip (run_clip_synthetic: the encoder on the scenes'
+   captions), 5. ``train`` image (run_image_qa_synthetic: encoder + projector + cross-attention around the
+   frozen LM, data.format qa), which exports;
+6. ``demo_vqa`` batch mode answers the held-out questions with the export; 7. the scorer.
+The frozen LM alone answers the same questions through ``demo_vqa`` too: the image kind's own factory
+builds a fresh model around the frozen LM (zero-initialised gates: exactly the LM's logits, whatever the
+image) and exports it untrained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from common.jsonl import read_jsonl
+from scripts import build_shards, demo_vqa, make_synthetic, train
+# The stage runner and the untrained-model export are the speech road's, shared as they are.
+from scripts.learning_speech import RoadError, Stage, export_untrained, run_stage
+from synthetic.score import normalize_answer, read_rows, score
+from synthetic.shapes import QUESTIONS
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CURATION = CONFIGS / "curation_synthetic.yaml"
+RUN_CONFIGS = {"text": CONFIGS / "run_text_synthetic.yaml", "clip": CONFIGS / "run_clip_synthetic.yaml",
+               "image": CONFIGS / "run_image_qa_synthetic.yaml"}
+DATA = Path("out/synthetic/image-vqa")  # make_synthetic's OUT, relative to the work dir
+SHARDS = DATA / "shards"
+IMAGE_RUN = Path("runs/synthetic/image_qa")  # run_image_qa_synthetic's run_dir: predictions land beside it
+FROZEN_LM_RUN = Path("runs/synthetic/image_frozen_lm")  # the untrained image model's export and answers
+N_EXAMPLES = 24  # held-out answers shown in the result
+N_TRAIN, N_TEST = 2000, 60  # train scenes (one question each, kinds in turn); held-out scenes (every kind)
+# The run-config keys that hold paths: the road roots each under the work dir.
+PATH_KEYS = (("model", "tokenizer"), ("model", "lm"), ("model", "encoder_from"), ("data", "shards"),
+             ("train", "run_dir"))
+
+
+def rooted_overrides(kind: str, work: Path, seed: int, progress: bool) -> list[str]:
+    """``--set`` overrides putting every path of the kind's run config under ``work``, plus the seed."""
+    cfg = yaml.safe_load(RUN_CONFIGS[kind].read_text())
+    sets = [f"{section}.{key}={work / cfg[section][key]}" for section, key in PATH_KEYS
+            if cfg.get(section, {}).get(key)]
+    return sets + [f"model.seed={seed}", f"data.seed={seed}", f"train.progress={str(progress).lower()}"]
+
+
+def train_kind(kind: str, work: Path, seed: int, progress: bool) -> Stage:
+    argv = ["--config", str(RUN_CONFIGS[kind])]
+    for s in rooted_overrides(kind, work, seed, progress):
+        argv += ["--set", s]
+    return run_stage("train", train.main, argv)
+
+
+def curation_config(work: Path) -> Path:
+    """configs/curation_synthetic.yaml with the dedup stage off (see the module docstring: why)."""
+    cfg = yaml.safe_load(CURATION.read_text())
+    cfg["dedup"] = {"enabled": False}
+    path = work / DATA / "curation_synthetic_offline.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def answer(checkpoint: Path, questions: Path, out: Path) -> Stage:
+    """demo_vqa's batch mode: greedy answers of ``checkpoint`` to every held-out question, into ``out``."""
+    return run_stage("demo_vqa", demo_vqa.main, ["--checkpoint", str(checkpoint), "--questions", str(questions),
+                                                 "--out", str(out), "--max-new-tokens", "6"])
+
+
+def frozen_lm_alone(work: Path, seed: int, questions: Path) -> Path:
+    """The image run's starting model (same factory, config and seed: the frozen LM with zero-gated, untrained
+    cross-attention, so exactly the LM's logits whatever the image), exported and asked every question."""
+    run = work / FROZEN_LM_RUN
+    export = export_untrained(RUN_CONFIGS["image"], rooted_overrides("image", work, seed, False), run / "export")
+    answer(export, questions, run / "predictions.jsonl")
+    return run / "predictions.jsonl"
+
+
+def chance_accuracy(answers: Path) -> float:
+    """Expected exact-match accuracy of a uniform guess among each question's candidate answers."""
+    rows = read_rows(answers, ("answer", "kind")).values()
+    return sum(1 / len(QUESTIONS[r["kind"]][1]) for r in rows) / len(rows)
+
+
+def examples(questions: Path, answers: Path, predictions: Path, n: int) -> list[dict]:
+    """The first ``n`` held-out questions: image path, question, answer, expected, right (as the scorer has it)."""
+    want, got = read_rows(answers, ("answer",)), read_rows(predictions, ("answer",))
+    rows = []
+    for _, q in list(read_jsonl(questions, RoadError))[:n]:
+        pred, expected = got[q["id"]]["answer"], want[q["id"]]["answer"]
+        rows.append({"image": str(questions.parent / q["image"]), "question": q["question"], "answer": pred,
+                     "expected": expected, "right": normalize_answer(pred) == normalize_answer(expected)})
+    return rows
+
+
+def summary(metrics: dict) -> str:
+    """The shown held-out answers, right or wrong, then the accuracy beside chance and the frozen LM alone."""
+    lines = [f"  {e['image']}  Q: {e['question']:32s} A: {e['answer']:8s} "
+             f"{'right' if e['right'] else 'WRONG (' + e['expected'] + ')'}" for e in metrics["examples"]]
+    kinds = ", ".join(f"{k} {a:.2f}" for k, a in metrics["heldout_accuracy_by_kind"].items())
+    return "\n".join([
+        f"held-out shape scenes (seed {metrics['seed']}, {metrics['heldout_questions']} questions): image, question, answer:",
+        *lines,
+        f"accuracy {metrics['heldout_accuracy']:.3f} ({kinds}); chance {metrics['chance_accuracy']:.3f}, "
+        f"frozen LM alone {metrics['frozen_lm_alone_accuracy']:.3f}",
+        f"checkpoint: {metrics['export']}"])
+
+
+def run_image_road(work: str | Path, seed: int = 0, progress: bool = True) -> dict:
+    """Raw files -> shards -> text LM -> clip encoder -> image adapter -> export -> answers -> score.
+
+    Returns accuracy overall and per kind, chance, the frozen LM alone's accuracy, the export and the
+    seconds of each stage."""
+    work = Path(work).resolve()
+    data = work / DATA
+    made = run_stage("make_synthetic", make_synthetic.main,
+                     ["image-vqa", str(data), "--n-train", str(N_TRAIN), "--n-test", str(N_TEST), "--seed",
+                      str(seed), "--json"])
+    shards = run_stage("build_shards", build_shards.main, [str(data / "train"), str(work / SHARDS), "--config",
+                                                           str(curation_config(work)), "--json"])
+    runs = {kind: train_kind(kind, work, seed, progress) for kind in ("text", "clip", "image")}
+    questions, answers = data / "test" / "questions.jsonl", data / "test" / "answers.jsonl"
+    export = Path(runs["image"].summary["export"])
+    preds = work / IMAGE_RUN / "predictions.jsonl"
+    answered = answer(export, questions, preds)
+    t0 = time.perf_counter()
+    metrics = score(answers, preds)
+    frozen = score(answers, frozen_lm_alone(work, seed, questions))
+    seconds = {"make_synthetic": made.seconds, "build_shards": shards.seconds,
+               **{f"train_{kind}": r.seconds for kind, r in runs.items()}, "answer": answered.seconds,
+               "frozen_lm_alone_and_score": time.perf_counter() - t0}
+    return {
+        "heldout_accuracy": metrics["accuracy"],
+        "heldout_accuracy_by_kind": {k: m["accuracy"] for k, m in metrics["by_kind"].items()},
+        "chance_accuracy": chance_accuracy(answers),
+        "frozen_lm_alone_accuracy": frozen["accuracy"],
+        "heldout_questions": metrics["n"],
+        "train_scenes": N_TRAIN,
+        "shards_kept": shards.summary["counts"]["kept"],
+        "final_loss": {kind: r.summary["last_loss"] for kind, r in runs.items()},
+        "export": str(export),
+        "questions": str(questions),
+        "answers": str(answers),
+        "predictions": str(preds),
+        "examples": examples(questions, answers, preds, N_EXAMPLES),
+        "seconds": {k: round(v, 1) for k, v in seconds.items()} | {"total": round(sum(seconds.values()), 1)},
+        "seed": seed,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m scripts.learning_image [--seed S] [--work-dir DIR] [--json]``: the road, its answers and score."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work-dir", default=".", help="where out/synthetic/... and runs/synthetic/... are written")
+    p.add_argument("--json", action="store_true", help="print only the JSON result")
+    args = p.parse_args(argv)
+    try:
+        metrics = run_image_road(args.work_dir, args.seed, progress=not args.json)
+    except RoadError as e:
+        print(f"learning_image: {e}", file=sys.stderr)
+        return 2
+    if not args.json:
+        print(summary(metrics), file=sys.stderr)
+    print(json.dumps(metrics, indent=None if args.json else 2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
