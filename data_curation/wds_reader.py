@@ -219,22 +219,26 @@ def _media_group(media_exts: tuple[str, ...], media: str, shard: Path, key: str,
     sample.image_bytes = members[media_ext][1]
     caption = None
     if "json" in members:
-        name, data = members["json"]
-        try:
-            text = data.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            return sample.fail("read", f"{shard.name}:{name} is not valid UTF-8 (byte offset {e.start})")
-        caption, sample.meta, err = _parse_caption_json(text, f"{shard.name}:{name}", caption_key)
+        text, err = _member_text(shard, members["json"])
+        if err is None:
+            caption, sample.meta, err = _parse_caption_json(text, f"{shard.name}:{members['json'][0]}", caption_key)
         if err is not None:
             return sample.fail("read", err)
     if "txt" in members:
-        name, data = members["txt"]
-        try:
-            caption = data.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            return sample.fail("read", f"{shard.name}:{name} is not valid UTF-8 (byte offset {e.start})")
+        caption, err = _member_text(shard, members["txt"])
+        if err is not None:
+            return sample.fail("read", err)
     if caption is None:
         return sample.fail("read", f"{shard.name}: a sample has no {_text_noun(media)} (key {key}; txt, or "
                                    f"{caption_key!r} in json; has {have})")
     sample.caption = caption.strip()
     return sample
+
+
+def _member_text(shard: Path, member: tuple[str, bytes]) -> tuple[str | None, str | None]:
+    """(text, None) of a UTF-8 member (a BOM dropped), or (None, reason naming shard and member)."""
+    name, data = member
+    try:
+        return data.decode("utf-8-sig"), None
+    except UnicodeDecodeError as e:
+        return None, f"{shard.name}:{name} is not valid UTF-8 (byte offset {e.start})"
