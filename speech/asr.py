@@ -24,18 +24,9 @@ from common.config import config_to_dict, dataclass_from_dict
 from adapters.llama import Llama, rope_frequencies
 from adapters.model_io import write_checkpoint_dir
 from adapters.tokenizer import Tokenizer
-from speech.adapter import SpeechLlama, SpeechLlamaConfig, asr_prompt, speech_llama_config
+from speech.adapter import SpeechLlama, SpeechLlamaConfig, speech_llama_config
 from speech.features import LogMel
-from synthetic.digits import DIGITS  # the tests' tokenizer texts (asr_corpus_text)
-
-FILLERS = ("uh", "um", "er")  # a few non-digit whole words in the tests' tokenizer
 FORMAT = "llama3-speech/1"
-
-
-def asr_corpus_text() -> list[str]:
-    """The strings the tests' tiny tokenizer is trained on: the chat roles, the prompt and the digit words."""
-    return ["system", "user", "assistant", "\n\n", asr_prompt("English"), " ".join(DIGITS), *DIGITS,
-            " ".join(FILLERS * 4), *FILLERS]
 
 
 def tiny_asr_config(tok: Tokenizer) -> SpeechLlamaConfig:

@@ -8,7 +8,8 @@ import torch
 
 from adapters.vqa import build_tiny_tokenizer
 from scripts import demo_asr
-from speech.asr import asr_corpus_text, save_speech_checkpoint, tiny_asr_config
+from speech.asr import save_speech_checkpoint, tiny_asr_config
+from tests.speech.corpus import asr_corpus_text
 from speech.adapter import build_speech_llama
 
 

@@ -230,7 +230,8 @@ def test_batch_flag_misuse_exits_2(assets, capsys, argv, message):
 @pytest.fixture(scope="module")
 def speech_ckpt(tmp_path_factory):
     from speech.adapter import build_speech_llama
-    from speech.asr import asr_corpus_text, save_speech_checkpoint, tiny_asr_config
+    from speech.asr import save_speech_checkpoint, tiny_asr_config
+    from tests.speech.corpus import asr_corpus_text
 
     root = tmp_path_factory.mktemp("speech_export")
     tok = build_tiny_tokenizer(root, texts=asr_corpus_text())

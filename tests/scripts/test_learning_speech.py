@@ -11,6 +11,7 @@ from scripts.learning_speech import SPEECH_CONFIG, TEXT_CONFIG, Road, RoadError,
 from speech import asr
 from speech.adapter import build_speech_llama
 from training.config import load_run_config
+from tests.speech.corpus import asr_corpus_text
 
 
 def test_the_configs_chain_into_one_road_rooted_at_the_work_dir(tmp_path):
@@ -44,7 +45,7 @@ def test_a_stage_gives_its_last_stdout_line_as_json_and_a_failure_names_its_comm
 
 
 def test_the_no_audio_baseline_is_the_untrained_speech_model_the_run_starts_from(tmp_path):
-    tok = build_tiny_tokenizer(tmp_path, asr.asr_corpus_text())
+    tok = build_tiny_tokenizer(tmp_path, asr_corpus_text())
     overrides = [f"model.tokenizer={tok.path}", "model.lm=null", "model.seed=3"]
     out = learning_speech.export_untrained(SPEECH_CONFIG, overrides, tmp_path / "untrained")
     loaded = asr.load_speech_checkpoint(out)

@@ -9,11 +9,12 @@ from adapters.checkpoint import CheckpointError
 from adapters.tokenizer import Tokenizer, build_tiny_tokenizer
 from speech import asr
 from speech.adapter import asr_prompt, build_speech_llama, encode_speech_training_example
+from tests.speech.corpus import asr_corpus_text
 
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory) -> Tokenizer:
-    return build_tiny_tokenizer(tmp_path_factory.mktemp("asr_tok"), texts=asr.asr_corpus_text())
+    return build_tiny_tokenizer(tmp_path_factory.mktemp("asr_tok"), texts=asr_corpus_text())
 
 
 def test_checkpoint_round_trip_and_strict_errors(tok, tmp_path):
