@@ -36,7 +36,7 @@ import yaml
 from common.jsonl import read_jsonl
 from scripts import build_shards, demo_vqa, make_synthetic, train
 # The stage runner and the untrained-model export are the speech road's, shared as they are.
-from scripts.learning_speech import RoadError, Stage, export_untrained, run_stage
+from scripts._road import RoadError, Stage, export_untrained, run_stage
 from synthetic.score import normalize_answer, read_rows, score
 from synthetic.shapes import QUESTIONS
 

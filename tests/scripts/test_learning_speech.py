@@ -7,7 +7,8 @@ import torch
 
 from adapters.tokenizer import build_tiny_tokenizer
 from scripts import learning_speech
-from scripts.learning_speech import SPEECH_CONFIG, TEXT_CONFIG, Road, RoadError, run_stage
+from scripts._road import RoadError, export_untrained, run_stage
+from scripts.learning_speech import SPEECH_CONFIG, TEXT_CONFIG, Road
 from speech import asr
 from speech.adapter import build_speech_llama
 from training.config import load_run_config
@@ -47,7 +48,7 @@ def test_a_stage_gives_its_last_stdout_line_as_json_and_a_failure_names_its_comm
 def test_the_no_audio_baseline_is_the_untrained_speech_model_the_run_starts_from(tmp_path):
     tok = build_tiny_tokenizer(tmp_path, asr_corpus_text())
     overrides = [f"model.tokenizer={tok.path}", "model.lm=null", "model.seed=3"]
-    out = learning_speech.export_untrained(SPEECH_CONFIG, overrides, tmp_path / "untrained")
+    out = export_untrained(SPEECH_CONFIG, overrides, tmp_path / "untrained")
     loaded = asr.load_speech_checkpoint(out)
     torch.manual_seed(3)  # what training.spec.build_speech_model seeds with model.seed
     fresh = build_speech_llama(asr.tiny_asr_config(tok))
