@@ -38,6 +38,7 @@ import numpy as np
 import soundfile as sf
 
 from common.config import read_yaml_mapping
+from common.tar import is_pattern
 from data_curation.curation_config import ConfigError, _build, check_job_fields, config_to_dict
 from data_curation.input_files import DEFAULT_MAX_AUDIO_BYTES, CurationInputError
 from data_curation.readers import read_folder, read_manifest
@@ -45,10 +46,9 @@ from data_curation.records import Sample
 from data_curation.shard_jobs import (BuildResult, StageSetupError, _atomic_write, _summary, report_head,
                                       run_shard_job, write_status_shard)
 from data_curation.vad import VadConfig
-from data_curation.wds_reader import _is_pattern, read_webdataset
-from speech.audio import SAMPLE_RATE
+from data_curation.wds_reader import read_webdataset
+from speech.audio import AUDIO_EXTS, SAMPLE_RATE
 
-AUDIO_EXTS = ("flac", "wav", "ogg", "opus", "mp3")  # what libsndfile (>= 1.1) decodes
 
 # ---------------------------------------------------------------------------------------------- config
 
@@ -99,7 +99,7 @@ def open_audio_input(spec: str | Path, *, audio_key: str = "audio", text_key: st
     ``max_sample_bytes`` and ``allow_outside_root``: as in ``readers.open_input``."""
     text, path = str(spec), Path(spec)
     tars = dict(caption_key=text_key, media_exts=AUDIO_EXTS, media="audio", max_sample_bytes=max_sample_bytes)
-    if isinstance(spec, str) and not path.exists() and _is_pattern(text):
+    if isinstance(spec, str) and not path.exists() and is_pattern(text):
         return read_webdataset(text, **tars)
     if not path.exists():
         raise CurationInputError(f"input not found: {path}")

@@ -28,7 +28,8 @@ from data_curation.input_files import (DEFAULT_MAX_SAMPLE_BYTES, NOT_REGULAR, TO
                                        _parse_caption_json, _text_noun, _too_large, _unique_keys,
                                        open_regular, read_input_file, sanitize_key)
 from data_curation.records import Sample
-from data_curation.wds_reader import WDS_IMAGE_EXTS, _is_pattern, expand_shards, read_webdataset
+from common.tar import expand_shards, is_pattern
+from data_curation.wds_reader import WDS_IMAGE_EXTS, read_webdataset
 from vision.image_io import DEFAULT_MAX_PIXELS, ImageLoadError, load_image_bytes
 
 # the same image types in folders and tars
@@ -51,8 +52,8 @@ def open_input(spec: str | Path, *, image_key: str = "image", caption_key: str =
     """
     text = str(spec)
     path = Path(spec)
-    if isinstance(spec, str) and not path.exists() and _is_pattern(text):
-        shards = expand_shards(text)
+    if isinstance(spec, str) and not path.exists() and is_pattern(text):
+        shards = expand_shards(text, CurationInputError)
         not_tar = [p for p in shards if p.suffix.lower() != ".tar"]
         if not_tar:
             raise CurationInputError(f"pattern {text} matches non-tar files ({not_tar[0]}, ...); patterns are "

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from common.config import read_yaml_mapping
+from common.tar import is_pattern
 from data_curation.curation_config import ConfigError, LanguageConfig, _build, check_job_fields, config_to_dict
 from data_curation.input_files import DEFAULT_MAX_VIDEO_BYTES, CurationInputError
 from data_curation.readers import read_folder, read_manifest
@@ -38,7 +39,7 @@ from data_curation.records import Sample
 from data_curation.shard_jobs import (BuildResult, StageSetupError, _atomic_write, _share, _summary, report_head,
                                       run_shard_job, write_status_shard)
 from data_curation.video_filters import VideoCaptionRules
-from data_curation.wds_reader import _is_pattern, read_webdataset
+from data_curation.wds_reader import read_webdataset
 
 VIDEO_EXTS = ("mp4", "m4v", "mov", "webm", "mkv", "avi")  # also the webdataset member preference order
 
@@ -138,7 +139,7 @@ def open_video_input(spec: str | Path, *, video_key: str = "video", caption_key:
     The video's bytes travel in ``Sample.image_bytes``. Job-level problems raise ``CurationInputError``.
     ``max_sample_bytes`` and ``allow_outside_root``: as in ``readers.open_input``."""
     text, path = str(spec), Path(spec)
-    if isinstance(spec, str) and not path.exists() and _is_pattern(text):
+    if isinstance(spec, str) and not path.exists() and is_pattern(text):
         return read_video_webdataset(text, caption_key=caption_key, max_sample_bytes=max_sample_bytes)
     if not path.exists():
         raise CurationInputError(f"input not found: {path}")

@@ -1,14 +1,13 @@
 """Webdataset tar shards -> one ``Sample`` per group of members sharing a key (``read_webdataset``).
 
-Shard specs are brace patterns and globs (``expand_shards``); shards are streamed with ``tarfile`` (nothing
+Shard specs are brace patterns and globs (`common.tar.expand_shards`); shards are streamed with ``tarfile`` (nothing
 extracted). Links, devices, FIFOs, oversized members and unresolved hard links are error Samples with
 ``input_files``' named reasons; a shard cut short or without tar's end-of-archive marker is one error Sample
-(``has_tar_end_marker``, which the training streams use too).
+(`common.tar.has_tar_end_marker`, which the training streams use too).
 """
 
 from __future__ import annotations
 
-import glob
 import os
 import posixpath
 import tarfile
@@ -16,43 +15,14 @@ from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
 
-import braceexpand
-
 from data_curation.input_files import (DEFAULT_MAX_SAMPLE_BYTES, HARD_LINK_UNRESOLVED, NOT_REGULAR,
                                        CurationInputError, SampleReadError, _parse_caption_json, _short_hash,
                                        _text_noun, _too_large, open_regular, sanitize_key)
+from common.tar import expand_shards, has_tar_end_marker, is_pattern
 from data_curation.records import Sample
 
 # the order is the preference when a tar group has several
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
-_TAR_BLOCK = 512
-
-
-def _is_pattern(spec: str) -> bool:
-    return any(c in spec for c in "*?[{")
-
-
-def expand_shards(paths: str | Path | Iterable[str | Path]) -> list[Path]:
-    """Brace patterns (``{00000..00003}``) and globs -> shard paths, in order. A brace-expanded name
-    that does not exist is kept (the reader reports it as a missing shard); a glob that matches
-    nothing raises ``CurationInputError``.
-    """
-    specs = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    out: list[Path] = []
-    for spec in specs:
-        for name in braceexpand.braceexpand(str(spec)) if isinstance(spec, str) else [str(spec)]:
-            if any(c in name for c in "*?[") and not Path(name).exists():
-                matched = sorted(glob.glob(name))
-                if not matched:
-                    raise CurationInputError(f"no shards match {name}")
-                out.extend(Path(m) for m in matched)
-            else:
-                out.append(Path(name))
-    if not out:
-        raise CurationInputError(f"no shards given: {paths!r}")
-    if not any(p.exists() for p in out):
-        raise CurationInputError(f"input not found: none of the shards exist ({out[0]}, ...)")
-    return out
 
 
 def _split_member(name: str) -> tuple[str, str]:
@@ -82,7 +52,7 @@ def read_webdataset(paths: str | Path | Iterable[str | Path], *, caption_key: st
     interrupted writer, img2dataset#164; tarfile itself stops there silently, as it does at a garbage
     header) is reported the same way. Keys repeated across shards get the shard's name prefixed.
     """
-    shards = expand_shards(paths)
+    shards = expand_shards(paths, CurationInputError)
     return _wds_samples(shards, caption_key, partial(_media_group, media_exts, media), max_sample_bytes)
 
 
@@ -194,17 +164,6 @@ def _read_shard(shard: Path, caption_key: str, group: GroupFn, max_bytes: int) -
         yield Sample(key=shard_key, source=f"{shard}:{last}").fail(
             "read", f"truncated or corrupt tar {shard}: no valid header or end-of-archive marker after member "
                     f"{last} (an interrupted write?); anything after it is lost")
-
-
-def has_tar_end_marker(shard: Path, offset: int) -> bool:
-    """A complete tar ends with zero blocks where the next header would be."""
-    try:
-        with open(shard, "rb") as f:
-            f.seek(offset)
-            block = f.read(_TAR_BLOCK)
-    except OSError:
-        return False
-    return len(block) == _TAR_BLOCK and block.count(0) == _TAR_BLOCK
 
 
 def _media_group(media_exts: tuple[str, ...], media: str, shard: Path, key: str,

@@ -43,6 +43,7 @@ MAX_SECONDS = 60.0  # the paper's longest speech segment (sec. 8)
 SILENCE_DB = -60.0  # rms_db below this is "silent": about 16-bit dither level, far below quiet speech (~-40)
 CLIP_LEVEL = 0.999  # |x| at or above this fraction of full scale counts as clipped
 RMS_FLOOR_DB = -200.0  # rms_db of digital silence (20 * log10(1e-10)) instead of -inf
+AUDIO_EXTS = ("flac", "wav", "ogg", "opus", "mp3")  # what libsndfile (>= 1.1) decodes
 WRITE_SUFFIXES = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG"}
 AudioSource = str | os.PathLike | bytes
 

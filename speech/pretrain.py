@@ -49,10 +49,8 @@ from tqdm import tqdm
 
 from adapters.checkpoint import CheckpointError, load_state_dict_strict, read_json, read_safetensors_file
 from common.config import config_to_dict, dataclass_from_dict
-from data_curation.audio_shards import AUDIO_EXTS
-from data_curation.input_files import CurationInputError
-from data_curation.wds_reader import expand_shards, has_tar_end_marker
-from speech.audio import SAMPLE_RATE, AudioReadError, load_audio
+from common.tar import expand_shards, has_tar_end_marker
+from speech.audio import AUDIO_EXTS, SAMPLE_RATE, AudioReadError, load_audio
 from speech.bestrq import BestRQ, BestRQConfig
 from speech.conformer import ConformerConfig, ConformerEncoder, conformer_config
 from speech.features import LogMel, LogMelConfig
@@ -107,10 +105,7 @@ class AudioClips(Sequence):
             if not shards:
                 raise AudioSourceError(f"{spec}: no *.tar shards in this folder")
         else:
-            try:
-                shards = expand_shards(spec)
-            except CurationInputError as e:
-                raise AudioSourceError(str(e)) from None
+            shards = expand_shards(spec, AudioSourceError)
         clips = [clip for shard in shards for clip in _index_shard(shard)]
         return cls(clips, str(spec), f"no {SHARD_AUDIO_EXT} member in {len(shards)} shard(s)")
 

@@ -44,7 +44,7 @@ from adapters.chat import Message, encode_training_example, image_input_id, vide
 from adapters.multimodal import ImageBatch
 from adapters.task import IGNORE_INDEX
 from adapters.tokenizer import Tokenizer
-from data_curation.wds_reader import has_tar_end_marker
+from common.tar import has_tar_end_marker
 from vision.image_io import ImageLoadError, load_image_bytes
 from vision.tiling import TilingConfig, TilingError, collate_tiled, tile_image
 
