@@ -1,13 +1,12 @@
-"""Our own multimodal checkpoint: ``config.json`` + ``model.safetensors`` (+ ``tokenizer.model``).
+"""Our own image/video checkpoint: the ``multimodal`` kind of `common.export` (``config.json`` +
+``model.safetensors`` + ``tokenizer.model``), and the loading steps every model around a frozen LM shares
+(`lm_model_state_dict`, `load_lm_model`: the speech model's export uses them too).
 
 With ``lm_path`` the frozen LM is not copied (it is bitwise the checkpoint it came from): the
 directory then holds the adapter, encoder and projector only, and records where the LM lives in a
 way that survives moving the export: the absolute path, the path relative to the export, and a
 fingerprint of the LM (`lm_fingerprint`). Loading tries an explicit ``lm_path`` (``--lm``) alone, else
 the absolute then the relative path, and takes the first LM whose config and fingerprint match.
-
-Exports written before fingerprints (``lm_path`` only, maybe relative to the directory training ran
-in) still load: their LM is found the same way and checked by config only.
 """
 
 from __future__ import annotations
@@ -16,16 +15,15 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from torch import nn
 
-from adapters.checkpoint import (CheckpointError, cast_floats, load_llama, load_state_dict_strict, read_json,
-                                 read_safetensors_file)
-from common.config import config_to_dict, dataclass_from_dict
+from adapters.checkpoint import CheckpointError, cast_floats, load_llama, load_state_dict_strict, read_json
+from common.config import config_to_dict
+from common.export import read_export, read_export_meta, write_export
 from adapters.llama import Llama, LlamaConfig, rope_frequencies
 from adapters.multimodal import MultimodalConfig, MultimodalLlama
 from vision.encoder import VisionEncoderConfig
@@ -34,27 +32,39 @@ from vision.encoder import VisionEncoderConfig
 class LMMismatchError(CheckpointError):
     """An export's frozen LM cannot be found, or the one found is not the one it was trained with."""
 
-FORMAT = "llama3-mm/1"
-# Top-level keys of our config.json. ``lm_path`` (absolute), ``lm_path_relative`` (from the export
-# directory) and ``lm_fingerprint`` are set when the frozen LM is not copied into the export.
-_META_KEYS = {"format", "config", "encoder_initialised_from", "lm_path", "lm_path_relative", "lm_fingerprint"}
+KIND = "multimodal"  # the image and video models' export kind (`common.export`)
+# Top-level keys of our config.json beside format and config. ``lm_path`` (absolute), ``lm_path_relative``
+# (from the export directory) and ``lm_fingerprint`` are set when the frozen LM is not copied into the export.
+EXTRA_KEYS = ("encoder_initialised_from", "lm_path", "lm_path_relative", "lm_fingerprint")
 
 
-def config_from_dict(d: Any, where: str = "config.json") -> MultimodalConfig:
-    """Strict inverse of ``config_to_dict``: unknown keys, wrong types or bounds anywhere name the key."""
-    return dataclass_from_dict(MultimodalConfig, d, where)
+def lm_model_state_dict(model: nn.Module, with_lm: bool = True) -> dict[str, torch.Tensor]:
+    """The state dict of a model around a frozen ``model.lm`` as an export stores it: without ``lm.*`` when
+    ``with_lm`` is False, and a tied output matrix once (safetensors refuses shared tensors)."""
+    sd = model.state_dict()
+    if not with_lm:
+        return {k: v for k, v in sd.items() if not k.startswith("lm.")}
+    if model.lm.cfg.tie_embeddings:
+        sd.pop("lm.output.weight")
+    return sd
 
 
-def write_checkpoint_dir(out_dir: str | Path, meta: dict, state_dict: dict[str, torch.Tensor],
-                         tokenizer_path: str | Path | None = None) -> Path:
-    """``config.json`` (``meta``) + ``model.safetensors`` (``state_dict``) + ``tokenizer.model`` when given."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(meta, indent=2))
-    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(out / "model.safetensors"))
-    if tokenizer_path is not None:
-        shutil.copyfile(tokenizer_path, out / "tokenizer.model")
-    return out
+def load_lm_model(model_cls: type, cfg: Any, sd: dict[str, torch.Tensor], source: str,
+                  dtype: torch.dtype | None = None) -> nn.Module:
+    """``model_cls(cfg, Llama(cfg.lm))`` built on the meta device and loaded strictly from ``sd`` (the image
+    and speech models alike): a tied output matrix restored, the RoPE buffer (not saved) rebuilt, the LM
+    frozen. Float tensors are cast to ``dtype`` when given."""
+    with torch.device("meta"):
+        model = model_cls(cfg, Llama(cfg.lm))
+    tied = cfg.lm.tie_embeddings
+    if tied and "lm.tok_embeddings.weight" in sd:
+        sd = {**sd, "lm.output.weight": sd["lm.tok_embeddings.weight"]}
+    load_state_dict_strict(model, cast_floats(sd, dtype), source)
+    if tied:
+        model.lm.output.weight = model.lm.tok_embeddings.weight
+    model.lm.inv_freq = rope_frequencies(cfg.lm.head_dim, cfg.lm.rope_theta, cfg.lm.rope_scaling)
+    model.lm.freeze()
+    return model
 
 
 def save_checkpoint(
@@ -63,17 +73,13 @@ def save_checkpoint(
     """Write the export. With ``lm_path`` (the directory ``model.lm`` was loaded from, relative to the
     current directory) the LM is not copied: its absolute path, its path relative to ``out_dir`` and
     its fingerprint (`lm_fingerprint`) are recorded so the export loads from anywhere (`resolve_lm`)."""
-    sd = model.state_dict()
-    if lm_path is not None:
-        sd = {k: v for k, v in sd.items() if not k.startswith("lm.")}
-    elif model.cfg.lm.tie_embeddings:  # one tensor under two names: stored once (safetensors refuses shared ones)
-        sd.pop("lm.output.weight")
     # The encoder's weights are in this checkpoint: its initial ``pretrained`` source is provenance only
     # (loading must not need that file or tag again).
     cfg = dataclasses.replace(model.cfg, vision=dataclasses.replace(model.cfg.vision, pretrained=None))
-    meta = {"format": FORMAT, "config": config_to_dict(cfg),
-            "encoder_initialised_from": model.cfg.vision.pretrained, **lm_record(model.lm, lm_path, Path(out_dir))}
-    return write_checkpoint_dir(out_dir, meta, sd, tokenizer_path)
+    extra = {"encoder_initialised_from": model.cfg.vision.pretrained,
+             **lm_record(model.lm, lm_path, Path(out_dir))}
+    sd = lm_model_state_dict(model, with_lm=lm_path is None)
+    return write_export(out_dir, KIND, cfg, sd, tokenizer_path, extra)
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, lm_path: str | Path | None = None
@@ -82,10 +88,10 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, lm_path:
     With ``dtype`` None the model keeps the dtype of the export's own weights (a separate LM is cast to
     it: one dtype per model); a tensor in another float dtype among them is refused (`check_dtypes`)."""
     path = Path(path)
-    cfg_file, weights = path / "config.json", path / "model.safetensors"
-    meta = read_export_meta(cfg_file)
-    cfg = config_from_dict(meta["config"], str(cfg_file))
-    sd = read_safetensors_file(weights)
+    cfg_file = path / "config.json"
+    _, meta, sd = read_export(path, (KIND,), EXTRA_KEYS, MultimodalConfig)
+    cfg = meta["config"]
+    check_lm_keys(meta, cfg_file)
     if meta.get("lm_path") or lm_path is not None:
         if not meta.get("lm_path"):
             raise CheckpointError(f"{cfg_file}: this export holds its LM; --lm/lm_path is for exports "
@@ -93,34 +99,21 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, lm_path:
         lm = resolve_lm(meta, cfg.lm, cfg_file, lm_path)
         own_dtype = dtype or next((v.dtype for v in sd.values() if v.is_floating_point()), None)
         sd.update({f"lm.{k}": v for k, v in cast_floats(lm.state_dict(), own_dtype).items()})
-    with torch.device("meta"):
-        model = MultimodalLlama(cfg, Llama(cfg.lm))
-    if cfg.lm.tie_embeddings and "lm.tok_embeddings.weight" in sd:
-        sd["lm.output.weight"] = sd["lm.tok_embeddings.weight"]
-    load_state_dict_strict(model, cast_floats(sd, dtype), str(path))
-    if cfg.lm.tie_embeddings:
-        model.lm.output.weight = model.lm.tok_embeddings.weight
-    model.lm.inv_freq = rope_frequencies(cfg.lm.head_dim, cfg.lm.rope_theta, cfg.lm.rope_scaling)
-    model.lm.freeze()
-    return model
+    return load_lm_model(MultimodalLlama, cfg, sd, str(path), dtype)
 
 
-def read_export_meta(cfg_file: Path) -> dict:
-    """Our config.json's top level, checked: the format tag, known keys only, a ``config`` object."""
-    meta = read_json(cfg_file)
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{cfg_file}: expected an object, got {type(meta).__name__}")
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{cfg_file}: format {meta.get('format')!r} is not {FORMAT!r}")
-    unknown = sorted(set(meta) - _META_KEYS)
-    if unknown:
-        raise CheckpointError(f"{cfg_file}: unknown keys {unknown}")
-    if not isinstance(meta.get("config"), dict):
-        raise CheckpointError(f"{cfg_file}: no 'config' object")
+def read_multimodal_meta(path: str | Path) -> dict:
+    """config.json of our image/video export at ``path``, checked (`read_export_meta`, `check_lm_keys`)."""
+    _, meta = read_export_meta(path, (KIND,), EXTRA_KEYS)
+    check_lm_keys(meta, Path(path) / "config.json")
+    return meta
+
+
+def check_lm_keys(meta: dict, cfg_file: Path) -> None:
+    """The keys that say where the LM lives are strings when set."""
     for key in ("lm_path", "lm_path_relative", "lm_fingerprint"):
         if meta.get(key) is not None and not isinstance(meta[key], str):
             raise CheckpointError(f"{cfg_file}: {key} must be a string, got {meta[key]!r}")
-    return meta
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,8 +207,4 @@ def load_multimodal_checkpoint(
             raise CheckpointError(f"{path}: lm_path (--lm) is for our exports; an HF Mllama directory "
                                   f"holds its LM")
         return load_mllama(path, dtype)
-    if isinstance(config, dict) and config.get("format") == FORMAT:
-        return load_checkpoint(path, dtype, lm_path)
-    raise CheckpointError(
-        f"{cfg_file}: neither an HF Mllama config (model_type 'mllama') nor our format {FORMAT!r}"
-    )
+    return load_checkpoint(path, dtype, lm_path)  # anything else: an ExportFormatError naming both formats

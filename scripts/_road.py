@@ -45,3 +45,50 @@ def export_untrained(config: Path, overrides: list[str], out: Path) -> Path:
     spec = get_spec(cfg.kind)
     model = spec.build_model(cfg, load_tokenizer(cfg))
     return spec.export(model.float().eval(), cfg, out)
+
+
+# The run-config keys that hold paths: a road roots each under its work dir.
+PATH_KEYS = ("model.tokenizer", "model.lm", "model.encoder_from", "model.init_from", "data.shards", "train.run_dir")
+
+
+def rooted_overrides(config: Path, work: Path, seed: int, progress: bool) -> list[str]:
+    """``--set`` values putting every path of ``config`` under ``work``, plus the seed and the progress bar."""
+    import yaml
+
+    cfg = yaml.safe_load(config.read_text())
+    sets = []
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = (cfg.get(section) or {}).get(name)
+        if value:
+            sets.append(f"{key}={work / value}")
+    return sets + [f"model.seed={seed}", f"data.seed={seed}", f"train.progress={str(progress).lower()}"]
+
+
+def set_args(overrides: list[str]) -> list[str]:
+    """``["a=1", "b=2"]`` -> ``["--set", "a=1", "--set", "b=2"]``: the training scripts' override flags."""
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+def train_stage(config: Path, work: Path, seed: int, progress: bool) -> Stage:
+    """``python -m scripts.train --config CONFIG`` with its paths rooted at ``work``."""
+    from scripts import train
+
+    return run_stage("train", train.main, ["--config", str(config), *set_args(rooted_overrides(config, work, seed,
+                                                                                               progress))])
+
+
+def offline_curation(config: Path, out: Path) -> Path:
+    """``config`` (an image curation YAML) with the dedup stage off, written to ``out``.
+
+    Dedup names the official SSCD TorchScript file, not available offline, and random SSCD weights can only
+    tell exact copies (which the renderers never make: every scene has its own tint and positions) at ~0.06 s
+    a scene on 2 cores, more than the rest of a road's curation together. tests/synthetic/test_curation.py
+    runs the stage on the shapes task with a tiny SSCD and a planted copy."""
+    import yaml
+
+    cfg = yaml.safe_load(config.read_text())
+    cfg["dedup"] = {"enabled": False}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return out

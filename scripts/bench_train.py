@@ -189,7 +189,7 @@ def _build_dp(model, bench: BenchConfig, world: int, rank: int):
 
 
 def _build_pipeline(model, bench: BenchConfig, world: int):
-    """trainer.train_pipeline's engine (`training.trainer.build_pipeline_engine`, the default run config's
+    """trainer.train's pipeline-mode engine (`training.trainer.build_pipeline_engine`, the default run config's
     optimizer); returns (engine, one optimizer step, encoder modules)."""
     from training.config import RunConfig
     from training.pipeline import ENCODER_KEY, pipeline_batch, pipeline_ds_config

@@ -5,7 +5,7 @@
     python -m scripts.demo_asr --checkpoint DIR --questions FILE.jsonl --out PREDICTIONS.jsonl [...]
 
 --checkpoint:    a directory written by our speech training (config.json + model.safetensors +
-                 tokenizer.model, see speech.asr.save_speech_checkpoint); --tokenizer overrides the
+                 tokenizer.model, see speech.model_io.save_speech_checkpoint); --tokenizer overrides the
                  tokenizer.model looked up there.
 --audio:         wav / flac / ogg, any rate and channel count: mixed to mono and resampled to 16 kHz.
 --task:          asr: "Repeat after me in {language}:" (language = the spoken language);
@@ -39,12 +39,13 @@ import torch
 from adapters.checkpoint import CheckpointError
 from adapters.generation import stream_text
 from adapters.tokenizer import Tokenizer, TokenizerError
+from common.export import ExportFormatError
 from scripts._batch import (BatchInputError, add_batch_args, check_batch_args, read_questions,
                             write_predictions)
-from scripts.demo_vqa import export_modality_problem, find_tokenizer, positive_int, print_stream
+from scripts.demo_vqa import find_tokenizer, modality_error, positive_int, print_stream
 from speech.adapter import (SpeechLlama, SpeechLlamaConfig, asr_prompt, ast_prompt, encode_speech_dialog,
                             speech_decode)
-from speech.asr import load_speech_checkpoint
+from speech.model_io import load_speech_checkpoint
 from speech.audio import MAX_SECONDS, SAMPLE_RATE, Audio, AudioReadError, chunk_audio, load_audio
 
 PROMPTS = {"asr": asr_prompt, "ast": ast_prompt}
@@ -121,10 +122,10 @@ def read_pieces(path: str | Path, piece_samples: int) -> tuple[Audio, list[Audio
 
 def load_speech_model(model_dir: Path) -> SpeechLlama:
     """Our speech export; `CheckpointError` when it cannot be used, naming the modality of another one's."""
-    problem = export_modality_problem(model_dir, "speech")
-    if problem is not None:
-        raise CheckpointError(problem)
-    return load_speech_checkpoint(model_dir)
+    try:
+        return load_speech_checkpoint(model_dir)
+    except ExportFormatError as e:
+        raise modality_error(e, model_dir, "speech") from None
 
 
 def main(argv: list[str] | None = None) -> int:

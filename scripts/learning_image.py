@@ -31,12 +31,9 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 from common.jsonl import read_jsonl
-from scripts import build_shards, demo_vqa, make_synthetic, train
-# The stage runner and the untrained-model export are the speech road's, shared as they are.
-from scripts._road import RoadError, Stage, export_untrained, run_stage
+from scripts import build_shards, demo_vqa, make_synthetic
+from scripts._road import RoadError, Stage, export_untrained, offline_curation, rooted_overrides, run_stage, train_stage
 from synthetic.score import normalize_answer, read_rows, score
 from synthetic.shapes import QUESTIONS
 
@@ -50,33 +47,6 @@ IMAGE_RUN = Path("runs/synthetic/image_qa")  # run_image_qa_synthetic's run_dir:
 FROZEN_LM_RUN = Path("runs/synthetic/image_frozen_lm")  # the untrained image model's export and answers
 N_EXAMPLES = 24  # held-out answers shown in the result
 N_TRAIN, N_TEST = 2000, 60  # train scenes (one question each, kinds in turn); held-out scenes (every kind)
-# The run-config keys that hold paths: the road roots each under the work dir.
-PATH_KEYS = (("model", "tokenizer"), ("model", "lm"), ("model", "encoder_from"), ("data", "shards"),
-             ("train", "run_dir"))
-
-
-def rooted_overrides(kind: str, work: Path, seed: int, progress: bool) -> list[str]:
-    """``--set`` overrides putting every path of the kind's run config under ``work``, plus the seed."""
-    cfg = yaml.safe_load(RUN_CONFIGS[kind].read_text())
-    sets = [f"{section}.{key}={work / cfg[section][key]}" for section, key in PATH_KEYS
-            if cfg.get(section, {}).get(key)]
-    return sets + [f"model.seed={seed}", f"data.seed={seed}", f"train.progress={str(progress).lower()}"]
-
-
-def train_kind(kind: str, work: Path, seed: int, progress: bool) -> Stage:
-    argv = ["--config", str(RUN_CONFIGS[kind])]
-    for s in rooted_overrides(kind, work, seed, progress):
-        argv += ["--set", s]
-    return run_stage("train", train.main, argv)
-
-
-def curation_config(work: Path) -> Path:
-    """configs/curation_synthetic.yaml with the dedup stage off (see the module docstring: why)."""
-    cfg = yaml.safe_load(CURATION.read_text())
-    cfg["dedup"] = {"enabled": False}
-    path = work / DATA / "curation_synthetic_offline.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
 
 
 def answer(checkpoint: Path, questions: Path, out: Path) -> Stage:
@@ -89,7 +59,8 @@ def frozen_lm_alone(work: Path, seed: int, questions: Path) -> Path:
     """The image run's starting model (same factory, config and seed: the frozen LM with zero-gated, untrained
     cross-attention, so exactly the LM's logits whatever the image), exported and asked every question."""
     run = work / FROZEN_LM_RUN
-    export = export_untrained(RUN_CONFIGS["image"], rooted_overrides("image", work, seed, False), run / "export")
+    export = export_untrained(RUN_CONFIGS["image"], rooted_overrides(RUN_CONFIGS["image"], work, seed, False),
+                              run / "export")
     answer(export, questions, run / "predictions.jsonl")
     return run / "predictions.jsonl"
 
@@ -134,9 +105,10 @@ def run_image_road(work: str | Path, seed: int = 0, progress: bool = True) -> di
     made = run_stage("make_synthetic", make_synthetic.main,
                      ["image-vqa", str(data), "--n-train", str(N_TRAIN), "--n-test", str(N_TEST), "--seed",
                       str(seed), "--json"])
+    curation = offline_curation(CURATION, data / "curation_synthetic_offline.yaml")
     shards = run_stage("build_shards", build_shards.main, [str(data / "train"), str(work / SHARDS), "--config",
-                                                           str(curation_config(work)), "--json"])
-    runs = {kind: train_kind(kind, work, seed, progress) for kind in ("text", "clip", "image")}
+                                                           str(curation), "--json"])
+    runs = {kind: train_stage(RUN_CONFIGS[kind], work, seed, progress) for kind in ("text", "clip", "image")}
     questions, answers = data / "test" / "questions.jsonl", data / "test" / "answers.jsonl"
     export = Path(runs["image"].summary["export"])
     preds = work / IMAGE_RUN / "predictions.jsonl"

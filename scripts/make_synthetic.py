@@ -10,7 +10,9 @@ Writes OUT/train/ (media + sidecar x.json {"caption", "question", "answer", "kin
 scripts.build_shards / build_video_shards / build_audio_shards with configs/*curation_synthetic.yaml),
 OUT/test/ (media, questions.jsonl without answers, answers.jsonl) and OUT/tokenizer.model (a tiny byte-level
 BPE in the Llama 3 tiktoken format, trained on the task's questions, answers and chat roles: the run
-configs' model.tokenizer). Spoken digits carry no question (the
+configs' model.tokenizer). video-motion also writes OUT/frames/ (stills of the train clips asked where the
+ball is) and OUT/test/frames/ + frame_questions.jsonl / frame_answers.jsonl (middle frames asked the
+direction and the place). Spoken digits carry no question (the
 model's ASR prompt asks) and kind "transcript"; spoken-digits also writes OUT/lm/shard_*.tar, text-only ASR
 dialogs (--n-lm-dialogs, synthetic/dialogs.py) for the tiny LM's pre-training (the trainer's text kind,
 data.format dialog). The same task, counts and seed give the same files; OUT/train

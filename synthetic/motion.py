@@ -36,6 +36,11 @@ class MotionClip:
     size: int
     colour: str
     centres: list[tuple[float, float]]  # the ball's (x, y) in each frame
+    stills: dict[int, np.ndarray]  # frame index -> RGB (size, size, 3): the first, middle and last frames
+
+    @property
+    def middle(self) -> int:
+        return self.n_frames // 2
 
     def place(self, t: int) -> str:
         """Where the ball is in frame t, on a 3 x 3 grid: "top left"."""
@@ -99,7 +104,8 @@ def make_motion_clips(n: int, seed: int, size: int = 56, min_frames: int = 9, ma
     for direction in dirs:
         n_frames = rng.randrange(min_frames | 1, max_frames + 1, 2)
         frames, colour, centres = render_frames(rng, direction, n_frames, size)
-        clips.append(MotionClip(encode_mp4(frames), direction, n_frames, size, colour, centres))
+        stills = {t: frames[t] for t in (0, n_frames // 2, n_frames - 1)}
+        clips.append(MotionClip(encode_mp4(frames), direction, n_frames, size, colour, centres, stills))
     return clips
 
 

@@ -11,6 +11,10 @@ writes
 * ``OUT/test/``: the media files, ``questions.jsonl`` (``{"id", "image"|"video"|"audio": path relative to
   the file, "question", "kind"}``, no answers) and ``answers.jsonl`` (``{"id", "answer", "kind"}``, the key
   `synthetic.score` reads). image-vqa asks every question kind about each held-out scene.
+* video-motion also writes stills (`write_stills`): ``OUT/frames/`` (first, middle and last frame of each
+  train clip, asked where the ball is: the image stages' folder input) and ``OUT/test/frames/`` with
+  ``frame_questions.jsonl`` / ``frame_answers.jsonl`` (each held-out clip's middle frame asked its direction,
+  the image-only baseline, and where the ball is).
 
 Spoken digits have no question: the speech model's own ASR prompt asks for the transcript, so the sidecars
 and question rows carry none, and their kind is ``"transcript"`` (scored by WER / CER).
@@ -27,7 +31,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
 from synthetic.digits import DIGITS
+from synthetic.motion import POSITION_QUESTION
 from synthetic.motion import QUESTION as MOTION_QUESTION
 from synthetic.motion import make_motion_clips, motion_corpus_text
 from synthetic.shapes import QUESTIONS, caption, corpus_text, render_scene
@@ -74,14 +81,49 @@ def render_shapes(n: int, seed: int, out: Path, held_out: bool) -> list[Item]:
 
 
 def render_motion(n: int, seed: int, out: Path, held_out: bool) -> list[Item]:
-    """Moving-ball clips as H.264 mp4, asked which way the ball moves (directions balanced)."""
-    items = []
-    for i, clip in enumerate(make_motion_clips(n, seed)):
+    """Moving-ball clips as H.264 mp4, asked which way the ball moves (directions balanced), and stills of
+    them as PNG for the image stages (`write_stills`)."""
+    items, clips = [], make_motion_clips(n, seed)
+    for i, clip in enumerate(clips):
         name = f"{i:05d}.mp4"
         (out / name).write_bytes(clip.video)
         qa = QA(MOTION_QUESTION, clip.direction, "direction")
         items.append(Item(name, (qa,), {"frames": clip.n_frames}))
+    write_stills(clips, out, held_out)
     return items
+
+
+def write_stills(clips: list, out: Path, held_out: bool) -> None:
+    """The clips' frames as images: what the video road's image stages learn from and are asked about.
+
+    * train (``OUT/frames/``, beside ``OUT/train``: its own folder input for scripts.build_shards): the first,
+      middle and last frame of every clip, ``00000-f08.png``, each with a sidecar captioning and asking where
+      the ball is ("a white ball at the top left"; "Where is the ball?" -> "top left"): answerable from one
+      frame, so the encoder and the image adapter learn the ball's place, never its motion;
+    * held out (``OUT/test/frames/``): each clip's middle frame, ``frame_questions.jsonl`` asking it which way
+      the ball moves (under the clip's own question id: the image-only model's view, where one frame cannot
+      tell the direction, chance 1/4) and where the ball is (what one frame does show), and
+      ``frame_answers.jsonl``, their key.
+    """
+    frames_dir = _fresh_dir(out / "frames" if held_out else out.parent / "frames")
+    questions, answers = [], []
+    for i, clip in enumerate(clips):
+        for t in ((clip.middle,) if held_out else sorted(clip.stills)):
+            name = f"{i:05d}.png" if held_out else f"{i:05d}-f{t:02d}.png"
+            Image.fromarray(clip.stills[t]).save(frames_dir / name)
+            position = QA(POSITION_QUESTION, clip.place(t), "position")
+            if not held_out:
+                sidecar = {"caption": clip.frame_caption(t), "question": position.question, "answer": position.answer,
+                           "kind": position.kind, "clip": f"{i:05d}.mp4", "frame": t}
+                (frames_dir / name).with_suffix(".json").write_text(json.dumps(sidecar) + "\n")
+                continue
+            for qa in (QA(MOTION_QUESTION, clip.direction, "direction"), position):
+                qid = f"{i:05d}-{qa.kind}"
+                questions.append({"id": qid, "image": f"frames/{name}", "question": qa.question, "kind": qa.kind})
+                answers.append({"id": qid, "answer": qa.answer, "kind": qa.kind})
+    if held_out:
+        for file, rows in (("frame_questions.jsonl", questions), ("frame_answers.jsonl", answers)):
+            (out / file).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def render_digits(n: int, seed: int, out: Path, held_out: bool) -> list[Item]:

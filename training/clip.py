@@ -14,16 +14,14 @@ trainer already owns; its one training-side rule we keep is the logit-scale cap 
 the scale the loss sees, since the engine's step leaves no place for its post-step clamp) and its
 weight-decay exclusions (`clip_param_groups`).
 
-Export: ``model.safetensors`` (the visual tower's state dict, open_clip names without ``visual.``) and
-``config.json`` (format, the tower's `VisionEncoderConfig` fields). The image kind's ``model.encoder_from``
-takes the directory (`encoder_weights` checks the shapes and hands the file to the encoder's
-``pretrained`` path, which open_clip's loader reads).
+Export: the ``clip-encoder`` kind of `common.export`: ``model.safetensors`` (the visual tower's state dict,
+open_clip names without ``visual.``) and ``config.json`` (the tower's `VisionEncoderConfig`). The image
+kind's ``model.encoder_from`` takes the directory (`encoder_weights` checks the shapes and hands the file
+to the encoder's ``pretrained`` path, which open_clip's loader reads).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,13 +29,15 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from common.config import CheckpointError
+from common.export import CONFIG, WEIGHTS, read_export_meta, write_export
 from training.data import IMAGE_EXTS, BadSampleError, Example, RawSample, sample_text
 
 if TYPE_CHECKING:
     from training.config import RunConfig
     from vision.encoder import VisionEncoderConfig
 
-EXPORT_FORMAT = "llama3-mm-clip-encoder/1"
+EXPORT_KIND = "clip-encoder"  # `common.export`
 SHAPE_FIELDS = ("width", "layers", "heads", "patch_size", "mlp_ratio")  # what must match to load the tower
 MAX_LOGIT_SCALE = 100.0  # open_clip_train clamps log(scale) to ln(100) after every step
 
@@ -126,36 +126,26 @@ def clip_param_groups(cfg: "RunConfig", model: nn.Module) -> list[dict]:
 
 
 def export_clip(model: nn.Module, cfg: "RunConfig", out: Path) -> Path:
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    visual = {k.removeprefix("visual."): v.detach().contiguous() for k, v in model.state_dict().items()
-              if k.startswith("visual.")}
-    save_file(visual, out / "model.safetensors")
-    vision = dataclasses.asdict(clip_vision_config(cfg))
-    (out / "config.json").write_text(json.dumps({"format": EXPORT_FORMAT, "vision": vision}, indent=2))
-    return out
+    visual = {k.removeprefix("visual."): v for k, v in model.state_dict().items() if k.startswith("visual.")}
+    return write_export(out, EXPORT_KIND, clip_vision_config(cfg), visual)
 
 
 def encoder_weights(export_dir: str | Path, vision: "VisionEncoderConfig") -> Path:
     """``export_dir/model.safetensors`` after checking the export's tower has ``vision``'s shape (the tile
     size may differ: open_clip's loader resizes the position table); anything else is a `TrainError`."""
     from training.spec import TrainError
+    from vision.encoder import VisionEncoderConfig
 
-    cfg_file = Path(export_dir) / "config.json"
+    cfg_file = Path(export_dir) / CONFIG
     try:
-        meta = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise TrainError(f"model.encoder_from: {cfg_file}: not readable ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
-        raise TrainError(f"model.encoder_from: {cfg_file}: format {meta.get('format') if isinstance(meta, dict) else None!r}, "
-                              f"expected {EXPORT_FORMAT!r} (a clip run's export)")
+        found = read_export_meta(export_dir, (EXPORT_KIND,), config_cls=VisionEncoderConfig)[1]["config"]
+    except CheckpointError as e:
+        raise TrainError(f"model.encoder_from: {e}") from None
     for name in SHAPE_FIELDS:
-        got = meta.get("vision", {}).get(name)
-        if got != getattr(vision, name):
-            raise TrainError(f"model.encoder_from: {cfg_file}: vision.{name} is {got!r}, the image preset's "
-                                  f"is {getattr(vision, name)!r}")
-    weights = cfg_file.parent / "model.safetensors"
+        if getattr(found, name) != getattr(vision, name):
+            raise TrainError(f"model.encoder_from: {cfg_file}: config.{name} is {getattr(found, name)!r}, "
+                             f"the image preset's is {getattr(vision, name)!r}")
+    weights = Path(export_dir) / WEIGHTS
     if not weights.is_file():
         raise TrainError(f"model.encoder_from: {weights} not found")
     return weights

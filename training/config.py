@@ -15,6 +15,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from common.config import read_yaml_mapping
+from speech.bestrq import BestRQConfig
 
 PARALLEL = ("data", "pipeline")
 
@@ -36,6 +37,8 @@ class ModelConfig:
     lm: a Llama 3 checkpoint directory (Meta or HF layout) for the frozen LM; None = random (tests only).
     init_from: a checkpoint directory of ours (`adapters.model_io`) to start from: stage 2 anneals from
         the stage-1 export, the video stage starts from an image export.
+    bestrq: the quantizer, heads and masking of the ``bestrq`` kind (whose ``preset`` names a
+        `speech.conformer` preset); read by that kind only.
     tile_size / max_tiles: per-tile resolution; stage 2 raises ``tile_size`` (position tables are
         interpolated when ``init_from`` was trained at another size, see `training.trainer`).
     """
@@ -44,13 +47,14 @@ class ModelConfig:
     tokenizer: str = ""  # tokenizer.model (tiktoken); copied into every export
     lm: str | None = None
     init_from: str | None = None
-    # speech: a BEST-RQ output dir (scripts.pretrain_speech_encoder); image: a clip run's export dir
+    # speech: a bestrq run's export dir; image: a clip run's export dir
     encoder_from: str | None = None
     tile_size: int | None = None  # None: the preset's (or init_from's)
     max_tiles: int | None = None
     train_vision: bool = True
     num_frames: int = 16  # video: frames sampled per clip ("pre-training uses 16 frames", sec. 7.3)
     seed: int = 0  # initialisation of the new layers (and of a random LM)
+    bestrq: BestRQConfig = field(default_factory=BestRQConfig)
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,7 @@ class DataConfig:
         Speech always uses its chat format, ``prompt`` as the system turn, default ASR. Which formats a
         kind takes: `training.spec.SPECS`.
     max_tokens: token budget of one micro-batch (rows x longest row); short texts give more rows.
-    max_rows: most rows per micro-batch.
+    max_rows: most rows per micro-batch (bestrq: clips per micro-batch).
     pack_rows: several consecutive samples share a row (up to ``max_seq_len`` tokens) with a document mask
         (image and video kinds, data-parallel mode; see `training.data`).
     """
@@ -80,6 +84,7 @@ class DataConfig:
     shuffle_buffer: int = 64
     seed: int = 0
     on_error: str = "raise"  # "raise" or "count" (bad samples counted per shard and key in the log)
+    crop_seconds: float = 60.0  # bestrq: longer clips are randomly cropped to this (sec. 8.1: 6,000 frames)
 
 
 @dataclass(frozen=True)
@@ -105,7 +110,7 @@ class TrainLoopConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    kind: str = "image"  # a key of training.spec.SPECS: image | video | speech | text | clip
+    kind: str = "image"  # a key of training.spec.SPECS: image | video | speech | text | clip | bestrq
     parallel: str = "data"
     deepspeed: str = "configs/deepspeed/zero1_bf16_fp32accum.json"
     pipeline_stages: int = 2
@@ -144,6 +149,7 @@ class RunConfig:
              "steps, save_every and log_every must be >= 1"),
             (0 <= self.optim.min_lr_ratio <= 1 and self.optim.warmup >= 0, "optim",
              "warmup >= 0, 0 <= min_lr_ratio <= 1"),
+            (self.data.crop_seconds > 0, "data.crop_seconds", f"{self.data.crop_seconds} must be > 0"),
         ]
         for ok, key, msg in checks:
             if not ok:

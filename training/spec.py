@@ -8,7 +8,7 @@ config against the spec (formats, packing, tensor / pipeline parallelism), so ad
 in `SPECS` and no ``if kind ==`` anywhere else.
 
 Kinds: ``image`` / ``video`` (the multimodal adapters, `adapters.model_io` exports), ``speech`` (the speech
-adapter, `speech.asr` exports), ``text`` (pre-training the LM alone, `training.text_lm`; its export is a
+adapter, `speech.model_io` exports), ``text`` (pre-training the LM alone, `training.text_lm`; its export is a
 Meta-layout Llama that the other kinds take as ``model.lm``) and ``clip`` (contrastive pre-training of the
 vision encoder, `training.clip`; its export is what the image kind's ``model.encoder_from`` starts from).
 """
@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
+
+from training.bestrq import bestrq_spec
 
 if TYPE_CHECKING:
     from adapters.tokenizer import Tokenizer
@@ -65,7 +67,7 @@ def build_multimodal_model(cfg: "RunConfig", tok: "Tokenizer") -> nn.Module:
     from ``model.encoder_from`` (a ``clip`` export) when given."""
     from adapters.checkpoint import load_llama
     from adapters.llama import build_llama
-    from adapters.model_io import load_checkpoint, read_export_meta
+    from adapters.model_io import load_checkpoint, read_multimodal_meta
     from adapters.multimodal import build_multimodal, multimodal_config
     from training.resolution import with_tile_size
 
@@ -74,7 +76,7 @@ def build_multimodal_model(cfg: "RunConfig", tok: "Tokenizer") -> nn.Module:
     if m.init_from:
         # An export that points at its LM finds it through ``model.lm`` when set (the LM moved since, or the
         # run names it anew); the fingerprint check still refuses another LM.
-        points_at_lm = read_export_meta(Path(m.init_from) / "config.json").get("lm_path")
+        points_at_lm = read_multimodal_meta(m.init_from).get("lm_path")
         model = load_checkpoint(m.init_from, lm_path=m.lm if points_at_lm and m.lm else None)
         if m.tile_size is not None:
             model = with_tile_size(model, m.tile_size)  # stage 2: anneal at a higher per-tile resolution
@@ -161,7 +163,7 @@ def build_speech_model(cfg: "RunConfig", tok: "Tokenizer") -> nn.Module:
     m = cfg.model
     torch.manual_seed(m.seed)
     if m.init_from:
-        from speech.asr import load_speech_checkpoint
+        from speech.model_io import load_speech_checkpoint
 
         return load_speech_checkpoint(m.init_from)
     scfg = speech_llama_config(m.preset)
@@ -206,7 +208,7 @@ def speech_param_groups(cfg: "RunConfig", model: nn.Module) -> list[dict]:
 
 
 def export_speech(model: nn.Module, cfg: "RunConfig", out: Path) -> Path:
-    from speech.asr import save_speech_checkpoint
+    from speech.model_io import save_speech_checkpoint
 
     return save_speech_checkpoint(model, out, tokenizer_path=cfg.model.tokenizer)
 
@@ -240,4 +242,5 @@ SPECS: dict[str, TrainSpec] = {
                         export_speech, formats=("caption", "chat")),
     "text": _text_spec(),
     "clip": _clip_spec(),
+    "bestrq": bestrq_spec(),
 }

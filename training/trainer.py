@@ -1,9 +1,15 @@
-"""The one place with DeepSpeed and torch.distributed wiring (data-parallel mode, ZeRO-1/2).
+"""The one place with DeepSpeed and torch.distributed wiring, and the one training loop.
 
 ``train(cfg)`` builds the model through the package factories, hands DeepSpeed only the trainable
 parameters (the frozen LM is in no optimizer group and, with ``exclude_frozen_parameters``, in no
 checkpoint), and runs ``cfg.train.steps`` optimizer steps of ``gradient_accumulation_steps`` micro-batches
-per rank. bf16 compute with fp32 gradient accumulation is DeepSpeed's ``BF16_Optimizer`` (ZeRO stage 1
+per rank. What differs between the ``parallel`` layouts is a small mode object (`MODES`): how the engine
+is built, what one step is and how rank 0 gets the trained model for the export: `DataParallelMode`
+(ZeRO-1/2, optionally tensor-parallel, forward / backward / step per micro-batch) and `PipelineMode`
+(`training.pipeline` stages, ``engine.train_batch``); resume, checkpoints, ``losses.jsonl``, tensorboard,
+the progress bar and the export are written once, in `train` / `run_steps`. Task outputs besides
+``loss`` and ``n_tokens`` are scalar metrics (the ``bestrq`` kind's accuracy, ...), averaged like the
+loss and logged beside it. bf16 compute with fp32 gradient accumulation is DeepSpeed's ``BF16_Optimizer`` (ZeRO stage 1
 + ``data_types.grad_accum_dtype: fp32``); gradient clipping is the DeepSpeed config's
 ``gradient_clipping``, applied once per step on the fp32 gradients.
 
@@ -20,7 +26,7 @@ applied and logged, any other raises `ResumeConfigError` before anything in the 
 What differs between kinds (model, task, codec, parameter groups, export) is the kind's `training.spec`
 entry, looked up once; the loop below is the same for all of them. The end of a run exports
 ``run_dir/export`` through the spec: an inference checkpoint (`adapters.model_io` / `speech.asr` format,
-what ``scripts.demo_vqa --checkpoint`` loads), a Meta-layout LM (text) or an encoder (clip).
+what ``scripts.demo_vqa --checkpoint`` loads), a Meta-layout LM (text) or an encoder (clip, bestrq).
 
 Without a launcher (no RANK / WORLD_SIZE in the environment) the process initialises a one-rank gloo
 group itself, so tests and CPU users run the same code directly.
@@ -258,40 +264,182 @@ def _to_device(x, device):
     return x.to(device) if hasattr(x, "to") else x
 
 
-def train(cfg: RunConfig, ds_config: dict | None = None) -> TrainResult:
-    """Run (or resume) ``cfg``; every rank returns the same losses (averaged over ranks per step)."""
-    if cfg.parallel == "pipeline":
-        return train_pipeline(cfg, ds_config)
-    rank, world = init_distributed()
-    tp = cfg.tensor_parallel
-    if world % tp:
-        raise TrainError(f"tensor_parallel={tp} does not divide the world size {world}")
-    mpu = tp_group = None
-    dp_rank, dp_world = rank, world
-    if tp > 1:
-        from training.tensor_parallel import init_tp_grid
+# ---------------------------------------------------------------------------------------------- modes
 
-        mpu = init_tp_grid(tp)
-        tp_group = mpu.get_tensor_model_parallel_group()
-        dp_rank, dp_world = mpu.get_data_parallel_rank(), mpu.get_data_parallel_world_size()
+
+@dataclass
+class StepStats:
+    """One optimizer step, over every data-parallel rank: the mean loss, the task's other scalar outputs
+    (means, e.g. BEST-RQ's accuracy), input and label tokens, and the last micro-batch's sample keys."""
+
+    loss: float
+    metrics: dict[str, float]
+    tokens: int
+    label_tokens: int
+    keys: list[str]
+
+
+class DataParallelMode:
+    """``parallel: data``: every rank runs the kind's task (its tensor-parallel shard when
+    ``tensor_parallel`` > 1); one step = ``gradient_accumulation_steps`` x (forward, backward, step)."""
+
+    def __init__(self, cfg: RunConfig, world: int):
+        tp = cfg.tensor_parallel
+        if world % tp:
+            raise TrainError(f"tensor_parallel={tp} does not divide the world size {world}")
+        self.tp, self.mpu, self.tp_group = tp, None, None
+        self.dp_rank, self.dp_world = dist.get_rank(), world // tp
+        if tp > 1:
+            from training.tensor_parallel import init_tp_grid
+
+            self.mpu = init_tp_grid(tp)
+            self.tp_group = self.mpu.get_tensor_model_parallel_group()
+            self.dp_rank = self.mpu.get_data_parallel_rank()
+
+    def build_engine(self, cfg: RunConfig, model: nn.Module, ds: dict) -> tuple:
+        if self.tp_group is not None:
+            from training.tensor_parallel import apply_tensor_parallel, validate_tp_size
+
+            try:
+                validate_tp_size(model.cfg.lm, self.tp)
+            except ValueError as e:
+                raise TrainError(f"tensor_parallel={self.tp}: {e}") from e
+            apply_tensor_parallel(model, self.tp_group)
+        return build_engine(cfg, model, ds, self.mpu)
+
+    def batches(self, cfg: RunConfig, tok: Tokenizer | None, model: nn.Module, engine,
+                shards: list[Path]) -> TrainBatches:
+        return build_batches(cfg, tok, model, self.dp_rank, self.dp_world, shards)  # one TP group: one stream
+
+    def step(self, engine, batches: TrainBatches) -> StepStats:
+        # The sums stay on the device (a .item() per micro-batch would wait for the GPU each time); the token
+        # counts are the CPU batch's. One sync per step, and the all-reduce runs on the device (NCCL takes no
+        # CPU tensor).
+        device, gas = engine.device, engine.gradient_accumulation_steps()
+        sums: dict[str, torch.Tensor] = {}
+        n_label = n_input = 0
+        for _ in range(gas):
+            mb = next(batches)
+            media = {k: _to_device(v, device) for k, v in mb.media.items()}
+            out = engine(mb.tokens.to(device), mb.labels.to(device), **media)
+            engine.backward(out["loss"])
+            engine.step()
+            for name, value in out.items():
+                if name != "n_tokens":
+                    sums[name] = sums.get(name, 0) + _scalar(name, value)
+            n_label, n_input = n_label + mb.n_label_tokens, n_input + mb.tokens.numel()
+        names = sorted(sums)  # the same order on every rank: the same task
+        stats = torch.stack([*(sums[k] for k in names), sums["loss"].new_tensor(n_label),
+                             sums["loss"].new_tensor(n_input)])
+        dist.all_reduce(stats)
+        stats = stats.cpu() / self.tp  # the ranks of a tensor-parallel group share one batch: count it once
+        means = dict(zip(names, (stats[: len(names)] / (gas * self.dp_world)).tolist()))
+        return StepStats(means.pop("loss"), means, int(stats[-1]), int(stats[-2]), mb.keys)
+
+    def trained_model(self, engine, model: nn.Module, cfg: RunConfig, tok: Tokenizer | None,
+                      rank: int) -> nn.Module | None:
+        """Rank 0: the whole trained model (a tensor-parallel one gathered, every rank taking part, into a
+        freshly built full model); other ranks: None."""
+        if self.tp_group is None:
+            return model if rank == 0 else None
+        from training.tensor_parallel import tp_state_dict
+
+        full_state = tp_state_dict(model, self.tp_group)
+        if rank != 0:
+            return None
+        full = build_model(cfg, tok)
+        full.load_state_dict(full_state, strict=True)
+        return full
+
+
+def _scalar(name: str, value: torch.Tensor) -> torch.Tensor:
+    """A task output other than ``n_tokens`` as a float64 0-dim tensor (what the step averages and logs)."""
+    if not isinstance(value, torch.Tensor) or value.ndim != 0:
+        raise TrainError(f"the task returned {name!r} of shape {tuple(getattr(value, 'shape', ()))}: every output "
+                         "but n_tokens must be a scalar (loss, or a metric the trainer logs)")
+    return value.detach().double()
+
+
+class PipelineMode:
+    """``parallel: pipeline`` (image model only): `training.pipeline` lays the model out as
+    ``cfg.pipeline_stages`` stages, the rest of the world is data parallelism, one step is
+    ``engine.train_batch``. Micro-batches must all have one shape, so each holds exactly
+    ``train_micro_batch_size_per_gpu`` samples padded to ``data.max_seq_len`` tokens and ``max_tiles`` tiles
+    (packing by token budget does not apply); only the first and last stages read data."""
+
+    def __init__(self, cfg: RunConfig, world: int):
+        S = cfg.pipeline_stages
+        if world % S:
+            raise TrainError(f"pipeline_stages: world size {world} is not a multiple of {S} stages")
+        self.dp_world = world // S
+        self._counts = [0, 0]  # this step's input and label tokens read by this rank
+        self._keys: list[str] = []  # the last micro-batch read, for a non-finite loss report
+        self._feed = None  # the micro-batch iterator `engine.train_batch` pulls from (set by `batches`)
+
+    def build_engine(self, cfg: RunConfig, model: nn.Module, ds: dict) -> tuple:
+        return build_pipeline_engine(cfg, model, ds)
+
+    def batches(self, cfg: RunConfig, tok: Tokenizer | None, model: nn.Module, engine,
+                shards: list[Path]) -> TrainBatches:
+        from training.pipeline import pipeline_batch
+
+        micro = engine.train_micro_batch_size_per_gpu()
+        fixed = replace(cfg, data=replace(cfg.data, max_rows=micro, max_tokens=micro * cfg.data.max_seq_len))
+        batches = build_batches(fixed, tok, model, engine.grid.get_data_parallel_rank(), self.dp_world, shards)
+
+        def feed():  # read lazily, after a resume has moved `batches` to its saved position
+            while True:
+                mb = next(batches)
+                self._counts[0] += mb.tokens.numel()
+                self._counts[1] += mb.n_label_tokens
+                self._keys = mb.keys
+                yield pipeline_batch(mb.tokens, mb.labels, mb.media["images"], seq_len=cfg.data.max_seq_len,
+                                     n_images=1, n_tiles=model.cfg.vision.max_tiles, pad_id=tok.pad_id)
+
+        self._feed = feed()
+        return batches
+
+    def step(self, engine, batches: TrainBatches) -> StepStats:
+        self._counts = [0, 0]
+        loss = float(engine.train_batch(self._feed))  # the mean over micro-batches and data-parallel ranks
+        # First and last stages both read every micro-batch: count the first stages' only.
+        counts = torch.tensor(self._counts if engine.is_first_stage() else [0, 0], dtype=torch.float64,
+                              device=engine.device)
+        dist.all_reduce(counts)
+        return StepStats(loss, {}, int(counts[0]), int(counts[1]), self._keys)
+
+    def trained_model(self, engine, model: nn.Module, cfg: RunConfig, tok: Tokenizer | None,
+                      rank: int) -> nn.Module | None:
+        """Rank 0: ``model`` with the stages' trained weights (`pipeline_state_dict`, collective)."""
+        from training.pipeline import pipeline_state_dict
+
+        weights = pipeline_state_dict(engine)  # MultimodalLlama names on rank 0
+        if rank != 0:
+            return None
+        model.float().load_state_dict(weights, strict=False)  # the frozen LM is the one the model holds
+        return model
+
+
+MODES = {"data": DataParallelMode, "pipeline": PipelineMode}
+
+
+# ---------------------------------------------------------------------------------------------- loop
+
+
+def train(cfg: RunConfig, ds_config: dict | None = None) -> TrainResult:
+    """Run (or resume) ``cfg`` in its ``parallel`` mode; every rank returns the same losses (averaged over
+    ranks per step)."""
+    rank, world = init_distributed()
+    mode = MODES[cfg.parallel](cfg, world)
     ds = resolve_deepspeed(ds_config if ds_config is not None else load_deepspeed_config(cfg.deepspeed),
-                           dp_world, cfg.deepspeed)
+                           mode.dp_world, cfg.deepspeed)
     shards = expand_shards(cfg.data.shards)  # before anything is built or written
     run_dir = Path(cfg.train.run_dir)
     resumed = open_run(cfg, ds, rank, world)
-    spec = get_spec(cfg.kind)
     tok = load_tokenizer(cfg)
-    model = spec.build_model(cfg, tok)
-    if tp_group is not None:
-        from training.tensor_parallel import apply_tensor_parallel, validate_tp_size
-
-        try:
-            validate_tp_size(model.cfg.lm, tp)
-        except ValueError as e:
-            raise TrainError(f"tensor_parallel={tp}: {e}") from e
-        apply_tensor_parallel(model, tp_group)
-    batches = build_batches(cfg, tok, model, dp_rank, dp_world, shards)  # the ranks of one TP group read the same data
-    engine, sched = build_engine(cfg, model, ds, mpu)
+    model = build_model(cfg, tok)
+    engine, sched = mode.build_engine(cfg, model, ds)
+    batches = mode.batches(cfg, tok, model, engine, shards)
 
     ckpt_dir = run_dir / "checkpoints"
     if resumed is not None:
@@ -299,9 +447,19 @@ def train(cfg: RunConfig, ds_config: dict | None = None) -> TrainResult:
     start = engine.global_steps
     if rank == 0:
         truncate_steps(run_dir / "losses.jsonl", start)
-    gas = engine.gradient_accumulation_steps()
-    device = engine.device
+    result = run_steps(cfg, ds, mode, engine, sched, batches, start, rank)
+    if cfg.train.export:
+        full = mode.trained_model(engine, model, cfg, tok, rank)
+        result.export_dir = export(full, cfg, run_dir / "export", rank)
+    dist.barrier()
+    return result
 
+
+def run_steps(cfg: RunConfig, ds: dict, mode, engine, sched, batches: TrainBatches, start: int,
+              rank: int) -> TrainResult:
+    """Steps ``start`` to ``train.steps`` with rank 0's progress bar, ``losses.jsonl`` (one line per step)
+    and tensorboard scalars; checkpoints every ``train.save_every`` steps and at the end."""
+    run_dir = Path(cfg.train.run_dir)
     writer = None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
@@ -312,53 +470,38 @@ def train(cfg: RunConfig, ds_config: dict | None = None) -> TrainResult:
     result = TrainResult(run_dir)
     bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc=f"train {cfg.kind}",
                disable=rank != 0 or not cfg.train.progress, mininterval=1)
-    t0, tokens_done, steps_done = time.perf_counter(), 0, 0
+    t0, tokens_done = time.perf_counter(), 0
     for step in bar:
-        # The loss sum stays on the device (a .item() per micro-batch would wait for the GPU each time); the
-        # token counts are the CPU batch's. One sync per step, and the all-reduce runs on the device (NCCL
-        # takes no CPU tensor).
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        n_label = n_input = 0
-        for _ in range(gas):
-            mb = next(batches)
-            media = {k: _to_device(v, device) for k, v in mb.media.items()}
-            out = engine(mb.tokens.to(device), mb.labels.to(device), **media)
-            engine.backward(out["loss"])
-            engine.step()
-            loss_sum += out["loss"].detach()
-            n_label, n_input = n_label + mb.n_label_tokens, n_input + mb.tokens.numel()
-        stats = torch.stack([loss_sum, loss_sum.new_tensor(n_label), loss_sum.new_tensor(n_input)])
-        dist.all_reduce(stats)
-        stats = stats.cpu() / tp  # the ranks of a tensor-parallel group share one batch: count it once
-        loss = stats[0].item() / (gas * dp_world)
-        if not math.isfinite(loss):
-            raise TrainError(f"step {step + 1}: non-finite loss {loss} (last batch: {mb.keys[:4]} ...)")
-        result.losses[step + 1] = loss
-        tokens_done += int(stats[2])
-        steps_done += 1
+        s = mode.step(engine, batches)
+        if not math.isfinite(s.loss):
+            raise TrainError(f"step {step + 1}: non-finite loss {s.loss} (last batch: {s.keys[:4]} ...)")
+        result.losses[step + 1] = s.loss
+        tokens_done += s.tokens
         dt = time.perf_counter() - t0
         lr = sched.get_last_lr()[0]
-        result.steps_per_s, result.tokens_per_s = steps_done / dt, tokens_done / dt
+        result.steps_per_s, result.tokens_per_s = (step + 1 - start) / dt, tokens_done / dt
+        record = {"step": step + 1, "loss": s.loss, "lr": lr, "tokens": s.tokens,
+                  "label_tokens": s.label_tokens, "steps_per_s": result.steps_per_s}
+        clash = sorted(set(record) & set(s.metrics))
+        if clash:
+            raise TrainError(f"the task's metric {clash[0]!r} has the name of a losses.jsonl field")
         if rank == 0:
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{result.tokens_per_s:.0f}")
+            bar.set_postfix(loss=f"{s.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{result.tokens_per_s:.0f}")
             with open(run_dir / "losses.jsonl", "a") as f:  # one line per step (past the resumed one)
-                f.write(json.dumps({"step": step + 1, "loss": loss, "lr": lr, "tokens": int(stats[2]),
-                                    "label_tokens": int(stats[1]), "steps_per_s": result.steps_per_s}) + "\n")
+                f.write(json.dumps({**record, **s.metrics}) + "\n")
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
-                for name, value in (("loss", loss), ("lr", lr), ("tokens_per_s", result.tokens_per_s),
-                                    ("steps_per_s", result.steps_per_s), ("label_tokens", stats[1].item()),
-                                    ("bad_samples", batches.n_bad)):
+                scalars = {"loss": s.loss, "lr": lr, "tokens_per_s": result.tokens_per_s,
+                           "steps_per_s": result.steps_per_s, "label_tokens": s.label_tokens,
+                           "bad_samples": batches.n_bad, **s.metrics}
+                for name, value in scalars.items():
                     writer.add_scalar(f"train/{name}", value, step + 1)
         if (step + 1) % cfg.train.save_every == 0 or step + 1 == cfg.train.steps:
-            save(engine, batches, ckpt_dir, step + 1, rank, run_record(cfg, ds))
+            save(engine, batches, run_dir / "checkpoints", step + 1, rank, run_record(cfg, ds))
     result.bad_samples = batches.n_bad
     if batches.n_bad and rank == 0:
         (run_dir / f"bad_samples_rank{rank}.json").write_text(json.dumps(batches.bad, indent=1))
     if writer is not None:
         writer.close()
-    if cfg.train.export:
-        result.export_dir = export(model, cfg, run_dir / "export", rank, tp_group, tok)
-    dist.barrier()
     return result
 
 
@@ -383,84 +526,9 @@ def save(engine, batches: TrainBatches, ckpt_dir: Path, step: int, rank: int, ru
     engine.save_checkpoint(str(ckpt_dir), tag=tag, exclude_frozen_parameters=True)
 
 
-def export(model: nn.Module, cfg: RunConfig, out: Path, rank: int, tp_group=None,
-           tok: Tokenizer | None = None) -> Path:
-    """Rank 0 writes the kind's export in fp32 (`TrainSpec.export`; the multimodal kinds hold the LM only by
-    reference when ``model.lm`` is set).
-    A tensor-parallel model is gathered first (every rank takes part) into a freshly built full model."""
-    if tp_group is not None:
-        from training.tensor_parallel import tp_state_dict
-
-        full_state = tp_state_dict(model, tp_group)
-        if rank == 0:
-            model = build_model(cfg, tok)
-            model.load_state_dict(full_state, strict=True)
+def export(model: nn.Module | None, cfg: RunConfig, out: Path, rank: int) -> Path:
+    """Rank 0 writes the kind's export of ``model`` (the mode's `trained_model`) in fp32
+    (`TrainSpec.export`; the multimodal kinds hold the LM only by reference when ``model.lm`` is set)."""
     if rank == 0:
         get_spec(cfg.kind).export(model.float().eval(), cfg, out)
     return out
-
-
-
-def train_pipeline(cfg: RunConfig, ds_config: dict | None = None) -> TrainResult:
-    """Pipeline mode (image model only): `training.pipeline` lays the model out as ``cfg.pipeline_stages``
-    stages; the rest of the world is data parallelism. Micro-batches must all have one shape, so each
-    holds exactly ``train_micro_batch_size_per_gpu`` samples padded to ``data.max_seq_len`` tokens and
-    ``max_tiles`` tiles (packing by token budget does not apply). Checkpoints, resume, logs and export as
-    in `train`; only the first and last stages read data."""
-    from training.pipeline import pipeline_batch, pipeline_state_dict
-
-    rank, world = init_distributed()
-    S = cfg.pipeline_stages
-    if world % S:
-        raise TrainError(f"pipeline_stages: world size {world} is not a multiple of {S} stages")
-    ds = resolve_deepspeed(ds_config if ds_config is not None else load_deepspeed_config(cfg.deepspeed),
-                           world // S, cfg.deepspeed)
-    shards = expand_shards(cfg.data.shards)
-    run_dir = Path(cfg.train.run_dir)
-    resumed = open_run(cfg, ds, rank, world)
-    tok = load_tokenizer(cfg)
-    model = build_model(cfg, tok)
-    engine, sched = build_pipeline_engine(cfg, model, ds)
-    micro = ds["train_micro_batch_size_per_gpu"]
-    fixed = replace(cfg, data=replace(cfg.data, max_rows=micro, max_tokens=micro * cfg.data.max_seq_len))
-    batches = build_batches(fixed, tok, model, engine.grid.get_data_parallel_rank(),
-                            engine.grid.get_data_parallel_world_size(), shards)
-    ckpt_dir = run_dir / "checkpoints"
-    if resumed is not None:
-        resume(engine, batches, ckpt_dir, *resumed)
-    if rank == 0:
-        truncate_steps(run_dir / "losses.jsonl", engine.global_steps)
-    tokens_seen = [0]
-
-    def data():
-        while True:
-            mb = next(batches)
-            tokens_seen[0] += mb.tokens.numel()
-            yield pipeline_batch(mb.tokens, mb.labels, mb.media["images"], seq_len=cfg.data.max_seq_len,
-                                 n_images=1, n_tiles=model.cfg.vision.max_tiles, pad_id=tok.pad_id)
-
-    it = data()
-    result = TrainResult(run_dir)
-    t0 = time.perf_counter()
-    for step in range(engine.global_steps, cfg.train.steps):
-        loss = float(engine.train_batch(it))
-        if not math.isfinite(loss):
-            raise TrainError(f"step {step + 1}: non-finite loss {loss}")
-        result.losses[step + 1] = loss
-        dt = time.perf_counter() - t0
-        result.steps_per_s = len(result.losses) / dt
-        result.tokens_per_s = tokens_seen[0] * world / S / dt  # this stage's DP share, times the DP degree
-        if rank == 0:
-            with open(run_dir / "losses.jsonl", "a") as f:
-                f.write(json.dumps({"step": step + 1, "loss": loss, "lr": sched.get_last_lr()[0],
-                                    "steps_per_s": result.steps_per_s}) + "\n")
-        if (step + 1) % cfg.train.save_every == 0 or step + 1 == cfg.train.steps:
-            save(engine, batches, ckpt_dir, step + 1, rank, run_record(cfg, ds))
-    result.bad_samples = batches.n_bad
-    if cfg.train.export:
-        weights = pipeline_state_dict(engine)  # collective; MultimodalLlama names on rank 0
-        if rank == 0:
-            model.float().load_state_dict(weights, strict=False)
-        result.export_dir = export(model, cfg, run_dir / "export", rank)
-    dist.barrier()
-    return result

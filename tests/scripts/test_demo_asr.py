@@ -8,7 +8,8 @@ import torch
 
 from adapters.vqa import build_tiny_tokenizer
 from scripts import demo_asr
-from speech.asr import save_speech_checkpoint, tiny_asr_config
+from speech.asr import tiny_asr_config
+from speech.model_io import save_speech_checkpoint
 from tests.speech.corpus import asr_corpus_text
 from speech.adapter import build_speech_llama
 
@@ -51,7 +52,7 @@ def test_same_text_as_the_batch_decoder(assets, capsys):
     """The streamed greedy transcript equals speech_generate's on the same clip."""
     from adapters.tokenizer import Tokenizer
     from speech.adapter import asr_prompt, encode_speech_dialog, speech_generate
-    from speech.asr import load_speech_checkpoint
+    from speech.model_io import load_speech_checkpoint
     from speech.audio import load_audio
 
     assert run(assets) == 0
@@ -97,7 +98,7 @@ def short_context(assets):
     a 2.5 s clip under the default 60 s chunk must still be split to fit."""
     from adapters.tokenizer import Tokenizer
     from speech.adapter import asr_prompt, encode_speech_dialog
-    from speech.asr import load_speech_checkpoint
+    from speech.model_io import load_speech_checkpoint
 
     tok = Tokenizer(assets["ckpt"] / "tokenizer.model")
     prompt_len = len(encode_speech_dialog(tok, asr_prompt()))
@@ -108,7 +109,7 @@ def short_context(assets):
 
 
 def test_pieces_are_cut_to_what_the_checkpoint_holds(assets, short_context, capsys):
-    from speech.asr import load_speech_checkpoint
+    from speech.model_io import load_speech_checkpoint
 
     ckpt, prompt_len = short_context
     cfg = load_speech_checkpoint(ckpt).cfg
@@ -207,7 +208,7 @@ def test_an_image_export_is_refused_naming_its_modality(assets, capsys, tmp_path
     else:
         assert run(assets, ckpt=ckpt) == 2
     assert capsys.readouterr().err == (f"error: {ckpt}: this demo answers with speech models, and this export "
-                                       f"(format 'llama3-mm/1') is an image/video model: ask with "
+                                       f"(format 'llama3-mm/multimodal/1') is an image/video model: ask with "
                                        f"scripts.demo_vqa or scripts.demo_video\n")
 
 
@@ -222,4 +223,4 @@ def test_a_speech_encoder_run_is_refused_naming_what_it_is(assets, capsys, tmp_p
     assert run(assets, ckpt=run_dir) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {run_dir}: this demo answers with speech models, and this export (format "
-                          f"'llama3-speech-encoder/1') is a pre-trained speech encoder without an LM")
+                          f"'llama3-mm/speech-encoder/1') is a pre-trained speech encoder without an LM")

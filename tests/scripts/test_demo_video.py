@@ -161,7 +161,8 @@ def test_video_and_questions_are_mutually_exclusive(assets, capsys, tmp_path):
 
 def test_a_speech_export_is_refused_naming_its_modality(assets, capsys, tmp_path):
     from speech.adapter import build_speech_llama
-    from speech.asr import save_speech_checkpoint, tiny_asr_config
+    from speech.asr import tiny_asr_config
+    from speech.model_io import save_speech_checkpoint
     from tests.speech.corpus import asr_corpus_text
 
     tok = build_tiny_tokenizer(tmp_path, texts=asr_corpus_text())

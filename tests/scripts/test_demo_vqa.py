@@ -230,7 +230,8 @@ def test_batch_flag_misuse_exits_2(assets, capsys, argv, message):
 @pytest.fixture(scope="module")
 def speech_ckpt(tmp_path_factory):
     from speech.adapter import build_speech_llama
-    from speech.asr import save_speech_checkpoint, tiny_asr_config
+    from speech.asr import tiny_asr_config
+    from speech.model_io import save_speech_checkpoint
     from tests.speech.corpus import asr_corpus_text
 
     root = tmp_path_factory.mktemp("speech_export")
@@ -246,7 +247,7 @@ def test_a_speech_export_is_refused_naming_its_modality(speech_ckpt, held_out, c
     assert demo_vqa.main([*argv, "--checkpoint", str(speech_ckpt)]) == 2
     err = capsys.readouterr().err
     assert err == (f"error: {speech_ckpt}: this demo answers with image/video models, and this export "
-                   f"(format 'llama3-speech/1') is a speech model: transcribe with scripts.demo_asr\n")
+                   f"(format 'llama3-mm/speech/1') is a speech model: transcribe with scripts.demo_asr\n")
 
 
 def test_long_files_show_progress_and_an_unwritable_out_is_named(assets, held_out, capsys, tmp_path,
@@ -260,3 +261,33 @@ def test_long_files_show_progress_and_an_unwritable_out_is_named(assets, held_ou
     err = capsys.readouterr().err
     assert "3/3" in err  # the progress bar ran to the end before the write failed
     assert err.splitlines()[-1].startswith(f"error: --out {blocker / 'predictions.jsonl'}: cannot write")
+
+
+def test_our_exports_are_asked_with_trimmed_tiles_as_they_were_trained(assets, tmp_path):
+    """The trainer feeds our models trimmed batches (a one-tile image is one tile); released Mllama weights
+    saw padding tiles. Asking our export with padding slots would change what its encoder computes."""
+    import torch
+
+    from adapters.model_io import load_checkpoint
+    from training.data import ImageCaptionCodec
+    from vision.tiling import TilingConfig
+
+    from PIL import Image
+
+    model = load_checkpoint(assets["ckpt"], lm_path=assets["lm"]).eval()
+    v = model.cfg.vision
+    square = tmp_path / "square.png"  # one tile's size: one tile of max_tiles slots
+    Image.open(ASSET).convert("RGB").resize((v.tile_size, v.tile_size)).save(square)
+    ours, padded = demo_vqa.image_input(model, square, padded=False), demo_vqa.image_input(model, square, padded=True)
+    assert padded.tiles.shape[2] == v.max_tiles > ours.tiles.shape[2] and bool(ours.tile_mask.all())
+    codec = ImageCaptionCodec(None, TilingConfig(tile_size=v.tile_size, max_tiles=v.max_tiles))
+
+    class Tiled:  # what the codec's decode puts in an Example: the tiled image
+        def __init__(self, media):
+            self.media = media
+
+    from vision.image_io import load_image
+    from vision.tiling import tile_image
+
+    trained = codec.collate_rows([[Tiled(tile_image(load_image(square), codec.tiling))]])["images"]
+    assert torch.equal(ours.tiles, trained.tiles) and torch.equal(ours.tile_mask, trained.tile_mask)

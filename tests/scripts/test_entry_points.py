@@ -56,7 +56,7 @@ def test_bad_checkpoint_directories_raise_named_errors(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
         load_checkpoint(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"format": "llama3-mm/1", "config": {"lm": {}}}))
+    (tmp_path / "config.json").write_text(json.dumps({"format": "llama3-mm/multimodal/1", "config": {"lm": {}}}))
     with pytest.raises(CheckpointError, match="'vision' section"):
         load_checkpoint(tmp_path)
 

@@ -9,7 +9,8 @@ from adapters.tokenizer import build_tiny_tokenizer
 from scripts import learning_speech
 from scripts._road import RoadError, export_untrained, run_stage
 from scripts.learning_speech import SPEECH_CONFIG, TEXT_CONFIG, Road
-from speech import asr
+from speech.asr import tiny_asr_config
+from speech.model_io import load_speech_checkpoint
 from speech.adapter import build_speech_llama
 from training.config import load_run_config
 from tests.speech.corpus import asr_corpus_text
@@ -49,9 +50,9 @@ def test_the_no_audio_baseline_is_the_untrained_speech_model_the_run_starts_from
     tok = build_tiny_tokenizer(tmp_path, asr_corpus_text())
     overrides = [f"model.tokenizer={tok.path}", "model.lm=null", "model.seed=3"]
     out = export_untrained(SPEECH_CONFIG, overrides, tmp_path / "untrained")
-    loaded = asr.load_speech_checkpoint(out)
+    loaded = load_speech_checkpoint(out)
     torch.manual_seed(3)  # what training.spec.build_speech_model seeds with model.seed
-    fresh = build_speech_llama(asr.tiny_asr_config(tok))
+    fresh = build_speech_llama(tiny_asr_config(tok))
     assert loaded.cfg == fresh.cfg and (out / "tokenizer.model").exists()
     for (name, a), b in zip(loaded.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), name

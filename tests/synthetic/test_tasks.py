@@ -67,6 +67,31 @@ def test_spoken_digits_have_transcripts_and_no_question(tmp_path):
     assert all((tmp_path / "test" / q["audio"]).is_file() for q in questions)
 
 
+def test_video_motion_stills_ask_the_place_and_held_out_middle_frames_the_direction(tmp_path):
+    from PIL import Image
+
+    from synthetic.motion import PLACES, POSITION_QUESTION
+
+    write_task("video-motion", tmp_path, n_train=4, n_test=4, seed=2)
+    stills = sorted((tmp_path / "frames").glob("*.png"))
+    assert len(stills) == 3 * 4  # first, middle and last frame of every train clip
+    for png in stills:
+        side = json.loads(png.with_suffix(".json").read_text())
+        assert side["question"] == POSITION_QUESTION and side["answer"] in PLACES and side["kind"] == "position"
+        assert side["caption"].endswith(side["answer"]) and (tmp_path / "train" / side["clip"]).is_file()
+        assert Image.open(png).size == (56, 56)
+    test = tmp_path / "test"
+    questions, answers = _rows(test / "frame_questions.jsonl"), _rows(test / "frame_answers.jsonl")
+    assert [q["id"] for q in questions] == [a["id"] for a in answers] and len(questions) == 2 * 4
+    clip_answers = {a["id"]: a["answer"] for a in _rows(test / "answers.jsonl")}
+    for q, a in zip(questions, answers):
+        assert (test / q["image"]).is_file() and q["kind"] == a["kind"]
+        if a["kind"] == "direction":  # the clip's own question id and answer: one key scores clip and frame
+            assert q["question"] == MOTION_QUESTION and clip_answers[a["id"]] == a["answer"]
+        else:
+            assert q["question"] == POSITION_QUESTION and a["answer"] in PLACES
+
+
 @pytest.mark.parametrize("task", ["image-vqa", "video-motion", "spoken-digits"])
 def test_the_same_seed_gives_the_same_files(tmp_path, task):
     if task == "spoken-digits":
@@ -74,7 +99,8 @@ def test_the_same_seed_gives_the_same_files(tmp_path, task):
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
         write_task(task, tmp_path / name, n_train=3, n_test=2, seed=seed)
     a, b, c = (_files(tmp_path / n) for n in "abc")
-    assert a == b and len(a) == 3 * 2 + 2 + 2
+    top = [k for k in a if k.startswith(("train/", "test/")) and k.count("/") == 1 and "/frame_" not in k]
+    assert a == b and len(top) == 3 * 2 + 2 + 2  # video-motion: stills and their questions besides
     assert a != c
     # train and held out come from different seeds: no held-out scene is a train scene
     train = {v for k, v in a.items() if k.startswith("train/") and not k.endswith(".json")}

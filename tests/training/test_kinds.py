@@ -136,9 +136,9 @@ def test_config_checks_formats_and_layouts_against_the_spec():
         load_run_config(None, ["kind=speech", "data.format=qa"])
     with pytest.raises(TrainConfigError, match="parallel: pipeline lays out the image model only, not kind 'clip'"):
         load_run_config(None, ["kind=clip", "parallel=pipeline"])
-    with pytest.raises(TrainConfigError, match=r"kind: 'audio' is not one of \('image', 'video', 'speech', 'text', 'clip'\)"):
+    with pytest.raises(TrainConfigError, match=r"kind: 'audio' is not one of \('image', 'video', 'speech', 'text', 'clip', 'bestrq'\)"):
         load_run_config(None, ["kind=audio"])
-    for name in ("clip", "text", "image_qa", "video_qa"):
+    for name in ("clip", "text", "image_qa", "video_qa", "bestrq"):
         cfg = load_run_config(Path("configs") / f"run_{name}_synthetic.yaml")
         assert cfg.data.format in SPECS[cfg.kind].formats and cfg.model.preset == "tiny"
 
@@ -187,7 +187,12 @@ def test_clip_trains_and_its_encoder_starts_the_image_model(qa, tmp_path):
     assert torch.equal(model.vision.transformer.resblocks[0].mlp.c_fc.weight,
                        weights["transformer.resblocks.0.mlp.c_fc.weight"])
     meta = json.loads((result.export_dir / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**meta, "vision": {**meta["vision"], "width": 32}}))
-    with pytest.raises(TrainError, match=r"config.json: vision.width is 32, the image preset's is 64"):
+    (tmp_path / "config.json").write_text(json.dumps({**meta, "config": {**meta["config"], "width": 32}}))
+    with pytest.raises(TrainError, match=r"config.json: config.width is 32, the image preset's is 64"):
+        build_model(run_cfg("run_image_qa_synthetic.yaml", root, "x", "model.lm=null",
+                            f"model.encoder_from={tmp_path}"), tok)
+    (tmp_path / "config.json").write_text(json.dumps({**meta, "format": "llama3-mm-clip-encoder/1"}))
+    with pytest.raises(TrainError, match=r"model.encoder_from: .*config.json: format "
+                                         r"'llama3-mm-clip-encoder/1', expected format 'llama3-mm/clip-encoder/1'"):
         build_model(run_cfg("run_image_qa_synthetic.yaml", root, "x", "model.lm=null",
                             f"model.encoder_from={tmp_path}"), tok)

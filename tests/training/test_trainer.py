@@ -268,7 +268,7 @@ def test_video_from_the_image_export_and_speech_from_audio_shards(stage1, tmp_pa
     import soundfile as sf
     import webdataset as wds
 
-    from speech.asr import load_speech_checkpoint
+    from speech.model_io import load_speech_checkpoint
     from synthetic.motion import make_motion_clips
 
     root, _, result = stage1

@@ -1,4 +1,4 @@
-"""The speech checkpoint: round trip and strict errors on its config and weights."""
+"""The speech export (`speech.model_io`): round trip and strict errors on its config and weights."""
 
 import json
 
@@ -7,7 +7,8 @@ import torch
 
 from adapters.checkpoint import CheckpointError
 from adapters.tokenizer import Tokenizer, build_tiny_tokenizer
-from speech import asr
+from speech import model_io
+from speech.asr import tiny_asr_config
 from speech.adapter import asr_prompt, build_speech_llama, encode_speech_training_example
 from tests.speech.corpus import asr_corpus_text
 
@@ -19,9 +20,9 @@ def tok(tmp_path_factory) -> Tokenizer:
 
 def test_checkpoint_round_trip_and_strict_errors(tok, tmp_path):
     torch.manual_seed(0)
-    model = build_speech_llama(asr.tiny_asr_config(tok)).eval()
-    ckpt = asr.save_speech_checkpoint(model, tmp_path / "ckpt", tok.path)
-    loaded = asr.load_speech_checkpoint(ckpt)
+    model = build_speech_llama(tiny_asr_config(tok)).eval()
+    ckpt = model_io.save_speech_checkpoint(model, tmp_path / "ckpt", tok.path)
+    loaded = model_io.load_speech_checkpoint(ckpt)
     assert loaded.cfg == model.cfg and (ckpt / "tokenizer.model").exists()
     assert not any(p.requires_grad for p in loaded.lm.parameters())
     tokens, labels = encode_speech_training_example(tok, asr_prompt(), "one two three")
@@ -31,15 +32,16 @@ def test_checkpoint_round_trip_and_strict_errors(tok, tmp_path):
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
 
     meta = json.loads((ckpt / "config.json").read_text())
-    bad = dict(meta, format="llama3-speech/0")
+    bad = dict(meta, format="llama3-mm/speech/0")
     (ckpt / "config.json").write_text(json.dumps(bad))
-    with pytest.raises(CheckpointError, match="format"):
-        asr.load_speech_checkpoint(ckpt)
+    with pytest.raises(CheckpointError,
+                       match="format 'llama3-mm/speech/0', expected format 'llama3-mm/speech/1'"):
+        model_io.load_speech_checkpoint(ckpt)
     bad = json.loads(json.dumps(meta))
     bad["config"]["encoder"]["n_heads_typo"] = 4
     (ckpt / "config.json").write_text(json.dumps(bad))
     with pytest.raises(CheckpointError, match=r"config.json: encoder: unknown keys \['n_heads_typo'\]"):
-        asr.load_speech_checkpoint(ckpt)
+        model_io.load_speech_checkpoint(ckpt)
 
 
 @pytest.mark.parametrize("section, key, value, message", [
@@ -51,13 +53,13 @@ def test_checkpoint_round_trip_and_strict_errors(tok, tmp_path):
 ])
 def test_speech_checkpoint_config_types_and_bounds(tok, tmp_path, section, key, value, message):
     torch.manual_seed(0)
-    model = build_speech_llama(asr.tiny_asr_config(tok))
-    ckpt = asr.save_speech_checkpoint(model, tmp_path / "ckpt", tok.path)
+    model = build_speech_llama(tiny_asr_config(tok))
+    ckpt = model_io.save_speech_checkpoint(model, tmp_path / "ckpt", tok.path)
     meta = json.loads((ckpt / "config.json").read_text())
     (meta["config"][section] if section else meta["config"])[key] = value
     (ckpt / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError) as e:
-        asr.load_speech_checkpoint(ckpt)
+        model_io.load_speech_checkpoint(ckpt)
     assert message in str(e.value)
 
 
@@ -65,13 +67,13 @@ def test_speech_checkpoint_that_is_not_an_object_or_mixes_dtypes(tok, tmp_path):
     from safetensors.torch import load_file, save_file
 
     torch.manual_seed(0)
-    model = build_speech_llama(asr.tiny_asr_config(tok))
-    ckpt = asr.save_speech_checkpoint(model, tmp_path / "ckpt", tok.path)
+    model = build_speech_llama(tiny_asr_config(tok))
+    ckpt = model_io.save_speech_checkpoint(model, tmp_path / "ckpt", tok.path)
     sd = load_file(ckpt / "model.safetensors")
     sd["adapter.output.weight"] = sd["adapter.output.weight"].half()
     save_file(sd, str(ckpt / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"model.safetensors: tensors of several float dtypes"):
-        asr.load_speech_checkpoint(ckpt)
+        model_io.load_speech_checkpoint(ckpt)
     (ckpt / "config.json").write_text("[]")
     with pytest.raises(CheckpointError, match="config.json: expected an object, got list"):
-        asr.load_speech_checkpoint(ckpt)
+        model_io.load_speech_checkpoint(ckpt)
