@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from scripts._road import export_untrained, run_stage
+from scripts._road import export_untrained, run_stage, set_args
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TEXT_CONFIG = CONFIGS / "run_text_speech_synthetic.yaml"
@@ -69,11 +69,6 @@ class Road:
     @property
     def speech_run(self) -> Path:
         return self.work / self.config(SPEECH_CONFIG, []).train.run_dir
-
-
-def set_args(overrides: list[str]) -> list[str]:
-    """``["a=1", "b=2"]`` -> ``["--set", "a=1", "--set", "b=2"]``: the training scripts' override flags."""
-    return [arg for o in overrides for arg in ("--set", o)]
 
 
 def transcribe_and_score(checkpoint: Path, data: Path, out: Path) -> tuple[dict, float, float]:

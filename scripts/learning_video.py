@@ -25,14 +25,13 @@ repository root, ``python -m scripts.train --config configs/run_*_synthetic.yaml
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 from scripts import build_shards, build_video_shards, demo_video, demo_vqa, make_synthetic
-from scripts._road import RoadError, Stage, export_untrained, offline_curation, rooted_overrides, run_stage, train_stage
+from scripts._road import (Stage, export_untrained, offline_curation, road_main,
+                           rooted_overrides, run_stage, train_stage)
 from synthetic.motion import DIRECTIONS
 from synthetic.score import normalize_answer, score
 
@@ -147,20 +146,7 @@ def run_video_road(work: str | Path, seed: int = 0, progress: bool = True) -> di
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m scripts.learning_video [--seed S] [--work-dir DIR] [--json]``: the road, its answers and score."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--work-dir", default=".", help="where out/synthetic/... and runs/synthetic/... are written")
-    p.add_argument("--json", action="store_true", help="print only the JSON result")
-    args = p.parse_args(argv)
-    try:
-        metrics = run_video_road(args.work_dir, args.seed, progress=not args.json)
-    except RoadError as e:
-        print(f"learning_video: {e}", file=sys.stderr)
-        return 2
-    if not args.json:
-        print(summary(metrics), file=sys.stderr)
-    print(json.dumps(metrics, indent=None if args.json else 2))
-    return 0
+    return road_main("learning_video", __doc__, run_video_road, summary, argv)
 
 
 if __name__ == "__main__":
