@@ -40,13 +40,20 @@ IMAGE_ROAD := out/synthetic/image-vqa runs/synthetic/text runs/synthetic/clip ru
 demo: $(STAMP) system-deps
 	$(PY) -m scripts.inspect_image assets/coffee.jpg --preset tiny --out runs/demo/coffee_tiles.png
 	rm -rf $(IMAGE_ROAD)
-	$(PY) -m scripts.learning_image --work-dir .
+	$(PY) -m scripts.bench_learning image --work-dir .
+
+# The video road end to end (H.264 clips -> video shards + still shards -> text LM -> encoder -> image adapter
+# -> video adapter -> export -> answers), where configs/run_*_video_synthetic.yaml, run_image_frames_synthetic.yaml
+# and run_video_qa_synthetic.yaml point: a fresh run each time. Then one held-out clip again.
+VIDEO_ROAD := out/synthetic/video-motion runs/synthetic/video_text runs/synthetic/video_clip \
+	runs/synthetic/video_image runs/synthetic/video_qa runs/synthetic/video_frozen_lm
 
 demo-video: $(STAMP) system-deps
-	$(PY) -m scripts.bench_learning video --save runs/demo/video
-	$(PY) -m scripts.demo_video --checkpoint runs/demo/video/checkpoint \
-		--video runs/demo/video/heldout/videos/00000.mp4 --question "Which way does the ball move?"
-	head -n 1 runs/demo/video/heldout/records.jsonl
+	rm -rf $(VIDEO_ROAD)
+	$(PY) -m scripts.bench_learning video --work-dir .
+	$(PY) -m scripts.demo_video --checkpoint runs/synthetic/video_qa/export --frames 8 \
+		--video out/synthetic/video-motion/test/00000.mp4 --question "Which way does the ball move?"
+	head -n 1 out/synthetic/video-motion/test/answers.jsonl
 
 # The speech road end to end (espeak-ng clips -> audio shards -> text LM -> speech adapter -> export ->
 # transcripts -> WER), where configs/run_text_speech_synthetic.yaml and run_speech_synthetic.yaml point: a

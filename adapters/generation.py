@@ -1,12 +1,14 @@
 """Generation for the multimodal model: self-attention KV cache, vision K/V computed once per image.
 
-``generate`` yields one token per row per step (streaming); ``stream_text`` turns that into text
-pieces that never split a UTF-8 character.
+`decode` is the one decoding loop (sampling, stop ids) of every model: ``generate`` drives it for the
+image / video model, ``speech.adapter.speech_decode`` for the speech model; both yield one token per row per
+step (streaming), `collect_ids` gathers them and ``stream_text`` turns them into text pieces that never
+split a UTF-8 character.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +59,46 @@ def sample_next(logits: Tensor, temperature: float, top_p: float, generator: tor
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def decode(logits: Tensor, step: Callable[[Tensor, int], Tensor], sampling: SamplingConfig,
+           stop_ids: Iterable[int] = (), pad_id: int = 0) -> Iterator[Tensor]:
+    """The one decoding loop (image, video and speech models): from the prompt's last logits (B, V), yield
+    the next token of every row (B,) and feed it back through ``step(tokens, i) -> logits (B, V)`` (``i``:
+    tokens generated before these), until every row hit a stop id or ``sampling.max_new_tokens`` are out.
+    Rows that already stopped yield ``pad_id``."""
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=logits.device).manual_seed(sampling.seed)
+    stops = torch.tensor(sorted(set(stop_ids)), device=logits.device, dtype=torch.long)
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    for i in range(sampling.max_new_tokens):
+        nxt = sample_next(logits.float(), sampling.temperature, sampling.top_p, generator)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        yield nxt
+        done |= torch.isin(nxt, stops)
+        if bool(done.all()) or i == sampling.max_new_tokens - 1:
+            return
+        logits = step(nxt, i)
+
+
+def collect_ids(steps: Iterable[Tensor], stop_ids: Iterable[int] = ()) -> list[list[int]]:
+    """A decoding loop's tokens per row, each row cut before its first stop id (the stop id dropped)."""
+    stops = set(stop_ids)
+    rows: list[list[int]] | None = None
+    finished: list[bool] = []
+    for nxt in steps:
+        if rows is None:
+            rows, finished = [[] for _ in range(nxt.shape[0])], [False] * nxt.shape[0]
+        for b, t in enumerate(nxt.tolist()):
+            if not finished[b]:
+                if t in stops:
+                    finished[b] = True
+                else:
+                    rows[b].append(t)
+        if all(finished):
+            break
+    return rows or []
+
+
 @torch.inference_mode()
 def generate(
     model: MultimodalLlama,
@@ -67,17 +109,13 @@ def generate(
     pad_id: int = 0,
     videos: VideoBatch | None = None,
 ) -> Iterator[Tensor]:
-    """Yield next tokens (B,) for equal-length prompts (B, T) until every row hit a stop id.
+    """`decode` for equal-length prompts (B, T) of the image / video model.
 
-    Rows that already stopped yield ``pad_id``. The vision encoder (and the video aggregator) and each
-    cross-attention layer's K/V run once, on the prompt; every decoding step reuses them.
+    The vision encoder (and the video aggregator) and each cross-attention layer's K/V run once, on the
+    prompt; every decoding step reuses them.
     """
     B, T = prompt.shape
     check_length(T, sampling.max_new_tokens, model.cfg.lm.max_seq_len)
-    device = prompt.device
-    generator = None
-    if sampling.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(sampling.seed)
     cache = model.lm.new_cache(B, T + sampling.max_new_tokens)
     context = None
     if images is not None and bool(images.image_mask.any()):
@@ -86,33 +124,11 @@ def generate(
     if videos is not None and bool(videos.video_mask.any()):
         video_context = model.video_context(prompt, videos)
     hidden = model(prompt, context=context, video_context=video_context, cache=cache, return_hidden=True)
-    logits = model.lm.output(hidden[:, -1]).float()
-    stops = torch.tensor(sorted(set(stop_ids)), device=device, dtype=torch.long)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    for step in range(sampling.max_new_tokens):
-        nxt = sample_next(logits, sampling.temperature, sampling.top_p, generator)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        yield nxt
-        done |= torch.isin(nxt, stops)
-        if bool(done.all()) or step == sampling.max_new_tokens - 1:
-            return
-        logits = model(nxt[:, None], context=context, video_context=video_context, start_pos=T + step,
-                       cache=cache)[:, -1]
 
+    def step(nxt: Tensor, i: int) -> Tensor:
+        return model(nxt[:, None], context=context, video_context=video_context, start_pos=T + i, cache=cache)[:, -1]
 
-def generate_ids(model, prompt: Tensor, images=None, sampling=SamplingConfig(), stop_ids=(), videos=None) -> list[list[int]]:
-    """All generated ids per row, each cut after its first stop id (the stop id itself dropped)."""
-    stops = set(stop_ids)
-    rows: list[list[int]] = [[] for _ in range(prompt.shape[0])]
-    finished = [False] * prompt.shape[0]
-    for nxt in generate(model, prompt, images, sampling, stops, videos=videos):
-        for b, t in enumerate(nxt.tolist()):
-            if not finished[b]:
-                if t in stops:
-                    finished[b] = True
-                else:
-                    rows[b].append(t)
-    return rows
+    yield from decode(model.lm.output(hidden[:, -1]), step, sampling, stop_ids, pad_id)
 
 
 def stream_text(tokenizer, ids: Iterable[int], stop_ids: Iterable[int] = ()) -> Iterator[str]:

@@ -202,7 +202,7 @@ class ClipScorer:
     @classmethod
     def from_model(cls, model: torch.nn.Module, preprocess: Callable[[Image.Image], torch.Tensor],
                    tokenizer: Callable[[list[str]], torch.Tensor], device: str | torch.device = "cpu") -> "ClipScorer":
-        """Any model with open_clip's ``encode_image`` / ``encode_text`` (e.g. ``vision.clip_pretrain.build_clip``)."""
+        """Any model with open_clip's ``encode_image`` / ``encode_text`` (e.g. ``vision.clip.build_clip``)."""
         return cls(model, preprocess, tokenizer, device)
 
     @torch.inference_mode()

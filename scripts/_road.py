@@ -1,5 +1,6 @@
-"""What the learning roads share (scripts/learning_image.py, scripts/learning_speech.py): running one entry point's
-``main(argv)`` as a timed stage, and exporting the model a run starts from (the untrained baseline)."""
+"""What the learning roads share (scripts/learning_{image,video,speech}.py, run by scripts.bench_learning):
+running one entry point's ``main(argv)`` as a timed stage, and exporting the model a run starts from (the
+untrained baseline)."""
 
 from __future__ import annotations
 
@@ -60,8 +61,8 @@ def rooted_overrides(config: Path, work: Path, seed: int, progress: bool) -> lis
     for key in PATH_KEYS:
         section, name = key.split(".")
         value = (cfg.get(section) or {}).get(name)
-        if value:
-            sets.append(f"{key}={work / value}")
+        if value:  # data.shards may list several globs, separated by spaces
+            sets.append(f"{key}={' '.join(str(work / v) for v in str(value).split())}")
     return sets + [f"model.seed={seed}", f"data.seed={seed}", f"train.progress={str(progress).lower()}"]
 
 
@@ -92,27 +93,3 @@ def offline_curation(config: Path, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return out
-
-
-def road_main(name: str, doc: str, run: Callable[..., dict], summary: Callable[[dict], str],
-              argv: list[str] | None) -> int:
-    """``python -m scripts.<name> [--seed S] [--work-dir DIR] [--json]``: run a road, print its summary and
-    JSON; a failed stage is one line and exit status 2."""
-    import argparse
-    import sys
-
-    p = argparse.ArgumentParser(prog=f"python -m scripts.{name}", description=doc,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--work-dir", default=".", help="where out/synthetic/... and runs/synthetic/... are written")
-    p.add_argument("--json", action="store_true", help="print only the JSON result")
-    args = p.parse_args(argv)
-    try:
-        metrics = run(args.work_dir, args.seed, progress=not args.json)
-    except RoadError as e:
-        print(f"{name}: {e}", file=sys.stderr)
-        return 2
-    if not args.json:
-        print(summary(metrics), file=sys.stderr)
-    print(json.dumps(metrics, indent=None if args.json else 2))
-    return 0

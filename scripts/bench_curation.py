@@ -36,7 +36,7 @@ def bench_shards(n_images: int, workers: int) -> dict:
     from data_curation.curation_config import load_config
     from data_curation.shards import build_shards
     from data_curation.sscd import build_sscd
-    from vision.clip_pretrain import ClipTrainConfig, build_clip
+    from vision.clip import build_clip, open_clip_model_cfg
     from vision.encoder import vision_config
 
     rng = np.random.default_rng(0)
@@ -55,15 +55,10 @@ def bench_shards(n_images: int, workers: int) -> dict:
             img.save(buf, format="JPEG", quality=int(rng.integers(60, 95)))
             (src / f"img{i:05d}.jpg").write_bytes(buf.getvalue())
             (src / f"img{i:05d}.txt").write_text(f"A photo number {i} of a scene with some objects in it")
-        v, t = vision_config("tiny"), ClipTrainConfig()
         (tmp / "clip").mkdir()
-        (tmp / "clip" / "open_clip_config.json").write_text(json.dumps({"model_cfg": {
-            "embed_dim": v.width,
-            "vision_cfg": {"width": v.width, "layers": v.layers, "head_width": v.width // v.heads,
-                           "patch_size": v.patch_size, "mlp_ratio": v.mlp_ratio, "image_size": v.tile_size},
-            "text_cfg": {"context_length": t.context_length, "width": t.text_width, "heads": 2,
-                         "layers": t.text_layers}}}))
-        torch.save(build_clip(v, t).state_dict(), tmp / "clip" / "open_clip_pytorch_model.bin")
+        (tmp / "clip" / "open_clip_config.json").write_text(
+            json.dumps({"model_cfg": open_clip_model_cfg(vision_config("tiny"))}))
+        torch.save(build_clip(vision_config("tiny")).state_dict(), tmp / "clip" / "open_clip_pytorch_model.bin")
         torch.save(build_sscd("resnet50").state_dict(), tmp / "sscd.pt")
         cfg = {"samples_per_shard": 32, "workers": workers,
                "clip": {"model": f"local-dir:{tmp / 'clip'}", "pretrained": None, "threshold": -1.0},

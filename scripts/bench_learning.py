@@ -1,32 +1,27 @@
-"""Proof that the image, video and speech adapters learn, on CPU: synthetic data, tiny frozen LM, held out.
+"""Proof that the image, video and speech adapters learn, on CPU, through the product's own road.
 
-    python -m scripts.bench_learning speech [--seed S] [--json] [--work-dir DIR]
-    python -m scripts.bench_learning image|video [--steps N] [--clip-steps N] [--seed S] [--json]
-        [--work-dir DIR] [--save DIR]
+    python -m scripts.bench_learning image|video|speech [--seed S] [--work-dir DIR] [--json]
 
---save DIR writes the trained model to DIR/checkpoint (for scripts.demo_vqa / demo_video) and the held-out
-set to DIR/heldout (records.jsonl + the images or mp4 clips).
+Each modality runs the road a researcher takes, every stage an entry point's ``main(argv)`` exactly as
+``python -m scripts.<name> ...`` runs it, on the paths the checked-in ``configs/run_*_synthetic.yaml`` name,
+rooted at ``--work-dir`` (DIR/out/synthetic/... for data, DIR/runs/synthetic/... for runs and exports; the
+default is the current directory, which must not hold an earlier run: make_synthetic refuses to mix runs):
 
-image (in-process recipe, `adapters.vqa.run_vqa_benchmark`; the production road for image,
-`python -m scripts.learning_image`, reaches 0.88 and replaces it once it meets the bars): renders
-shapes/colours/positions/counts with PIL, CLIP-pretrains the tiny image encoder on the training scenes'
-captions, pre-trains a tiny LM on text-only dialogs (it never sees an image, so alone it is at chance) and
-freezes it, then trains encoder + adapter on the questions. Reports held-out accuracy (greedy answers, exact
-match on unseen scenes) next to chance and the frozen-LM-alone accuracy.
+image (scripts/learning_image.py): make_synthetic image-vqa (PNG scenes + sidecar questions) -> build_shards
+  -> train text (the tiny LM on text-only dialogs; frozen from here on) -> train clip (the encoder,
+  contrastive, on the scenes' captions) -> train image (data.format qa) -> export -> demo_vqa batch answers ->
+  score. Held-out accuracy overall and per question kind, beside chance and the frozen LM alone.
+video (scripts/learning_video.py): make_synthetic video-motion (H.264 clips of a moving ball + stills) ->
+  build_video_shards, build_shards of the stills -> train text, clip, image (where is the ball, one still),
+  video (which way it moves: the video adapter on the image export) -> demo_video batch answers -> score.
+  Held-out direction accuracy per direction, beside the image-only model asked about the middle frame and
+  the frozen LM alone (chance 0.25).
+speech (scripts/learning_speech.py): make_synthetic spoken-digits (espeak-ng clips) -> build_audio_shards ->
+  train text -> train_speech_adapter -> demo_asr batch transcripts -> score. Held-out WER, CER and exact
+  match beside the no-audio baseline.
 
-video: renders clips of a ball moving left/right/up/down (PIL -> H.264 mp4 -> read back through
-`video.reader.VideoReader`, 16 frames each), CLIP-pretrains the tiny encoder on captioned frames, trains
-an image model on single frames, then a video adapter on top of it (encoder, projector, image layers and
-LM frozen). Reports held-out direction accuracy next to an image-only model trained on the middle frame
-(one frame cannot tell the direction: chance is 0.25). See `video.vqa`.
-
-speech: the production road (scripts/learning_speech.py): make_synthetic spoken-digits (espeak-ng clips,
-the tokenizer, text-only ASR dialogs) -> build_audio_shards (configs/audio_curation_synthetic.yaml) -> train
-text LM on the dialogs (configs/run_text_speech_synthetic.yaml) -> train_speech_adapter (random Conformer +
-adapter, configs/run_speech_synthetic.yaml) -> export -> demo_asr batch transcripts -> score. Reports
-held-out WER, CER and exact match next to the no-audio baseline (demo_asr on the untrained speech model
-around the frozen LM: the LM alone on the ASR prompt), a few transcripts and the seconds of each stage;
---work-dir DIR keeps every file (DIR/out/synthetic/..., DIR/runs/synthetic/...).
+Prints a few held-out answers, right or wrong, then the JSON (with the seconds of each stage); ``--json``
+prints only the JSON. Exit status 2: a stage failed (one line names its command).
 """
 
 from __future__ import annotations
@@ -34,63 +29,36 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
-from pathlib import Path
 
 import torch
 
-from adapters.model_io import save_checkpoint
-from adapters.vqa import run_vqa_benchmark
-from scripts.learning_speech import run_speech_road, summary
-from synthetic.shapes import save_vqa_set
-from video.vqa import run_video_benchmark, save_video_qa_set
+from scripts._road import RoadError
+from scripts.learning_image import run_image_road
+from scripts.learning_image import summary as image_summary
+from scripts.learning_speech import run_speech_road
+from scripts.learning_speech import summary as speech_summary
+from scripts.learning_video import run_video_road
+from scripts.learning_video import summary as video_summary
 
-DEFAULT_STEPS = {"image": 600, "video": 600}
-ROADS = {"speech": run_speech_road}  # modality -> its road (steps: the run configs')
-DEFAULT_CLIP_STEPS = {"image": 600, "video": 600}
-BENCHMARKS = {"image": (run_vqa_benchmark, save_vqa_set), "video": (run_video_benchmark, save_video_qa_set)}
+ROADS = {"image": (run_image_road, image_summary), "video": (run_video_road, video_summary),
+         "speech": (run_speech_road, speech_summary)}  # modality -> (road, its printed summary)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("modality", choices=sorted([*ROADS, *DEFAULT_STEPS]), help="which adapter to train")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--clip-steps", type=int, default=None,
-                   help="contrastive encoder pre-training steps (default 600; 0: random encoder)")
+    p = argparse.ArgumentParser(prog="python -m scripts.bench_learning", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("modality", choices=sorted(ROADS), help="which adapter's road to run")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--work-dir", default=None,
-                   help="image, speech: every file of the road; video: the tokenizer (default: a temp dir)")
+    p.add_argument("--work-dir", default=".", help="where out/synthetic/... and runs/synthetic/... are written")
     p.add_argument("--json", action="store_true", help="print only the JSON result")
-    p.add_argument("--save", default=None, help="write DIR/checkpoint and DIR/heldout")
     args = p.parse_args(argv)
-    if args.modality in ROADS:
-        return _road(p, args)
-    steps = args.steps or DEFAULT_STEPS[args.modality]
-    clip_steps = DEFAULT_CLIP_STEPS.get(args.modality) if args.clip_steps is None else args.clip_steps
-    with tempfile.TemporaryDirectory() as tmp:
-        work_dir = Path(args.work_dir or tmp)
-        progress = not args.json
-        run, save_set = BENCHMARKS[args.modality]
-        metrics, model, _, test = run(steps, args.seed, work_dir, clip_steps=clip_steps, progress=progress)
-        if args.save:
-            save = Path(args.save)
-            metrics["checkpoint"] = str(save_checkpoint(model, save / "checkpoint", work_dir / "tokenizer.model"))
-            metrics["heldout"] = str(save_set(test, save / "heldout"))
-    metrics["modality"] = args.modality
-    metrics["torch_threads"] = torch.get_num_threads()
-    print(json.dumps(metrics, indent=None if args.json else 2))
-    return 0
-
-
-def _road(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    """The speech road: its steps are the run configs', and --work-dir keeps the export and everything else."""
-    for flag, value in (("--steps", args.steps), ("--clip-steps", args.clip_steps), ("--save", args.save)):
-        if value is not None:
-            p.error(f"{flag} does not apply to {args.modality}: its steps are configs/run_*_synthetic.yaml's and "
-                    "--work-dir DIR keeps every file (DIR/runs/synthetic/*/export is the model)")
-    with tempfile.TemporaryDirectory() as tmp:
-        metrics = ROADS[args.modality](args.work_dir or tmp, args.seed, progress=not args.json)
-    if not args.json:  # a few held-out answers, right or wrong, and the headline numbers
+    run, summary = ROADS[args.modality]
+    try:
+        metrics = run(args.work_dir, args.seed, progress=not args.json)
+    except RoadError as e:
+        print(f"bench_learning {args.modality}: {e}", file=sys.stderr)
+        return 2
+    if not args.json:
         print(summary(metrics), file=sys.stderr)
     metrics["modality"] = args.modality
     metrics["torch_threads"] = torch.get_num_threads()

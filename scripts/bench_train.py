@@ -320,7 +320,7 @@ def trainer_step_times(losses: Path) -> list[float]:
 def run_overhead(config: str, steps: int, warmup: int, out: Path) -> None:
     """The trainer's step time against a bare PyTorch loop (same model factory, micro-batches, dtype) and the
     data loader alone, in this one process; writes ``out/rank0_overhead.json``."""
-    from adapters.vqa import build_tiny_tokenizer
+    from adapters.tokenizer import build_tiny_tokenizer
     from training.bench import bare_step_times, time_loader, write_caption_shards
     from training.data import expand_shards
     from training.spec import get_spec
@@ -331,7 +331,7 @@ def run_overhead(config: str, steps: int, warmup: int, out: Path) -> None:
     loadavg_start = os.getloadavg()
     root = out / "overhead"
     shards, captions = write_caption_shards(root / "shards", n_shards=2, per_shard=OVERHEAD_SAMPLES_PER_SHARD)
-    tok = build_tiny_tokenizer(root, texts=captions)
+    tok = build_tiny_tokenizer(root, captions)
     total = warmup + steps
     cfg = overhead_run_config(root, shards, total, OVERHEAD_PRESETS[config])
     ds = shipped_dp_config(1)  # the micro-batch is a token budget (data.max_tokens); 1 is DeepSpeed's nominal

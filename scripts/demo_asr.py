@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from adapters.checkpoint import CheckpointError
-from adapters.generation import stream_text
+from adapters.generation import SamplingConfig, stream_text
 from adapters.tokenizer import Tokenizer, TokenizerError
 from common.export import ExportFormatError
 from scripts._batch import (BatchInputError, add_batch_args, check_batch_args, read_questions,
@@ -99,7 +99,8 @@ def piece_texts(model: SpeechLlama, tok: Tokenizer, prompt: list[int], piece: Au
                 max_new_tokens: int) -> Iterator[str]:
     """One piece's transcript as text pieces, greedy, as they are decoded."""
     waves = torch.from_numpy(piece.samples)[None]
-    steps = speech_decode(model, torch.tensor([prompt]), waves, torch.tensor([waves.shape[1]]), max_new_tokens)
+    steps = speech_decode(model, torch.tensor([prompt]), waves, torch.tensor([waves.shape[1]]),
+                          SamplingConfig(max_new_tokens=max_new_tokens), tok.stop_ids)
     ids = (int(t[0]) for t in steps)
     return stream_text(tok, ids, tok.stop_ids)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from common.jsonl import read_jsonl
 from scripts import build_shards, demo_vqa, make_synthetic
 from scripts._road import (RoadError, Stage, export_untrained, offline_curation,
-                           road_main, rooted_overrides, run_stage, train_stage)
+                           rooted_overrides, run_stage, train_stage)
 from synthetic.score import normalize_answer, read_rows, score
 from synthetic.shapes import QUESTIONS
 
@@ -134,12 +134,3 @@ def run_image_road(work: str | Path, seed: int = 0, progress: bool = True) -> di
         "seconds": {k: round(v, 1) for k, v in seconds.items()} | {"total": round(sum(seconds.values()), 1)},
         "seed": seed,
     }
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m scripts.learning_image [--seed S] [--work-dir DIR] [--json]``: the road, its answers and score."""
-    return road_main("learning_image", __doc__, run_image_road, summary, argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -7,20 +7,23 @@ Stages, in order (each timed), under ``work_dir`` with the layout the checked-in
 repository root, ``python -m scripts.train --config configs/run_*_synthetic.yaml`` reruns any stage by hand):
 
 1. ``make_synthetic video-motion``: moving-ball clips as H.264 mp4 asked which way the ball moves, stills of
-   them (first, middle, last frame) asked where the ball is, the held-out clips and their middle frames, the
-   answer key and ``tokenizer.model``;
+   them (first, middle, last frame) asked where the ball is, the middle frames asked the direction, the
+   held-out clips and their stills, the answer keys and ``tokenizer.model``;
 2. ``build_video_shards`` of the clips with configs/video_curation_synthetic.yaml (decoding and the motion
    score on: a clip that does not decode or does not move is dropped);
-3. ``build_shards`` of the stills with configs/curation_synthetic.yaml, dedup off (`scripts._road.offline_curation`);
-4. ``train`` text (run_text_video_synthetic: the tiny LM on both shard sets' question -> answer dialogs, never
+3. ``build_shards`` of the stills and of the middle frames with configs/curation_synthetic.yaml, dedup off
+   (`scripts._road.offline_curation`);
+4. ``train`` text (run_text_video_synthetic: the tiny LM on every shard set's question -> answer dialogs, never
    a pixel; frozen from here on), 5. clip (run_clip_video_synthetic: the encoder on the stills' captions),
    6. image (run_image_frames_synthetic: where is the ball, from one still), 7. video
-   (run_video_qa_synthetic: the video adapter on top of the image export, which way the ball moves);
-8. ``demo_video`` batch mode answers the held-out clips with the video export, ``demo_vqa`` batch mode asks the
-   image export the same question about each clip's middle frame (the image-only model: one frame cannot
-   tell the direction), and the frozen LM alone answers through ``demo_video`` too: the video kind's factory
-   around the image export adds a zero-gated video adapter, exactly the LM's logits whatever the clip,
-   exported untrained; 9. the scorer.
+   (run_video_qa_synthetic: the video adapter on top of the image export, which way the ball moves),
+   8. image_only (run_image_only_frames_synthetic: the image recipe on the stills and the middle frames asked
+   the direction: the image-only baseline);
+9. ``demo_video`` batch mode answers the held-out clips with the video export; ``demo_vqa`` batch mode asks
+   the image export where the ball is in held-out first and last frames, and the image-only export which
+   way it moves from each held-out middle frame (one frame cannot tell: chance 1/4); the frozen LM alone
+   answers through ``demo_video`` too: the video kind's factory around the image export adds a zero-gated
+   video adapter, exactly the LM's logits whatever the clip, exported untrained; 10. the scorer.
 """
 
 from __future__ import annotations
@@ -30,18 +33,21 @@ import time
 from pathlib import Path
 
 from scripts import build_shards, build_video_shards, demo_video, demo_vqa, make_synthetic
-from scripts._road import (Stage, export_untrained, offline_curation, road_main,
+from scripts._road import (Stage, export_untrained, offline_curation,
                            rooted_overrides, run_stage, train_stage)
 from synthetic.motion import DIRECTIONS
 from synthetic.score import normalize_answer, score
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RUN_CONFIGS = {"text": CONFIGS / "run_text_video_synthetic.yaml", "clip": CONFIGS / "run_clip_video_synthetic.yaml",
-               "image": CONFIGS / "run_image_frames_synthetic.yaml", "video": CONFIGS / "run_video_qa_synthetic.yaml"}
+               "image": CONFIGS / "run_image_frames_synthetic.yaml", "video": CONFIGS / "run_video_qa_synthetic.yaml",
+               "image_only": CONFIGS / "run_image_only_frames_synthetic.yaml"}
 DATA = Path("out/synthetic/video-motion")  # make_synthetic's OUT, relative to the work dir
-SHARDS, FRAME_SHARDS = DATA / "shards", DATA / "frame_shards"  # the run configs' data.shards folders
+# the run configs' data.shards folders: clips, stills asked the place, middle frames asked the direction
+SHARDS, FRAME_SHARDS, MIDDLE_FRAME_SHARDS = DATA / "shards", DATA / "frame_shards", DATA / "middle_frame_shards"
 VIDEO_RUN = Path("runs/synthetic/video_qa")
 IMAGE_RUN = Path("runs/synthetic/video_image")
+IMAGE_ONLY_RUN = Path("runs/synthetic/video_image_only")
 FROZEN_LM_RUN = Path("runs/synthetic/video_frozen_lm")
 N_TRAIN, N_TEST = 1600, 200  # train clips (3 stills each), held-out clips
 FRAMES = 8  # frames per clip, as run_video_qa_synthetic's model.num_frames
@@ -87,9 +93,9 @@ def summary(metrics: dict) -> str:
         f"{FRAMES} frames each): \"Which way does the ball move?\"",
         *lines,
         f"accuracy {metrics['heldout_accuracy']:.3f} ({dirs}); chance {metrics['chance_accuracy']:.3f}, "
-        f"image-only model on the middle frame {metrics['image_only_accuracy']:.3f} (where the ball is: "
-        f"{metrics['image_model_position_accuracy']:.3f}), "
-        f"frozen LM alone {metrics['frozen_lm_alone_accuracy']:.3f}",
+        f"image-only model on the middle frame {metrics['image_only_accuracy']:.3f}, "
+        f"frozen LM alone {metrics['frozen_lm_alone_accuracy']:.3f}; the image model on first and last frames, "
+        f"where is the ball: {metrics['image_model_position_accuracy']:.3f}",
         f"checkpoint: {metrics['export']}"])
 
 
@@ -107,8 +113,9 @@ def run_video_road(work: str | Path, seed: int = 0, progress: bool = True) -> di
                       [str(data / "train"), str(work / SHARDS), "--config",
                        str(CONFIGS / "video_curation_synthetic.yaml"), "--json"])
     curation = offline_curation(CONFIGS / "curation_synthetic.yaml", data / "curation_synthetic_offline.yaml")
-    stills = run_stage("build_shards", build_shards.main,
-                       [str(data / "frames"), str(work / FRAME_SHARDS), "--config", str(curation), "--json"])
+    stills = {folder: run_stage("build_shards", build_shards.main, [str(data / folder), str(work / shards),
+                                                                    "--config", str(curation), "--json"])
+              for folder, shards in (("frames", FRAME_SHARDS), ("middle_frames", MIDDLE_FRAME_SHARDS))}
     runs = {kind: train_stage(config, work, seed, progress) for kind, config in RUN_CONFIGS.items()}
     test = data / "test"
     answers = test / "answers.jsonl"
@@ -116,11 +123,19 @@ def run_video_road(work: str | Path, seed: int = 0, progress: bool = True) -> di
     preds = work / VIDEO_RUN / "predictions.jsonl"
     answered = answer_clips(export, test / "questions.jsonl", preds)
     t0 = time.perf_counter()
-    image_preds = work / IMAGE_RUN / "predictions_middle_frame.jsonl"
-    answer_stills(Path(runs["image"].summary["export"]), test / "frame_questions.jsonl", image_preds)
-    metrics, image_only = score(answers, preds), score(test / "frame_answers.jsonl", image_preds)["by_kind"]
+    # the image model the video adapter builds on, asked where the ball is in held-out first and last frames
+    position_preds = work / IMAGE_RUN / "predictions_frames.jsonl"
+    answer_stills(Path(runs["image"].summary["export"]), test / "frame_questions.jsonl", position_preds)
+    # the image-only baseline, asked which way the ball moves about held-out middle frames
+    image_only_preds = work / IMAGE_ONLY_RUN / "predictions_middle_frames.jsonl"
+    answer_stills(Path(runs["image_only"].summary["export"]), test / "middle_frame_questions.jsonl",
+                  image_only_preds)
+    metrics = score(answers, preds)
+    position = score(test / "frame_answers.jsonl", position_preds)
+    image_only = score(test / "middle_frame_answers.jsonl", image_only_preds)
     frozen = score(answers, frozen_lm_alone(work, seed, test / "questions.jsonl"))
-    seconds = {"make_synthetic": made.seconds, "build_video_shards": clips.seconds, "build_shards": stills.seconds,
+    seconds = {"make_synthetic": made.seconds, "build_video_shards": clips.seconds,
+               "build_shards": sum(s.seconds for s in stills.values()),
                **{f"train_{kind}": r.seconds for kind, r in runs.items()}, "answer": answered.seconds,
                "baselines_and_score": time.perf_counter() - t0}
     by_answer = metrics["by_kind"]["direction"]["by_answer"]
@@ -128,13 +143,14 @@ def run_video_road(work: str | Path, seed: int = 0, progress: bool = True) -> di
         "heldout_accuracy": metrics["accuracy"],
         "heldout_accuracy_by_direction": {d: by_answer[d]["accuracy"] for d in sorted(by_answer)},
         "chance_accuracy": 1 / len(DIRECTIONS),
-        "image_only_accuracy": image_only["direction"]["accuracy"],
-        "image_model_position_accuracy": image_only["position"]["accuracy"],
+        "image_only_accuracy": image_only["accuracy"],
+        "image_model_position_accuracy": position["accuracy"],
         "frozen_lm_alone_accuracy": frozen["accuracy"],
         "heldout_questions": metrics["n"],
         "train_clips": N_TRAIN,
         "frames_per_clip": FRAMES,
-        "shards_kept": {"clips": clips.summary["counts"]["kept"], "stills": stills.summary["counts"]["kept"]},
+        "shards_kept": {"clips": clips.summary["counts"]["kept"],
+                        **{folder: s.summary["counts"]["kept"] for folder, s in stills.items()}},
         "final_loss": {kind: r.summary["last_loss"] for kind, r in runs.items()},
         "export": str(export),
         "predictions": str(preds),
@@ -142,12 +158,3 @@ def run_video_road(work: str | Path, seed: int = 0, progress: bool = True) -> di
         "seconds": {k: round(v, 1) for k, v in seconds.items()} | {"total": round(sum(seconds.values()), 1)},
         "seed": seed,
     }
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m scripts.learning_video [--seed S] [--work-dir DIR] [--json]``: the road, its answers and score."""
-    return road_main("learning_video", __doc__, run_video_road, summary, argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

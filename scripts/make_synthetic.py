@@ -11,8 +11,9 @@ scripts.build_shards / build_video_shards / build_audio_shards with configs/*cur
 OUT/test/ (media, questions.jsonl without answers, answers.jsonl) and OUT/tokenizer.model (a tiny byte-level
 BPE in the Llama 3 tiktoken format, trained on the task's questions, answers and chat roles: the run
 configs' model.tokenizer). video-motion also writes OUT/frames/ (stills of the train clips asked where the
-ball is) and OUT/test/frames/ + frame_questions.jsonl / frame_answers.jsonl (middle frames asked the
-direction and the place). Spoken digits carry no question (the
+ball is), OUT/middle_frames/ (their middle frames asked the direction, which one frame cannot tell) and
+OUT/test/frames/ with frame_questions.jsonl / frame_answers.jsonl (first and last frames asked the place) and
+middle_frame_questions.jsonl / middle_frame_answers.jsonl (middle frames asked the direction). Spoken digits carry no question (the
 model's ASR prompt asks) and kind "transcript"; spoken-digits also writes OUT/lm/shard_*.tar, text-only ASR
 dialogs (--n-lm-dialogs, synthetic/dialogs.py) for the tiny LM's pre-training (the trainer's text kind,
 data.format dialog). The same task, counts and seed give the same files; OUT/train

@@ -5,9 +5,10 @@
 
 Audio shards (key.flac + key.txt, from scripts.build_audio_shards) become ASR examples: the ``data.prompt``
 system turn (default: the English ASR prompt), the clip as <|audio|> embeddings spliced into the LM input,
-the transcript as the answer. ``model.init_from`` starts from a speech checkpoint (e.g. a BEST-RQ
-pre-trained encoder exported by scripts.pretrain_speech_encoder into our speech format). RUN_DIR/export is
-a `speech.asr` checkpoint (scripts.eval_asr). Exit code 2: a config, shard, tokenizer or checkpoint error.
+the transcript as the answer. ``model.init_from`` starts from a speech export (`speech.model_io`);
+``model.encoder_from`` puts a BEST-RQ pre-trained encoder (the ``bestrq`` kind's export, `speech.pretrain`)
+under a fresh adapter. RUN_DIR/export is a `speech.model_io` checkpoint (scripts.demo_asr, scripts.eval_asr).
+Exit code 2: a config, shard, tokenizer or checkpoint error.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ Splice rules (the SALMONN / LLaMA-Omni bugs of notes sec. 4 are the reason for e
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from common.presets import preset_config
 from adapters.chat import encode_header
+from adapters.generation import SamplingConfig, check_length, decode
 from adapters.llama import (FeedForward, KVCache, Llama, LlamaConfig, RMSNorm, apply_rope, build_llama,
                             llama_config, rope_frequencies, rope_table)
 from adapters.task import IGNORE_INDEX, shift_targets
@@ -430,11 +431,12 @@ def speech_decode(
     tokens: Tensor,
     waves: Tensor | None,
     lengths: Tensor | None,
-    max_new_tokens: int,
+    sampling: SamplingConfig = SamplingConfig(),
+    stop_ids: Iterable[int] = (),
     token_lengths: Tensor | None = None,
 ) -> Iterator[Tensor]:
-    """Greedy decoding with the LM's KV cache: yields the next token of every row, (B,), up to
-    ``max_new_tokens`` times; the caller stops early (at stop ids) by leaving the loop.
+    """`adapters.generation.decode` for the speech model, with the LM's KV cache: yields the next token of
+    every row, (B,), until every row hit a stop id or ``sampling.max_new_tokens`` are out.
 
     tokens (B, T) prompts (placeholders as in `SpeechLlama.prepare_inputs`), waves (N, samples) and
     lengths (N,) the clips. Rows of different spliced lengths are left-padded so every row's next token
@@ -446,41 +448,18 @@ def speech_decode(
     inputs = model.prepare_inputs(tokens, None, audio_emb, audio_lengths, token_lengths=token_lengths,
                                   left_pad=True)
     B, S, _ = inputs.embeds.shape
-    cache = model.lm.new_cache(B, S + max_new_tokens)
+    check_length(S, sampling.max_new_tokens, model.lm.cfg.max_seq_len)
+    cache = model.lm.new_cache(B, S + sampling.max_new_tokens)
     h = model.hidden(inputs.embeds, inputs.positions, inputs.attention_mask(), cache)
-    key_valid = torch.cat([inputs.valid, inputs.valid.new_ones(B, max_new_tokens)], 1)
-    for step in range(max_new_tokens):
-        nxt = model.lm.output(h[:, -1]).float().argmax(-1)
-        yield nxt
-        if step == max_new_tokens - 1:
-            return
-        pos = S + step
-        h = model.hidden(model.lm.tok_embeddings(nxt[:, None]), (inputs.lengths + step)[:, None],
+    key_valid = torch.cat([inputs.valid, inputs.valid.new_ones(B, sampling.max_new_tokens)], 1)
+
+    def step(nxt: Tensor, i: int) -> Tensor:
+        pos = S + i
+        h = model.hidden(model.lm.tok_embeddings(nxt[:, None]), (inputs.lengths + i)[:, None],
                          key_valid[:, None, None, : pos + 1], cache, pos)
+        return model.lm.output(h[:, -1])
 
-
-def speech_generate(
-    model: SpeechLlama,
-    tokens: Tensor,
-    waves: Tensor | None,
-    lengths: Tensor | None,
-    max_new_tokens: int,
-    stop_ids=(),
-    token_lengths: Tensor | None = None,
-) -> list[list[int]]:
-    """`speech_decode` collected: per row the generated ids, cut before its first stop id."""
-    stops = set(stop_ids)
-    rows: list[list[int]] = [[] for _ in range(tokens.shape[0])]
-    done = [False] * len(rows)
-    for nxt in speech_decode(model, tokens, waves, lengths, max_new_tokens, token_lengths):
-        for b, t in enumerate(nxt.tolist()):
-            if not done[b]:
-                done[b] = t in stops
-                if not done[b]:
-                    rows[b].append(t)
-        if all(done):
-            break
-    return rows
+    yield from decode(model.lm.output(h[:, -1]), step, sampling, stop_ids)
 
 
 # ----------------------------------------------------------------------------------------------

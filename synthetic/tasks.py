@@ -12,9 +12,10 @@ writes
   the file, "question", "kind"}``, no answers) and ``answers.jsonl`` (``{"id", "answer", "kind"}``, the key
   `synthetic.score` reads). image-vqa asks every question kind about each held-out scene.
 * video-motion also writes stills (`write_stills`): ``OUT/frames/`` (first, middle and last frame of each
-  train clip, asked where the ball is: the image stages' folder input) and ``OUT/test/frames/`` with
-  ``frame_questions.jsonl`` / ``frame_answers.jsonl`` (each held-out clip's middle frame asked its direction,
-  the image-only baseline, and where the ball is).
+  train clip, asked where the ball is: the image stages' folder input), ``OUT/middle_frames/`` (middle frames
+  asked the direction: the image-only baseline's) and ``OUT/test/frames/`` with ``frame_questions.jsonl`` /
+  ``frame_answers.jsonl`` (held-out first and last frames asked where the ball is) and
+  ``middle_frame_questions.jsonl`` / ``middle_frame_answers.jsonl`` (middle frames asked the direction).
 
 Spoken digits have no question: the speech model's own ASR prompt asks for the transcript, so the sidecars
 and question rows carry none, and their kind is ``"transcript"`` (scored by WER / CER).
@@ -96,34 +97,56 @@ def render_motion(n: int, seed: int, out: Path, held_out: bool) -> list[Item]:
 def write_stills(clips: list, out: Path, held_out: bool) -> None:
     """The clips' frames as images: what the video road's image stages learn from and are asked about.
 
-    * train (``OUT/frames/``, beside ``OUT/train``: its own folder input for scripts.build_shards): the first,
-      middle and last frame of every clip, ``00000-f08.png``, each with a sidecar captioning and asking where
-      the ball is ("a white ball at the top left"; "Where is the ball?" -> "top left"): answerable from one
-      frame, so the encoder and the image adapter learn the ball's place, never its motion;
-    * held out (``OUT/test/frames/``): each clip's middle frame, ``frame_questions.jsonl`` asking it which way
-      the ball moves (under the clip's own question id: the image-only model's view, where one frame cannot
-      tell the direction, chance 1/4) and where the ball is (what one frame does show), and
-      ``frame_answers.jsonl``, their key.
+    A path's centre always lies in the middle cell of the 3 x 3 grid, so a clip's middle frame shows the ball
+    there ("middle centre") whatever the direction; its first and last frames show where the path starts and
+    ends. Train stills, beside ``OUT/train`` (each its own folder input for scripts.build_shards):
+
+    * ``OUT/frames/``: the first, middle and last frame of every clip, ``00000-f08.png``, each with a sidecar
+      captioning and asking where the ball is ("a white ball at the top left"; "Where is the ball?" ->
+      "top left"): answerable from one frame, so the encoder and the image adapter learn the ball's place;
+    * ``OUT/middle_frames/``: every clip's middle frame asked which way the ball moves (the clip's answer):
+      the image-only baseline's training set, a question one frame cannot answer.
+
+    Held out (``OUT/test/frames/``, the same three frames of each clip): ``frame_questions.jsonl`` /
+    ``frame_answers.jsonl`` ask the first and last frames where the ball is (the image model's check), and
+    ``middle_frame_questions.jsonl`` / ``middle_frame_answers.jsonl`` ask the middle frame which way the ball
+    moves, under the clip's own question id (the image-only model's view: chance 1/4).
     """
-    frames_dir = _fresh_dir(out / "frames" if held_out else out.parent / "frames")
-    questions, answers = [], []
+    if not held_out:
+        frames_dir, middle_dir = _fresh_dir(out.parent / "frames"), _fresh_dir(out.parent / "middle_frames")
+        for i, clip in enumerate(clips):
+            for t in sorted(clip.stills):
+                name = f"{i:05d}-f{t:02d}.png"
+                Image.fromarray(clip.stills[t]).save(frames_dir / name)
+                _still_sidecar(frames_dir / name, clip.frame_caption(t), QA(POSITION_QUESTION, clip.place(t), "position"),
+                         i, t)
+            name = f"{i:05d}-f{clip.middle:02d}.png"
+            Image.fromarray(clip.stills[clip.middle]).save(middle_dir / name)
+            _still_sidecar(middle_dir / name, clip.direction, QA(MOTION_QUESTION, clip.direction, "direction"), i,
+                     clip.middle)
+        return
+    frames_dir = _fresh_dir(out / "frames")
+    sets: dict[str, tuple[list, list]] = {"frame": ([], []), "middle_frame": ([], [])}
     for i, clip in enumerate(clips):
-        for t in ((clip.middle,) if held_out else sorted(clip.stills)):
-            name = f"{i:05d}.png" if held_out else f"{i:05d}-f{t:02d}.png"
+        for t in sorted(clip.stills):
+            name = f"{i:05d}-f{t:02d}.png"
             Image.fromarray(clip.stills[t]).save(frames_dir / name)
-            position = QA(POSITION_QUESTION, clip.place(t), "position")
-            if not held_out:
-                sidecar = {"caption": clip.frame_caption(t), "question": position.question, "answer": position.answer,
-                           "kind": position.kind, "clip": f"{i:05d}.mp4", "frame": t}
-                (frames_dir / name).with_suffix(".json").write_text(json.dumps(sidecar) + "\n")
-                continue
-            for qa in (QA(MOTION_QUESTION, clip.direction, "direction"), position):
-                qid = f"{i:05d}-{qa.kind}"
-                questions.append({"id": qid, "image": f"frames/{name}", "question": qa.question, "kind": qa.kind})
-                answers.append({"id": qid, "answer": qa.answer, "kind": qa.kind})
-    if held_out:
-        for file, rows in (("frame_questions.jsonl", questions), ("frame_answers.jsonl", answers)):
+            if t == clip.middle:  # the clip's own id: one answer key row scores the clip and its middle frame
+                qa, qid = QA(MOTION_QUESTION, clip.direction, "direction"), f"{i:05d}-direction"
+            else:
+                qa, qid = QA(POSITION_QUESTION, clip.place(t), "position"), f"{i:05d}-f{t:02d}-position"
+            rows = sets["middle_frame" if t == clip.middle else "frame"]
+            rows[0].append({"id": qid, "image": f"frames/{name}", "question": qa.question, "kind": qa.kind})
+            rows[1].append({"id": qid, "answer": qa.answer, "kind": qa.kind})
+    for prefix, (questions, answers) in sets.items():
+        for file, rows in ((f"{prefix}_questions.jsonl", questions), (f"{prefix}_answers.jsonl", answers)):
             (out / file).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _still_sidecar(png: Path, caption: str, qa: "QA", clip: int, frame: int) -> None:
+    sidecar = {"caption": caption, "question": qa.question, "answer": qa.answer, "kind": qa.kind,
+               "clip": f"{clip:05d}.mp4", "frame": frame}
+    png.with_suffix(".json").write_text(json.dumps(sidecar) + "\n")
 
 
 def render_digits(n: int, seed: int, out: Path, held_out: bool) -> list[Item]:

@@ -2,7 +2,7 @@
 
 Llama 3's image adapter starts from a contrastively pre-trained encoder (sec. 7.2). The tiny runs do the
 same in miniature: an open_clip ``CLIP`` whose visual tower has exactly the shape of the image preset's
-`VisionEncoderConfig` (`vision.clip_pretrain.build_clip`) trains on the image kind's shards (key.jpg +
+`VisionEncoderConfig` (`vision.clip.build_clip`) trains on the image kind's shards (key.jpg +
 key.txt / json caption), each image resized to one tile as the encoder sees it, each caption tokenised by
 open_clip's own BPE with ``data.max_seq_len`` as the context length (a longer caption is a bad sample,
 never truncated).
@@ -50,10 +50,10 @@ def clip_vision_config(cfg: "RunConfig") -> "VisionEncoderConfig":
 
 
 def build_clip_model(cfg: "RunConfig", tok: None = None) -> nn.Module:
-    from vision.clip_pretrain import ClipTrainConfig, build_clip
+    from vision.clip import ClipTextTower, build_clip
 
     torch.manual_seed(cfg.model.seed)
-    model = build_clip(clip_vision_config(cfg), ClipTrainConfig(context_length=cfg.data.max_seq_len))
+    model = build_clip(clip_vision_config(cfg), ClipTextTower(context_length=cfg.data.max_seq_len))
     # DeepSpeed broadcasts every parameter as a byte view, which a 0-dim tensor cannot give: the scale
     # becomes shape (1,), which the loss broadcasts the same way (only the visual tower is exported).
     model.logit_scale = nn.Parameter(model.logit_scale.detach().reshape(1))

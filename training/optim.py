@@ -1,7 +1,7 @@
 """The one learning-rate schedule of training/: linear warmup, then cosine decay to a floor.
 
-Every loop here (`training.trainer.train`, its pipeline mode, `training.speech_pretrain`) hands
-`warmup_cosine` to ``torch.optim.lr_scheduler.LambdaLR``, so a run's LR curve depends only on its config.
+The trainer (`training.trainer.train`, every kind, pipeline mode included) hands `warmup_cosine` to
+``torch.optim.lr_scheduler.LambdaLR``, so a run's LR curve depends only on its config.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ applied and logged, any other raises `ResumeConfigError` before anything in the 
 
 What differs between kinds (model, task, codec, parameter groups, export) is the kind's `training.spec`
 entry, looked up once; the loop below is the same for all of them. The end of a run exports
-``run_dir/export`` through the spec: an inference checkpoint (`adapters.model_io` / `speech.asr` format,
+``run_dir/export`` through the spec: an inference checkpoint (`adapters.model_io` / `speech.model_io` format,
 what ``scripts.demo_vqa --checkpoint`` loads), a Meta-layout LM (text) or an encoder (clip, bestrq).
 
 Without a launcher (no RANK / WORLD_SIZE in the environment) the process initialises a one-rank gloo

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import yaml
 
-from scripts import _road, learning_image
+from scripts import _road, bench_learning, learning_image
 
 
 def test_adapter_learns_from_images_that_the_frozen_lm_cannot_see(tmp_path, capsys):
-    assert learning_image.main(["--seed", "0", "--json", "--work-dir", str(tmp_path)]) == 0
+    assert bench_learning.main(["image", "--seed", "0", "--json", "--work-dir", str(tmp_path)]) == 0
     m = json.loads(capsys.readouterr().out)
     chance = m["chance_accuracy"]
     # The frozen LM alone (no image reaches it: zero-gated cross-attention) is at chance; with the trained

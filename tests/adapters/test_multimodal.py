@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from adapters.cross_attention import fusion_schedule, image_intervals, xattn_schedule
-from adapters.generation import SamplingConfig, generate, generate_ids, sample_next
+from adapters.generation import SamplingConfig, collect_ids, generate, sample_next
 from adapters.multimodal import ImageBatch, build_multimodal, multimodal_config
 from adapters.task import ImageTextTask, build_param_groups, shift_targets
 
@@ -216,7 +216,8 @@ def test_top_p_sampling_only_picks_from_the_nucleus():
 
 
 def test_generation_stops_on_eot(model):
-    ids = generate_ids(model, _tokens([[]], T=5), None, SamplingConfig(max_new_tokens=5), stop_ids=range(512))
+    ids = collect_ids(generate(model, _tokens([[]], T=5), None, SamplingConfig(max_new_tokens=5), stop_ids=range(512)),
+                      range(512))
     assert ids == [[]]
 
 

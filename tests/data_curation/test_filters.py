@@ -14,7 +14,7 @@ from skimage import data as skdata
 
 from data_curation.filters import (CaptionRules, ClipScorer, ImageRules, InvalidTextError, LanguageId, caption_reason,
                                    image_reason)
-from vision.clip_pretrain import ClipTrainConfig, build_clip, save_clip
+from vision.clip import ClipTextTower, build_clip, open_clip_model_cfg
 from vision.encoder import vision_config
 
 # ------------------------------------------------------------------------------------------ captions
@@ -147,15 +147,8 @@ def test_language_id_needs_no_network(monkeypatch, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- CLIP
 
-VISION, TEXT = vision_config("tiny"), ClipTrainConfig()
-# The open_clip JSON config of build_clip's architecture (for the `load` path).
-TINY_CLIP_CFG = {
-    "embed_dim": VISION.width,
-    "vision_cfg": {"width": VISION.width, "layers": VISION.layers, "head_width": VISION.width // VISION.heads,
-                   "patch_size": VISION.patch_size, "mlp_ratio": VISION.mlp_ratio, "image_size": VISION.tile_size},
-    "text_cfg": {"context_length": TEXT.context_length, "width": TEXT.text_width,
-                 "heads": max(1, TEXT.text_width // 32), "layers": TEXT.text_layers},
-}
+VISION, TEXT = vision_config("tiny"), ClipTextTower()
+TINY_CLIP_CFG = open_clip_model_cfg(VISION, TEXT)  # build_clip's architecture as open_clip JSON (the `load` path)
 CAPTIONS = ["An astronaut in a white suit.", "A cup of coffee.", "A tabby cat.", "A grey camera man."]
 
 
@@ -202,7 +195,8 @@ def test_clip_scorer_load_from_saved_checkpoint(tiny_clip, photos, tmp_path, mon
     cfg_path = tmp_path / f"{name}.json"
     cfg_path.write_text(json.dumps(TINY_CLIP_CFG))
     open_clip.add_model_config(cfg_path)
-    ckpt = save_clip(tiny_clip, tmp_path / "tiny_clip.pt")
+    ckpt = tmp_path / "tiny_clip.pt"
+    torch.save(tiny_clip.state_dict(), ckpt)  # a state dict, as open_clip's ``pretrained=`` file is
     loaded = ClipScorer.load(name, str(ckpt))
     for key, value in tiny_clip.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[key], value), key
@@ -213,6 +207,6 @@ def test_clip_scorer_load_from_saved_checkpoint(tiny_clip, photos, tmp_path, mon
     local = tmp_path / "local"
     local.mkdir()
     (local / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CFG}))
-    save_clip(tiny_clip, local / "open_clip_pytorch_model.bin")
+    torch.save(tiny_clip.state_dict(), local / "open_clip_pytorch_model.bin")
     from_dir = ClipScorer.load(f"local-dir:{local}", None)
     np.testing.assert_allclose(from_dir.score(photos, CAPTIONS), expected, atol=1e-5)

@@ -15,7 +15,7 @@ from data_curation.safety import PHashBlocklist
 from data_curation.sscd import build_sscd
 from data_curation.shards import build_shards
 from scripts import build_shards as build_shards_cli
-from vision.clip_pretrain import ClipTrainConfig, build_clip
+from vision.clip import build_clip, open_clip_model_cfg
 from vision.encoder import vision_config
 
 PHOTOS = {
@@ -81,15 +81,10 @@ N_INPUTS = 6 + 2 + 1 + 6  # photos, copies, sign, 6 bad (broken, nocaption, badt
 def models(tmp_path_factory, corpus):
     d = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
-    clip = build_clip(vision_config("tiny"), ClipTrainConfig())
-    v, t = vision_config("tiny"), ClipTrainConfig()
-    cfg = {"embed_dim": v.width,
-           "vision_cfg": {"width": v.width, "layers": v.layers, "head_width": v.width // v.heads,
-                          "patch_size": v.patch_size, "mlp_ratio": v.mlp_ratio, "image_size": v.tile_size},
-           "text_cfg": {"context_length": t.context_length, "width": t.text_width,
-                        "heads": max(1, t.text_width // 32), "layers": t.text_layers}}
+    vision = vision_config("tiny")
+    clip = build_clip(vision)
     (d / "clip").mkdir()
-    (d / "clip" / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
+    (d / "clip" / "open_clip_config.json").write_text(json.dumps({"model_cfg": open_clip_model_cfg(vision)}))
     torch.save(clip.state_dict(), d / "clip" / "open_clip_pytorch_model.bin")
     torch.save(build_sscd("tiny").state_dict(), d / "sscd.pt")
     blocklist = PHashBlocklist.from_hashes([])

@@ -27,7 +27,7 @@ from data_curation.video_shards import (VideoCurationConfig, build_video_shards,
 from scripts import build_video_shards as cli
 from tests.system_deps import require_binary
 from video.reader import VideoReader
-from vision.clip_pretrain import ClipTrainConfig, build_clip
+from vision.clip import build_clip, open_clip_model_cfg
 from vision.encoder import vision_config
 
 FONT = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf")
@@ -203,14 +203,8 @@ def clip_dir(tmp_path_factory) -> Path:
     """A random tiny open_clip model saved in open_clip's ``local-dir:`` layout (as test_shards.py does)."""
     d = tmp_path_factory.mktemp("clip")
     torch.manual_seed(0)
-    v, t = vision_config("tiny"), ClipTrainConfig()
-    cfg = {"embed_dim": v.width,
-           "vision_cfg": {"width": v.width, "layers": v.layers, "head_width": v.width // v.heads,
-                          "patch_size": v.patch_size, "mlp_ratio": v.mlp_ratio, "image_size": v.tile_size},
-           "text_cfg": {"context_length": t.context_length, "width": t.text_width,
-                        "heads": max(1, t.text_width // 32), "layers": t.text_layers}}
-    (d / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
-    torch.save(build_clip(v, t).state_dict(), d / "open_clip_pytorch_model.bin")
+    (d / "open_clip_config.json").write_text(json.dumps({"model_cfg": open_clip_model_cfg(vision_config("tiny"))}))
+    torch.save(build_clip(vision_config("tiny")).state_dict(), d / "open_clip_pytorch_model.bin")
     return d
 
 

@@ -6,11 +6,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from adapters.vqa import build_tiny_tokenizer
 from scripts import demo_asr
-from speech.asr import tiny_asr_config
 from speech.model_io import save_speech_checkpoint
 from tests.speech.corpus import asr_corpus_text
+from tests.tiny import build_tiny_tokenizer, build_tiny_vqa_model, tiny_asr_config
 from speech.adapter import build_speech_llama
 
 
@@ -49,9 +48,10 @@ def test_long_audio_is_decoded_in_pieces(assets, capsys):
 
 
 def test_same_text_as_the_batch_decoder(assets, capsys):
-    """The streamed greedy transcript equals speech_generate's on the same clip."""
+    """The streamed greedy transcript equals the collected decoding loop's on the same clip."""
     from adapters.tokenizer import Tokenizer
-    from speech.adapter import asr_prompt, encode_speech_dialog, speech_generate
+    from adapters.generation import SamplingConfig, collect_ids
+    from speech.adapter import asr_prompt, encode_speech_dialog, speech_decode
     from speech.model_io import load_speech_checkpoint
     from speech.audio import load_audio
 
@@ -60,8 +60,9 @@ def test_same_text_as_the_batch_decoder(assets, capsys):
     model = load_speech_checkpoint(assets["ckpt"])
     tok = Tokenizer(assets["ckpt"] / "tokenizer.model")
     x = torch.from_numpy(load_audio(assets["wav"]).samples)[None]
-    ids = speech_generate(model, torch.tensor([encode_speech_dialog(tok, asr_prompt())]), x,
-                          torch.tensor([x.shape[1]]), 3, stop_ids=tok.stop_ids)[0]
+    ids = collect_ids(speech_decode(model, torch.tensor([encode_speech_dialog(tok, asr_prompt())]), x,
+                                    torch.tensor([x.shape[1]]), SamplingConfig(max_new_tokens=3), tok.stop_ids),
+                      tok.stop_ids)[0]
     assert out == tok.decode(ids) + "\n"
 
 
@@ -198,7 +199,6 @@ def test_audio_and_questions_are_mutually_exclusive(assets, capsys):
 @pytest.mark.parametrize("batch", [False, True])
 def test_an_image_export_is_refused_naming_its_modality(assets, capsys, tmp_path, batch):
     from adapters.model_io import save_checkpoint
-    from adapters.vqa import build_tiny_vqa_model
 
     tok = build_tiny_tokenizer(tmp_path)
     ckpt = save_checkpoint(build_tiny_vqa_model(tok), tmp_path / "vqa", tokenizer_path=tmp_path / "tokenizer.model")

@@ -8,10 +8,9 @@ import torch
 from adapters.llama import build_llama
 from adapters.model_io import save_checkpoint
 from adapters.multimodal import build_multimodal
-from adapters.vqa import build_tiny_tokenizer
 from scripts import demo_video
 from synthetic.motion import QUESTION, make_motion_clips, motion_corpus_text
-from video.vqa import tiny_video_config
+from tests.tiny import build_tiny_tokenizer, tiny_asr_config, tiny_video_config
 
 MAX_FRAMES = 12
 
@@ -161,7 +160,6 @@ def test_video_and_questions_are_mutually_exclusive(assets, capsys, tmp_path):
 
 def test_a_speech_export_is_refused_naming_its_modality(assets, capsys, tmp_path):
     from speech.adapter import build_speech_llama
-    from speech.asr import tiny_asr_config
     from speech.model_io import save_speech_checkpoint
     from tests.speech.corpus import asr_corpus_text
 

@@ -8,8 +8,8 @@ import pytest
 
 from adapters.checkpoint import save_meta_checkpoint
 from adapters.model_io import save_checkpoint
-from adapters.vqa import build_tiny_tokenizer, build_tiny_vqa_model
 from scripts import demo_vqa
+from tests.tiny import build_tiny_tokenizer, build_tiny_vqa_model, tiny_asr_config
 
 ASSET = Path(__file__).resolve().parents[2] / "assets" / "coffee.jpg"
 
@@ -230,7 +230,6 @@ def test_batch_flag_misuse_exits_2(assets, capsys, argv, message):
 @pytest.fixture(scope="module")
 def speech_ckpt(tmp_path_factory):
     from speech.adapter import build_speech_llama
-    from speech.asr import tiny_asr_config
     from speech.model_io import save_speech_checkpoint
     from tests.speech.corpus import asr_corpus_text
 

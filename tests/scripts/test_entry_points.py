@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from adapters.model_io import load_checkpoint, save_checkpoint
-from adapters.vqa import build_tiny_tokenizer, build_tiny_vqa_model
 from scripts import demo_vqa, inspect_image
+from tests.tiny import build_tiny_tokenizer, build_tiny_vqa_model
 
 ASSET = Path(__file__).resolve().parents[2] / "assets" / "coffee.jpg"
 

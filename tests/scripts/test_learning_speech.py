@@ -9,11 +9,11 @@ from adapters.tokenizer import build_tiny_tokenizer
 from scripts import learning_speech
 from scripts._road import RoadError, export_untrained, run_stage
 from scripts.learning_speech import SPEECH_CONFIG, TEXT_CONFIG, Road
-from speech.asr import tiny_asr_config
 from speech.model_io import load_speech_checkpoint
 from speech.adapter import build_speech_llama
 from training.config import load_run_config
 from tests.speech.corpus import asr_corpus_text
+from tests.tiny import tiny_asr_config
 
 
 def test_the_configs_chain_into_one_road_rooted_at_the_work_dir(tmp_path):

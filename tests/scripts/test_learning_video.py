@@ -1,6 +1,5 @@
 """The video road's wiring (scripts/learning_video.py): each run config reads what the previous stage writes,
-rooted under the work dir. Its learning bars are not measured yet; tests/video/test_learning.py still runs the
-in-process recipe."""
+rooted under the work dir. The road itself runs in tests/video/test_learning.py."""
 
 from scripts import _road, learning_video
 
@@ -15,6 +14,10 @@ def test_the_run_configs_chain_the_road_stages(tmp_path):
     frames = str(tmp_path / learning_video.FRAME_SHARDS / "shard_*.tar")
     assert cfg["clip"].data.shards == cfg["image"].data.shards == frames
     assert cfg["video"].data.shards == str(tmp_path / learning_video.SHARDS / "shard_*.tar")
+    middles = str(tmp_path / learning_video.MIDDLE_FRAME_SHARDS / "shard_*.tar")
+    assert cfg["image_only"].data.shards == f"{frames} {middles}"  # both globs rooted
+    assert cfg["image_only"].model.encoder_from == cfg["image"].model.encoder_from
+    assert cfg["image_only"].train.run_dir == str(tmp_path / learning_video.IMAGE_ONLY_RUN)
     text_export = f"{cfg['text'].train.run_dir}/export"
     assert cfg["image"].model.lm == cfg["video"].model.lm == text_export
     assert cfg["image"].model.encoder_from == f"{cfg['clip'].train.run_dir}/export"

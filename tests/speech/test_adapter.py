@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from adapters.chat import encode_header
+from adapters.generation import SamplingConfig, collect_ids
 from adapters.task import IGNORE_INDEX
-from adapters.vqa import build_tiny_tokenizer, pad_examples
 from speech.adapter import (SpeechAdapter, adapter_param_count, asr_prompt, ast_prompt, audio_input_id,
                             build_speech_llama, encode_speech_dialog, encode_speech_training_example,
-                            speech_adapter_config, speech_generate, speech_llama_config)
+                            speech_adapter_config, speech_decode, speech_llama_config)
+from tests.tiny import build_tiny_tokenizer, pad_examples
 
 TEXTS = ["Repeat after me in English:", "Translate the audio into French:", "the cat sat on the mat",
          "hello world", "a quick brown fox"]
@@ -235,7 +236,7 @@ def test_greedy_generation_matches_full_recompute(tok):
     model = _model(tok)
     prompt = torch.tensor([encode_speech_dialog(tok, asr_prompt())] * 2)
     waves, wave_lengths = _waves([8000, 3000], seed=1)
-    rows = speech_generate(model, prompt, waves, wave_lengths, max_new_tokens=4)
+    rows = collect_ids(speech_decode(model, prompt, waves, wave_lengths, SamplingConfig(max_new_tokens=4)))
     assert [len(r) for r in rows] == [4, 4] and all(0 <= t < tok.n_words for r in rows for t in r)
     with torch.no_grad():
         for b in range(2):  # each row alone, no cache, no padding
@@ -245,13 +246,14 @@ def test_greedy_generation_matches_full_recompute(tok):
                 assert int(logits[0, -1].argmax()) == t
                 seq = torch.cat([seq, torch.tensor([[t]])], 1)
     first = rows[0][0]
-    assert speech_generate(model, prompt[:1], waves[:1], wave_lengths[:1], 4, stop_ids={first}) == [[]]
+    steps = speech_decode(model, prompt[:1], waves[:1], wave_lengths[:1], SamplingConfig(max_new_tokens=4), {first})
+    assert collect_ids(steps, {first}) == [[]]
 
 
 def test_generation_without_audio_runs(tok):
     model = _model(tok)
     prompt = torch.randint(0, tok.n_words, (1, 6))
-    rows = speech_generate(model, prompt, None, None, max_new_tokens=3)
+    rows = collect_ids(speech_decode(model, prompt, None, None, SamplingConfig(max_new_tokens=3)))
     with torch.no_grad():
         seq = prompt
         for t in rows[0]:

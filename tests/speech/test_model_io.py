@@ -8,9 +8,9 @@ import torch
 from adapters.checkpoint import CheckpointError
 from adapters.tokenizer import Tokenizer, build_tiny_tokenizer
 from speech import model_io
-from speech.asr import tiny_asr_config
 from speech.adapter import asr_prompt, build_speech_llama, encode_speech_training_example
 from tests.speech.corpus import asr_corpus_text
+from tests.tiny import tiny_asr_config
 
 
 @pytest.fixture(scope="module")

@@ -67,7 +67,7 @@ def test_spoken_digits_have_transcripts_and_no_question(tmp_path):
     assert all((tmp_path / "test" / q["audio"]).is_file() for q in questions)
 
 
-def test_video_motion_stills_ask_the_place_and_held_out_middle_frames_the_direction(tmp_path):
+def test_video_motion_stills_ask_the_place_and_middle_frames_the_direction(tmp_path):
     from PIL import Image
 
     from synthetic.motion import PLACES, POSITION_QUESTION
@@ -80,16 +80,25 @@ def test_video_motion_stills_ask_the_place_and_held_out_middle_frames_the_direct
         assert side["question"] == POSITION_QUESTION and side["answer"] in PLACES and side["kind"] == "position"
         assert side["caption"].endswith(side["answer"]) and (tmp_path / "train" / side["clip"]).is_file()
         assert Image.open(png).size == (56, 56)
+    middles = sorted((tmp_path / "middle_frames").glob("*.png"))
+    assert len(middles) == 4 and {p.name for p in middles} <= {p.name for p in stills}
+    for png in middles:  # the image-only baseline's set: the clip's direction asked of one frame
+        side = json.loads(png.with_suffix(".json").read_text())
+        clip = json.loads((tmp_path / "train" / side["clip"]).with_suffix(".json").read_text())
+        assert side["question"] == MOTION_QUESTION and side["answer"] == side["caption"] == clip["answer"]
+        assert side["kind"] == "direction" and (png.parent.parent / "frames" / png.name).read_bytes() == png.read_bytes()
     test = tmp_path / "test"
+    clip_answers = {a["id"]: a["answer"] for a in _rows(test / "answers.jsonl")}
     questions, answers = _rows(test / "frame_questions.jsonl"), _rows(test / "frame_answers.jsonl")
     assert [q["id"] for q in questions] == [a["id"] for a in answers] and len(questions) == 2 * 4
-    clip_answers = {a["id"]: a["answer"] for a in _rows(test / "answers.jsonl")}
-    for q, a in zip(questions, answers):
-        assert (test / q["image"]).is_file() and q["kind"] == a["kind"]
-        if a["kind"] == "direction":  # the clip's own question id and answer: one key scores clip and frame
-            assert q["question"] == MOTION_QUESTION and clip_answers[a["id"]] == a["answer"]
-        else:
-            assert q["question"] == POSITION_QUESTION and a["answer"] in PLACES
+    for q, a in zip(questions, answers):  # the first and last frames: the middle one is always "middle centre"
+        assert (test / q["image"]).is_file() and q["kind"] == a["kind"] == "position"
+        assert q["question"] == POSITION_QUESTION and a["answer"] in PLACES
+    questions, answers = _rows(test / "middle_frame_questions.jsonl"), _rows(test / "middle_frame_answers.jsonl")
+    assert [q["id"] for q in questions] == [a["id"] for a in answers] == list(clip_answers)
+    for q, a in zip(questions, answers):  # the clip's own question id and answer: one key scores clip and frame
+        assert (test / q["image"]).is_file() and q["question"] == MOTION_QUESTION and q["kind"] == "direction"
+        assert clip_answers[a["id"]] == a["answer"]
 
 
 @pytest.mark.parametrize("task", ["image-vqa", "video-motion", "spoken-digits"])
@@ -99,7 +108,7 @@ def test_the_same_seed_gives_the_same_files(tmp_path, task):
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
         write_task(task, tmp_path / name, n_train=3, n_test=2, seed=seed)
     a, b, c = (_files(tmp_path / n) for n in "abc")
-    top = [k for k in a if k.startswith(("train/", "test/")) and k.count("/") == 1 and "/frame_" not in k]
+    top = [k for k in a if k.startswith(("train/", "test/")) and k.count("/") == 1 and "frame_" not in k]
     assert a == b and len(top) == 3 * 2 + 2 + 2  # video-motion: stills and their questions besides
     assert a != c
     # train and held out come from different seeds: no held-out scene is a train scene

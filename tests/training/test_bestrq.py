@@ -7,9 +7,7 @@ import io
 import json
 import math
 import re
-import shutil
 import subprocess
-import tarfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +17,6 @@ import soundfile as sf
 import torch
 import yaml
 
-from adapters.vqa import build_tiny_tokenizer
 from data_curation.audio_shards import AudioCurationConfig, build_audio_shards
 from scripts import train as train_script
 from speech.conformer import conformer_config
@@ -29,6 +26,7 @@ from training.config import TrainConfigError, load_run_config, to_dict
 from training.data import BadSampleError, RawSample
 from training.trainer import build_model, train
 from tests.system_deps import require_binary
+from tests.tiny import build_tiny_tokenizer
 from tests.training.test_trainer import copy_run
 
 SENTENCES = [

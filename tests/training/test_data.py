@@ -10,10 +10,10 @@ import webdataset as wds
 from PIL import Image
 
 from adapters.task import IGNORE_INDEX
-from adapters.vqa import build_tiny_tokenizer
 from training.config import TrainConfigError, load_deepspeed_config, load_run_config, resolve_deepspeed
 from training.data import (BadSampleError, ImageCaptionCodec, ShardError, ShardStream, TrainBatches, RawSample,
                            encode_sample, expand_shards)
+from tests.tiny import build_tiny_tokenizer
 from vision.tiling import TilingConfig
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}

@@ -14,13 +14,13 @@ from adapters.chat import encode_header, image_input_id
 from adapters.checkpoint import load_llama
 from adapters.task import IGNORE_INDEX
 from adapters.tokenizer import Tokenizer
-from adapters.vqa import build_tiny_tokenizer
 from scripts import train as train_script
 from training.config import TrainConfigError, load_run_config
 from training.data import BadSampleError, ImageCaptionCodec, RawSample, ShardStream, TrainBatches, expand_shards
 from training.spec import SPECS, TrainError
 from training.text_lm import TextCodec
 from training.trainer import build_model, train
+from tests.tiny import build_tiny_tokenizer
 from tests.training.test_data import COLORS, jpeg, write_shards
 from vision.tiling import TilingConfig
 

@@ -18,11 +18,11 @@ import yaml
 
 from adapters.model_io import load_checkpoint
 from adapters.tokenizer import Tokenizer
-from adapters.vqa import build_tiny_tokenizer
 from scripts import demo_vqa, train_image_adapter
 from training.config import load_run_config, to_dict
 from training.resolution import resize_grid_tokens
 from training.trainer import RankStateError, TrainError, build_model, load_rank_state, train, truncate_steps
+from tests.tiny import build_tiny_tokenizer
 from tests.training.ranks import free_port
 from tests.training.test_data import caption_texts, make_image_shards
 

@@ -2,8 +2,8 @@
 image model, precomputed frame features, cached generation with a video, short clips, config errors.
 
 Tiny sizes throughout (the "tiny" multimodal preset: 64-wide LM, 56 px tiles of 17 tokens). The tiny LM
-has only 2 image cross-attention blocks, so the video config uses ``every=1`` (as `video.vqa` does): with
-the paper's ``every=4`` it would get no video block at all, and building it is an error.
+has only 2 image cross-attention blocks, so the video config uses ``every=1`` (as `tests.tiny.tiny_video_config`
+does): with the paper's ``every=4`` it would get no video block at all, and building it is an error.
 """
 
 from dataclasses import replace
@@ -14,7 +14,7 @@ import torch
 
 from adapters.chat import Message, encode_dialog, video_input_id
 from adapters.cross_attention import xattn_schedule
-from adapters.generation import SamplingConfig, generate, generate_ids
+from adapters.generation import SamplingConfig, collect_ids, generate
 from adapters.llama import build_llama
 from adapters.multimodal import build_multimodal, multimodal_config
 from adapters.task import ImageTextTask, build_param_groups
@@ -335,7 +335,7 @@ def test_generation_with_a_video_matches_the_full_forward():
     images = _images(2, 1, [0, 1])
     n = 6
 
-    ids = generate_ids(model, prompt, images, SamplingConfig(max_new_tokens=n), videos=videos)
+    ids = collect_ids(generate(model, prompt, images, SamplingConfig(max_new_tokens=n), videos=videos))
     assert [len(r) for r in ids] == [n, n] and all(0 <= t < tok.n_words for r in ids for t in r)
     steps = torch.stack(list(generate(model, prompt, images, SamplingConfig(max_new_tokens=n), videos=videos)), 1)
     assert steps.tolist() == ids

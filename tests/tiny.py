@@ -1,0 +1,52 @@
+"""Tiny models and tokenizers the tests build through the real factories (the ``tiny`` presets)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from adapters.llama import build_llama
+from adapters.multimodal import MultimodalConfig, MultimodalLlama, build_multimodal, multimodal_config
+from adapters.task import IGNORE_INDEX
+from adapters.tokenizer import Tokenizer
+from adapters.tokenizer import build_tiny_tokenizer as _build_tiny_tokenizer
+from speech.adapter import SpeechLlamaConfig, speech_llama_config
+from synthetic.shapes import corpus_text
+from video.adapter import VideoAdapterConfig
+
+
+def build_tiny_tokenizer(out_dir: str | Path, n_merges: int = 120, texts: list[str] | None = None) -> Tokenizer:
+    """`adapters.tokenizer.build_tiny_tokenizer` on ``texts``, by default the shapes-VQA strings."""
+    return _build_tiny_tokenizer(out_dir, corpus_text() if texts is None else texts, n_merges)
+
+
+def build_tiny_vqa_model(tok: Tokenizer, seed: int = 0) -> MultimodalLlama:
+    """The untrained tiny image model, its LM's vocabulary sized to ``tok``."""
+    torch.manual_seed(seed)
+    cfg = multimodal_config("tiny")
+    cfg = replace(cfg, lm=replace(cfg.lm, vocab_size=tok.n_words))
+    return build_multimodal(cfg, build_llama(cfg.lm))
+
+
+def tiny_video_config(tok: Tokenizer, num_frames: int = 16) -> MultimodalConfig:
+    """The tiny video preset, frozen encoder; ``every=1`` since the tiny LM has only 2 image blocks."""
+    cfg = multimodal_config("tiny", video=VideoAdapterConfig(max_frames=num_frames, every=1))
+    return replace(cfg, lm=replace(cfg.lm, vocab_size=tok.n_words), train_vision=False)
+
+
+def tiny_asr_config(tok: Tokenizer) -> SpeechLlamaConfig:
+    """The tiny speech preset with the LM's vocabulary sized to ``tok``."""
+    cfg = speech_llama_config("tiny")
+    return replace(cfg, lm=replace(cfg.lm, vocab_size=tok.n_words))
+
+
+def pad_examples(tok: Tokenizer, rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, labels) pairs -> right-padded (B, T) tensors (pad id / ignored labels)."""
+    T = max(len(t) for t, _ in rows)
+    tokens = torch.full((len(rows), T), tok.pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    for i, (t, lab) in enumerate(rows):
+        tokens[i, : len(t)], labels[i, : len(lab)] = torch.tensor(t), torch.tensor(lab)
+    return tokens, labels
