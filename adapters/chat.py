@@ -13,10 +13,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from adapters.task import IGNORE_INDEX
 from adapters.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant", "ipython")
+IGNORE_INDEX = -100  # the label of a position that is not a target (prompt, media, padding); the loss skips it
+
+# Rows of the learnable embedding (model ids ``vocab_size + row``), one per media placeholder token; the one
+# definition the image, video and speech models and their chat encoders share.
+IMAGE_TOKEN_ROW = 0  # <|image|>: 128256 for Llama 3, as released
+VIDEO_TOKEN_ROW = 1  # <|video|>
+AUDIO_TOKEN_ROW = 2  # <|audio|> (`speech.adapter.audio_input_id`)
 
 
 @dataclass
@@ -33,11 +39,11 @@ class Message:
 
 
 def image_input_id(tok: Tokenizer) -> int:
-    return tok.n_words
+    return tok.n_words + IMAGE_TOKEN_ROW
 
 
 def video_input_id(tok: Tokenizer) -> int:
-    return tok.n_words + 1  # the second learnable embedding row (video.adapter.VIDEO_TOKEN_ROW)
+    return tok.n_words + VIDEO_TOKEN_ROW
 
 
 def encode_header(tok: Tokenizer, role: str) -> list[int]:

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from common.config import CheckpointError, dataclass_from_dict
-from adapters.llama import Llama, LlamaConfig, rope_frequencies
+from common.rope import rope_frequencies
+from adapters.llama import Llama, LlamaConfig
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,7 +124,7 @@ def config_from_hf(config: Any, source: str = "config.json") -> LlamaConfig:
         kind = c.rope_scaling.get("rope_type", c.rope_scaling.get("type"))
         if kind != "llama3":
             raise CheckpointError(f"{source}: rope_scaling type {kind!r} is not supported (only 'llama3')")
-        s = dataclass_from_dict(HFRopeScaling, c.rope_scaling, f"{source}.rope_scaling")
+        s = dataclass_from_dict(HFRopeScaling, c.rope_scaling, source, key="rope_scaling")
         scaling = {"factor": s.factor, "low_freq_factor": s.low_freq_factor,
                    "high_freq_factor": s.high_freq_factor,
                    "original_max_position_embeddings": s.original_max_position_embeddings}

@@ -36,8 +36,9 @@ from adapters.checkpoint import (
     read_safetensors_dir,
 )
 from adapters.cross_attention import fusion_schedule, xattn_schedule
-from adapters.llama import Llama, LlamaConfig, rope_frequencies
+from adapters.llama import Llama, LlamaConfig
 from adapters.multimodal import MultimodalConfig, MultimodalLlama
+from common.rope import rope_frequencies
 from vision import encoder as vision_encoder
 from vision.encoder import VisionEncoderConfig
 from vision.tiling import supported_layouts

@@ -22,10 +22,11 @@ import torch
 from torch import nn
 
 from adapters.checkpoint import CheckpointError, cast_floats, load_llama, load_state_dict_strict, read_json
+from adapters.llama import Llama, LlamaConfig
+from adapters.multimodal import MultimodalConfig, MultimodalLlama
 from common.config import config_to_dict
 from common.export import read_export, read_export_meta, write_export
-from adapters.llama import Llama, LlamaConfig, rope_frequencies
-from adapters.multimodal import MultimodalConfig, MultimodalLlama
+from common.rope import rope_frequencies
 from vision.encoder import VisionEncoderConfig
 
 

@@ -5,7 +5,7 @@ Token stream: ids below ``lm.vocab_size`` use the frozen embedding table; ids at
 (128256 for Llama 3), ``<|video|>`` as ``vocab_size + 1``; neither is ever a prediction target: the LM
 head keeps its ``vocab_size`` rows.
 
-With ``cfg.video`` set the model also holds the video adapter (`video.adapter`): a temporal aggregator
+With ``cfg.video`` set the model also holds the video adapter (`adapters.video_adapter`): a temporal aggregator
 over the projected frame tokens and video cross-attention blocks before every 4th image block.
 """
 
@@ -16,11 +16,12 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor, nn
 
+from adapters.chat import IMAGE_TOKEN_ROW, VIDEO_TOKEN_ROW
 from adapters.cross_attention import (CrossAttentionBlock, expand_vision_mask, text_image_mask, within_documents,
                                       xattn_schedule)
 from adapters.llama import (KVCache, Llama, LlamaConfig, build_attention_mask, build_llama, document_positions,
                             llama_config)
-from video.adapter import VIDEO_TOKEN_ROW, VideoAdapter, VideoAdapterConfig, VideoBatch, frame_token_mask, video_schedule
+from adapters.video_adapter import VideoAdapter, VideoAdapterConfig, VideoBatch, frame_token_mask, video_schedule
 from vision.encoder import VisionEncoderConfig, VisionProjector, build_vision_encoder, vision_config
 
 
@@ -43,7 +44,7 @@ class MultimodalConfig:
 
     @property
     def image_token_id(self) -> int:
-        return self.lm.vocab_size
+        return self.lm.vocab_size + IMAGE_TOKEN_ROW
 
     @property
     def video_token_id(self) -> int:

@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adapters.chat import IGNORE_INDEX
 from adapters.multimodal import ImageBatch, MultimodalLlama, VideoBatch
-
-IGNORE_INDEX = -100
 
 
 def shift_targets(labels: Tensor, vocab_size: int) -> Tensor:

@@ -1,1 +1,2 @@
-"""The lowest layer: small readers every other package may use. Knows no model, no media, no training."""
+"""The lowest layer: strict config <-> dict, presets, export files, JSONL, WER / CER, RoPE. Imports nothing of ours;
+knows no media decoding, no model package and no training."""

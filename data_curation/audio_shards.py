@@ -5,7 +5,7 @@ Inputs come through the shared readers: a folder of audio files with sidecar tra
 parquet manifest (``{"audio": path, "text": ...}``; paths relative to the manifest, inside its folder unless
 ``allow_outside_root``), or webdataset tars (``key.flac`` + ``key.txt``; a ``.tar``, glob or brace pattern). Stages, in order, each
 dropping or failing a sample with a reason (``data_curation.records``): transcript present -> decode
-(``speech.audio.load_audio``: mono, 16 kHz; an unreadable file, or a WAV whose header declares more audio
+(``media.audio.load_audio``: mono, 16 kHz; an unreadable file, or a WAV whose header declares more audio
 than it holds, is an error naming it) -> duration (``min_duration_s`` .. ``max_duration_s``, the whole file's
 length from its header: a longer clip is dropped, never cut, since the transcript is of the whole clip, and
 only its first ``max_duration_s`` are ever decoded) -> silence (RMS below ``silence_db``) -> clipping (share of full-scale samples above
@@ -37,9 +37,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from common.config import read_yaml_mapping
-from common.tar import is_pattern
-from data_curation.curation_config import ConfigError, _build, check_job_fields, config_to_dict
+from common.config import config_to_dict, dataclass_from_dict, read_yaml_mapping
+from data_curation.curation_config import CURATION_YAML, ConfigError, check_job_fields
 from data_curation.input_files import DEFAULT_MAX_AUDIO_BYTES, CurationInputError
 from data_curation.readers import read_folder, read_manifest
 from data_curation.records import Sample
@@ -47,7 +46,8 @@ from data_curation.shard_jobs import (BuildResult, StageSetupError, _atomic_writ
                                       run_shard_job, write_status_shard)
 from data_curation.vad import VadConfig
 from data_curation.wds_reader import read_webdataset
-from speech.audio import AUDIO_EXTS, SAMPLE_RATE
+from media.audio import AUDIO_EXTS, SAMPLE_RATE
+from media.tar import is_pattern
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -63,7 +63,7 @@ class AudioCurationConfig:
     allow_outside_root: bool = False  # manifest rows / folder symlinks may name files outside the input folder
     min_duration_s: float = 0.5
     max_duration_s: float = 60.0  # the paper's longest speech segment (sec. 8); longer clips are dropped
-    silence_db: float = -60.0  # RMS in dBFS below which a clip is silent (speech.audio.SILENCE_DB)
+    silence_db: float = -60.0  # RMS in dBFS below which a clip is silent (media.audio.SILENCE_DB)
     max_clipped_fraction: float = 0.001  # share of samples at full scale (|x| >= 0.999) above which: dropped
     vad: VadConfig = field(default_factory=VadConfig)
 
@@ -81,9 +81,7 @@ def load_audio_config(path: str | Path | None, overrides: dict | None = None) ->
     Unknown keys, at any level, are a ``ConfigError`` naming them; ``vad: null`` disables the VAD."""
     where = "config" if path is None else str(path)
     data = {**(read_yaml_mapping(path, ConfigError) if path is not None else {}), **(overrides or {})}
-    if "vad" in data:
-        data["vad"] = _build(VadConfig, data["vad"], f"{where}.vad")
-    return _build(AudioCurationConfig, data, where)
+    return dataclass_from_dict(AudioCurationConfig, data, where, CURATION_YAML)
 
 
 # --------------------------------------------------------------------------------------------- readers
@@ -142,7 +140,7 @@ class AudioProcessor:
         return samples
 
     def _per_sample(self, s: Sample) -> bytes | None:
-        from speech.audio import AudioReadError, load_audio
+        from media.audio import AudioReadError, load_audio
 
         cfg, f = self.cfg, s.fields
         if not s.caption:

@@ -6,17 +6,21 @@ error naming the section, so a typo never silently disables a filter.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.config import read_yaml_mapping
+from common.config import dataclass_from_dict, read_yaml_mapping, yaml_options
 from data_curation.filters import CaptionRules, ImageRules
 from data_curation.input_files import DEFAULT_MAX_SAMPLE_BYTES
 
 
 class ConfigError(ValueError):
     """A curation config that cannot be used; the message names the file and the field."""
+
+
+# how every shard builder reads its YAML: missing keys keep their defaults, a stage set to null is off
+CURATION_YAML = yaml_options(ConfigError, null_section="disabled")
 
 
 def check_job_fields(cfg: Any) -> None:
@@ -117,45 +121,9 @@ class CurationConfig:
             raise ConfigError(f"resample.prob: {self.resample.prob!r} is not sqrt | linear")
 
 
-def _build(cls, data: Any, where: str):
-    if data is None:  # a section set to null: the stage is off (sections without 'enabled' keep defaults)
-        return cls(enabled=False) if "enabled" in {f.name for f in fields(cls)} else cls()
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    known = {f.name: f for f in fields(cls)}
-    unknown = set(data) - set(known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
-    kwargs = {}
-    for name, value in data.items():
-        sub = _SECTIONS.get(name) if cls is CurationConfig else None
-        if sub is not None:
-            kwargs[name] = _build(sub, value, f"{where}.{name}")
-        elif isinstance(value, list):
-            kwargs[name] = tuple(value)
-        else:
-            kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
-    except TypeError as e:
-        raise ConfigError(f"{where}: {e}") from None
-
-
-_SECTIONS = {f.name: f.default_factory for f in fields(CurationConfig)
-             if callable(getattr(f, "default_factory", None)) and is_dataclass(f.default_factory)}
-
-
 def load_config(path: str | Path | None, overrides: dict | None = None) -> CurationConfig:
     """Read ``curation.yaml`` (None: all defaults); ``overrides`` is merged over the top level."""
     data = read_yaml_mapping(path, ConfigError) if path is not None else {}
-    return _build(CurationConfig, {**data, **(overrides or {})}, str(path) if path is not None else "config")
+    where = str(path) if path is not None else "config"
+    return dataclass_from_dict(CurationConfig, {**data, **(overrides or {})}, where, CURATION_YAML)
 
-
-def config_to_dict(cfg: Any) -> Any:
-    if is_dataclass(cfg):
-        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in fields(cfg)}
-    if isinstance(cfg, tuple):
-        return list(cfg)
-    return cfg

@@ -28,9 +28,9 @@ from data_curation.input_files import (DEFAULT_MAX_SAMPLE_BYTES, NOT_REGULAR, TO
                                        _parse_caption_json, _text_noun, _too_large, _unique_keys,
                                        open_regular, read_input_file, sanitize_key)
 from data_curation.records import Sample
-from common.tar import expand_shards, is_pattern
 from data_curation.wds_reader import WDS_IMAGE_EXTS, read_webdataset
-from vision.image_io import DEFAULT_MAX_PIXELS, ImageLoadError, load_image_bytes
+from media.image import DEFAULT_MAX_PIXELS, ImageLoadError, load_image_bytes
+from media.tar import expand_shards, is_pattern
 
 # the same image types in folders and tars
 FOLDER_IMAGE_EXTS = frozenset(f".{e}" for e in WDS_IMAGE_EXTS)
@@ -367,7 +367,7 @@ def _fill_from_row(sample: Sample, row: dict[str, Any], where: str, rows: _Rows)
 
 def decode_image(sample: Sample, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image | None:
     """The sample's image as upright RGB, or None after ``sample.fail("decode", ...)``; the reason is
-    ``vision.image_io``'s message, which starts with the sample's source (file or shard:member)."""
+    ``media.image``'s message, which starts with the sample's source (file or shard:member)."""
     if sample.image_bytes is None:
         sample.fail("decode", f"{sample.source}: no image bytes")
         return None

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from data_curation.curation_config import CurationConfig, config_to_dict
+from common.config import config_to_dict
+from data_curation.curation_config import CurationConfig
 from data_curation.shard_jobs import _atomic_write, read_status_rows, status_counts
 
 

@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from data_curation.curation_config import config_to_dict
+from common.config import config_to_dict
 from data_curation.input_files import LONE_SURROGATE, CurationInputError
 from data_curation.records import DROPPED, ERROR, OK, STATUSES, Sample, bad_text_field, escape_text
 

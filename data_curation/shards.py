@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from data_curation.curation_config import CurationConfig, config_to_dict
+from data_curation.curation_config import CurationConfig
 from data_curation.records import DROPPED, OK, Sample
 from data_curation.readers import decode_image, open_input
 from data_curation.shard_jobs import (STATUS_SCHEMA, BuildResult, ResumeConfig, StageSetupError, _atomic_write,

@@ -27,7 +27,7 @@ import torch
 
 from data_curation.curation_config import ConfigError
 
-SAMPLE_RATE = 16_000  # silero runs at 8 or 16 kHz; everything here is 16 kHz (speech.audio.load_audio)
+SAMPLE_RATE = 16_000  # silero runs at 8 or 16 kHz; everything here is 16 kHz (media.audio.load_audio)
 WINDOW = 512  # samples per silero window at 16 kHz (32 ms)
 
 

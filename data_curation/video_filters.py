@@ -1,6 +1,6 @@
 """Per-video filters (Llama 3 sec. 7.4): caption cleaning, OCR text overlay, CLIP frame/video score, motion.
 
-Each function takes decoded frames (``video.reader.SampledFrames.frames``, (K, H, W, 3) uint8 RGB) or a
+Each function takes decoded frames (``media.video.SampledFrames.frames``, (K, H, W, 3) uint8 RGB) or a
 caption and returns a number; the shard builder (``data_curation.video_shards``) turns numbers into
 drop decisions. Units, so thresholds mean the same thing on every video:
 
@@ -33,7 +33,7 @@ from PIL import Image
 
 from data_curation.filters import CaptionRules, ClipScorer, caption_reason
 from data_curation.ocr import OCRResult, TesseractOCR
-from video.reader import MAX_FRAMES, SampledFrames, VideoInfo, VideoReader, VideoSource
+from media.video import MAX_FRAMES, SampledFrames, VideoInfo, VideoReader, VideoSource
 
 # ------------------------------------------------------------------------------------------ caption
 

@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from common.config import read_yaml_mapping
-from common.tar import is_pattern
-from data_curation.curation_config import ConfigError, LanguageConfig, _build, check_job_fields, config_to_dict
+from common.config import config_to_dict, dataclass_from_dict, read_yaml_mapping
+from data_curation.curation_config import CURATION_YAML, ConfigError, LanguageConfig, check_job_fields
 from data_curation.input_files import DEFAULT_MAX_VIDEO_BYTES, CurationInputError
 from data_curation.readers import read_folder, read_manifest
 from data_curation.records import Sample
@@ -40,6 +39,7 @@ from data_curation.shard_jobs import (BuildResult, StageSetupError, _atomic_writ
                                       run_shard_job, write_status_shard)
 from data_curation.video_filters import VideoCaptionRules
 from data_curation.wds_reader import read_webdataset
+from media.tar import is_pattern
 
 VIDEO_EXTS = ("mp4", "m4v", "mov", "webm", "mkv", "avi")  # also the webdataset member preference order
 
@@ -48,7 +48,7 @@ VIDEO_EXTS = ("mp4", "m4v", "mov", "webm", "mkv", "avi")  # also the webdataset 
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    backend: str = "auto"  # video.reader: auto (decord, PyAV fallback) | decord | pyav
+    backend: str = "auto"  # media.video: auto (decord, PyAV fallback) | decord | pyav
     timeout_s: float = 60.0  # per decode call; a hung decoder is killed and the sample is an error
     frames: int = 9  # uniform frames for OCR (25/50/75%: exact when frames - 1 is a multiple of 4) and CLIP
 
@@ -109,23 +109,12 @@ class VideoCurationConfig:
             raise ConfigError("motion: fps must be > 0, max_frames in [2, 64], short_side >= 0")
 
 
-_SECTIONS = {f.name: f.default_factory for f in fields(VideoCurationConfig) if is_dataclass(f.default_factory)}
-
-
 def load_video_config(path: str | Path | None, overrides: dict | None = None) -> VideoCurationConfig:
     """Read ``video_curation.yaml`` (None: all defaults); ``overrides`` is merged over the top level.
     Unknown keys, at any level, are a ``ConfigError`` naming them; a stage set to null is disabled."""
     where = str(path) if path is not None else "config"
     data = {**(read_yaml_mapping(path, ConfigError) if path is not None else {}), **(overrides or {})}
-    known = {f.name for f in fields(VideoCurationConfig)}
-    unknown = set(data) - known
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
-    kwargs = {k: _build(_SECTIONS[k], v, f"{where}.{k}") if k in _SECTIONS else v for k, v in data.items()}
-    try:
-        return VideoCurationConfig(**kwargs)
-    except (ConfigError, TypeError) as e:
-        raise ConfigError(f"{where}: {e}") from None
+    return dataclass_from_dict(VideoCurationConfig, data, where, CURATION_YAML)
 
 
 # --------------------------------------------------------------------------------------------- readers
@@ -167,7 +156,7 @@ def read_video_folder(path: str | Path, *, caption_key: str = "caption",
 def read_video_webdataset(paths: str | Path | Iterable[str | Path], *, caption_key: str = "caption",
                           max_sample_bytes: int = DEFAULT_MAX_VIDEO_BYTES) -> Iterator[Sample]:
     """``wds_reader.read_webdataset`` for videos: groups of ``key.<video ext>`` + ``key.txt`` / ``key.json``
-    (video2dataset's layout). Truncated or missing shards give an error Sample naming the shard."""
+    (video2dataset's layout). A truncated shard gives an error Sample naming it; a missing one raises."""
     return read_webdataset(paths, caption_key=caption_key, media_exts=VIDEO_EXTS, media="video",
                            max_sample_bytes=max_sample_bytes)
 
@@ -209,7 +198,7 @@ class VideoProcessor:
         import cv2
         import torch
 
-        from video.reader import VideoReader
+        from media.video import VideoReader
 
         cv2.setNumThreads(torch.get_num_threads())  # the worker's share (shard_jobs sets torch's), not every core
         self.cfg = cfg
@@ -240,7 +229,7 @@ class VideoProcessor:
     def _per_sample(self, s: Sample) -> None:
         from data_curation.video_filters import (clip_video_scores, frame_positions, motion_score,
                                                  sample_for_motion, text_overlay, video_caption_reason)
-        from video.reader import VideoReadError
+        from media.video import VideoReadError
 
         cfg, f = self.cfg, s.fields
         s.stage = "caption"

@@ -1,9 +1,9 @@
 """Webdataset tar shards -> one ``Sample`` per group of members sharing a key (``read_webdataset``).
 
-Shard specs are brace patterns and globs (`common.tar.expand_shards`); shards are streamed with ``tarfile`` (nothing
+Shard specs are brace patterns and globs (`media.tar.expand_shards`); shards are streamed with ``tarfile`` (nothing
 extracted). Links, devices, FIFOs, oversized members and unresolved hard links are error Samples with
 ``input_files``' named reasons; a shard cut short or without tar's end-of-archive marker is one error Sample
-(`common.tar.has_tar_end_marker`, which the training streams use too).
+(`media.tar.has_tar_end_marker`, which the training streams use too).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 from data_curation.input_files import (DEFAULT_MAX_SAMPLE_BYTES, HARD_LINK_UNRESOLVED, NOT_REGULAR,
                                        CurationInputError, SampleReadError, _parse_caption_json, _short_hash,
                                        _text_noun, _too_large, open_regular, sanitize_key)
-from common.tar import expand_shards, has_tar_end_marker, is_pattern
 from data_curation.records import Sample
+from media.tar import expand_shards, has_tar_end_marker, is_pattern
 
 # the order is the preference when a tar group has several
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
@@ -46,7 +46,8 @@ def read_webdataset(paths: str | Path | Iterable[str | Path], *, caption_key: st
     ``max_sample_bytes`` (``TOO_LARGE``; its data is skipped unread) or the same extension twice is an
     error Sample naming them. A hard link is read as the earlier member it points to (GNU tar stores a
     file added twice once, and the second copy as a link to the first), else it is an error
-    (``HARD_LINK_UNRESOLVED``). A missing, unreadable or truncated shard gives one error Sample naming
+    (``HARD_LINK_UNRESOLVED``). A shard that does not exist raises ``CurationInputError`` before anything is
+    read (`media.tar.expand_shards`); an unreadable or truncated one gives one error Sample naming
     the shard (and the member where reading stopped); the samples read before the damage are kept, and
     reading goes on with the next shard. A shard that ends without tar's end-of-archive marker (an
     interrupted writer, img2dataset#164; tarfile itself stops there silently, as it does at a garbage

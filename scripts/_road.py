@@ -93,3 +93,9 @@ def offline_curation(config: Path, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return out
+
+
+def shown_path(path: str | Path) -> str:
+    """``path`` as a summary prints it: relative to the current directory when under it (``make demo``)."""
+    p, here = Path(path), Path.cwd()
+    return str(p.relative_to(here)) if p.is_relative_to(here) else str(p)

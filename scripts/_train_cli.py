@@ -28,8 +28,9 @@ def train_main(argv: list[str] | None, *, doc: str, name: str, kind: str | None)
 
     from adapters.checkpoint import CheckpointError
     from adapters.tokenizer import TokenizerError
+    from media.tar import ShardError
     from training.config import TrainConfigError, load_run_config
-    from training.data import BadSampleError, ShardError
+    from training.data import BadSampleError
     from training.trainer import TrainError, train
 
     overrides = list(args.set) + ([f"deepspeed={args.deepspeed}"] if args.deepspeed else [])

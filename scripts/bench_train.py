@@ -322,7 +322,7 @@ def run_overhead(config: str, steps: int, warmup: int, out: Path) -> None:
     data loader alone, in this one process; writes ``out/rank0_overhead.json``."""
     from adapters.tokenizer import build_tiny_tokenizer
     from training.bench import bare_step_times, time_loader, write_caption_shards
-    from training.data import expand_shards
+    from media.tar import expand_shards
     from training.spec import get_spec
     from training.trainer import build_batches, train
 
@@ -342,7 +342,7 @@ def run_overhead(config: str, steps: int, warmup: int, out: Path) -> None:
 
     spec = get_spec(cfg.kind)
     model = spec.build_model(cfg, tok)  # the trainer's factory, the trainer's seed: the trainer's weights
-    batches = build_batches(cfg, tok, model, 0, 1, expand_shards(cfg.data.shards))
+    batches = build_batches(cfg, tok, model, 0, 1, expand_shards(cfg.data.shards.split()))
     replay, loader = time_loader(batches, max(steps * gas, OVERHEAD_LOADER_MICRO_BATCHES), warmup=warmup * gas)
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     task = spec.build_task(model).to(device)

@@ -4,9 +4,9 @@
                                   [--configs tiny,mid] [--threads N] [--skip reader,encoder]
 
 1. reader: ffmpeg writes a test clip (``testsrc2``, 30 fps, H.264, yuv420p, keyframe every 60 frames) into
-   a temporary directory. ``video.reader.VideoReader(backend="decord", timeout_s=None).sample(path, K)`` is
+   a temporary directory. ``media.video.VideoReader(backend="decord", timeout_s=None).sample(path, K)`` is
    timed against a baseline that decodes every frame with PyAV, converts each one to rgb24 numpy and keeps
-   the K picked by the reader's own rule (``video.reader.uniform_indices``); our PyAV fallback
+   the K picked by the reader's own rule (``media.video.uniform_indices``); our PyAV fallback
    (``backend="pyav"``: decodes up to the last index, converts only the K kept) is the third figure.
    Seconds are the best of ``--repeats``; speedup = baseline / decord, goal >= 5. As a check of the
    benchmark, the indices must agree and our PyAV frames must equal the baseline's.
@@ -83,7 +83,7 @@ def decode_all_pyav(path: Path, k: int) -> tuple[np.ndarray, np.ndarray, int]:
     """
     import av
 
-    from video.reader import uniform_indices
+    from media.video import uniform_indices
 
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
@@ -109,7 +109,7 @@ def bench_reader(seconds: float, height: int, k: int, repeats: int, log: Callabl
     import av  # noqa: F401 - imported before timing, not inside the first timed run
     import decord  # noqa: F401
 
-    from video.reader import VideoReader
+    from media.video import VideoReader
 
     with tempfile.TemporaryDirectory(prefix="bench_video-") as tmp:
         path = Path(tmp) / "testsrc2.mp4"
@@ -132,7 +132,7 @@ def bench_reader(seconds: float, height: int, k: int, repeats: int, log: Callabl
                  "n_frames": info.n_frames, "duration_s": _r(info.duration_s, 3), "size_bytes": size,
                  "ffmpeg_encode_s": _r(encode_s, 2)},
         "frames_requested": k,
-        "index_rule": "video.reader.uniform_indices: linspace(0, n_frames - 1, K).round()",
+        "index_rule": "media.video.uniform_indices: linspace(0, n_frames - 1, K).round()",
         "timing": f"best of {max(1, repeats)}",
         "baseline_pyav_decode_all": {"seconds": _r(base_s), "frames_decoded": base_decoded,
                                      "frames_converted_rgb": base_decoded, "frames_returned": int(len(base_idx))},
@@ -162,7 +162,7 @@ def model_config(name: str, k: int):
     """``tiny``: the preset. ``mid``: the tiny preset widened to a mid-size CPU model (the LM's layers are
     built but unused here: only its width and head layout reach the projector and the aggregator)."""
     from adapters.multimodal import multimodal_config
-    from video.adapter import VideoAdapterConfig
+    from adapters.video_adapter import VideoAdapterConfig
 
     cfg = multimodal_config("tiny", video=VideoAdapterConfig(max_frames=k, every=1))
     if name == "tiny":
@@ -177,8 +177,8 @@ def model_config(name: str, k: int):
 
 def random_clip(cfg, k: int, seed: int = 0):
     """One video of K random 16:9 uint8 frames through the real tiling path -> trimmed VideoBatch (1 tile)."""
-    from video.adapter import VideoBatch
-    from video.frames import collate_videos, tile_frames, video_tiling
+    from adapters.video_adapter import VideoBatch
+    from vision.frames import collate_videos, tile_frames, video_tiling
 
     S = cfg.vision.tile_size
     frames = np.random.default_rng(seed).integers(0, 256, (k, S * 9 // 16, S, 3), dtype=np.uint8)

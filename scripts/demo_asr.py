@@ -40,13 +40,13 @@ from adapters.checkpoint import CheckpointError
 from adapters.generation import SamplingConfig, stream_text
 from adapters.tokenizer import Tokenizer, TokenizerError
 from common.export import ExportFormatError
+from media.audio import MAX_SECONDS, SAMPLE_RATE, Audio, AudioReadError, chunk_audio, load_audio
 from scripts._batch import (BatchInputError, add_batch_args, check_batch_args, read_questions,
                             write_predictions)
 from scripts.demo_vqa import find_tokenizer, modality_error, positive_int, print_stream
 from speech.adapter import (SpeechLlama, SpeechLlamaConfig, asr_prompt, ast_prompt, encode_speech_dialog,
                             speech_decode)
 from speech.model_io import load_speech_checkpoint
-from speech.audio import MAX_SECONDS, SAMPLE_RATE, Audio, AudioReadError, chunk_audio, load_audio
 
 PROMPTS = {"asr": asr_prompt, "ast": ast_prompt}
 

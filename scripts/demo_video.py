@@ -34,12 +34,12 @@ from adapters.checkpoint import CheckpointError
 from adapters.generation import GenerationLengthError
 from adapters.multimodal import MultimodalConfig, MultimodalLlama
 from adapters.tokenizer import Tokenizer, TokenizerError
+from adapters.video_adapter import VideoBatch
+from media.video import SampledFrames, VideoReader, VideoReadError
 from scripts._batch import (BatchInputError, Row, add_batch_args, check_batch_args, read_questions,
                             write_predictions)
 from scripts.demo_vqa import add_sampling_args, answer_pieces, find_tokenizer, load_export, print_stream
-from video.adapter import VideoBatch
-from video.frames import collate_videos, tile_frames, video_tiling
-from video.reader import SampledFrames, VideoReader, VideoReadError
+from vision.frames import collate_videos, tile_frames, video_tiling
 
 
 def video_model_problem(cfg: MultimodalConfig, model_dir: Path, frames: int) -> str | None:

@@ -35,9 +35,9 @@ from adapters.generation import GenerationLengthError, SamplingConfig, check_len
 from adapters.multimodal import ImageBatch, MultimodalLlama
 from adapters.tokenizer import Tokenizer, TokenizerError
 from common.export import ExportFormatError, export_format
+from media.image import ImageLoadError, load_image
 from scripts._batch import (BatchInputError, add_batch_args, check_batch_args, read_questions,
                             write_predictions)
-from vision.image_io import ImageLoadError, load_image
 from vision.tiling import TilingConfig, collate_tiled, tile_image
 
 

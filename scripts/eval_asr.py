@@ -6,7 +6,7 @@ REFS and HYPS each hold one transcript per utterance, as TSV (``key<TAB>text``, 
 empty transcript is ``key<TAB>``; the text is everything after the first tab) or, for files named
 ``*.jsonl``/``*.ndjson``/``*.json``, JSONL (``{"key": ..., "text": ...}`` per line; a null text is
 empty). Blank lines are skipped; files are UTF-8. Both files must hold exactly the same keys, each
-once; utterances are scored in REFS order. Text is normalised with `speech.metrics.normalize_text`
+once; utterances are scored in REFS order. Text is normalised with `common.metrics.normalize_text`
 unless ``--no-normalize``. Errors (unreadable or malformed file, duplicate or mismatched keys, no
 reference words) print one line to stderr and exit with status 2.
 """
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from common.jsonl import parse_object
-from speech.metrics import WerResult, cer, normalize_text, wer
+from common.metrics import WerResult, cer, normalize_text, wer
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 KEYS_SHOWN = 5  # keys named in a mismatch message

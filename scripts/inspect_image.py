@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from media.image import ImageLoadError, load_image
 from vision.encoder import VISION_PRESETS, VisionProjector, build_vision_encoder, vision_config
-from vision.image_io import ImageLoadError, load_image
 from vision.tiling import CLIP_MEAN, CLIP_STD, TiledImage, TilingConfig, collate_tiled, layout_id, tile_image
 
 

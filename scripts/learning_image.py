@@ -31,7 +31,7 @@ from pathlib import Path
 from common.jsonl import read_jsonl
 from scripts import build_shards, demo_vqa, make_synthetic
 from scripts._road import (RoadError, Stage, export_untrained, offline_curation,
-                           rooted_overrides, run_stage, train_stage)
+                           rooted_overrides, run_stage, shown_path, train_stage)
 from synthetic.score import normalize_answer, read_rows, score
 from synthetic.shapes import QUESTIONS
 
@@ -82,15 +82,16 @@ def examples(questions: Path, answers: Path, predictions: Path, n: int) -> list[
 
 def summary(metrics: dict) -> str:
     """The shown held-out answers, right or wrong, then the accuracy beside chance and the frozen LM alone."""
-    lines = [f"  {e['image']}  Q: {e['question']:32s} A: {e['answer']:8s} "
+    lines = [f"  {shown_path(e['image'])}  Q: {e['question']:32s} A: {e['answer']:8s} "
              f"{'right' if e['right'] else 'WRONG (' + e['expected'] + ')'}" for e in metrics["examples"]]
     kinds = ", ".join(f"{k} {a:.2f}" for k, a in metrics["heldout_accuracy_by_kind"].items())
     return "\n".join([
-        f"held-out shape scenes (seed {metrics['seed']}, {metrics['heldout_questions']} questions): image, question, answer:",
+        f"held-out shape scenes (seed {metrics['seed']}, {metrics['heldout_questions']} questions): "
+        "image, question, answer:",
         *lines,
         f"accuracy {metrics['heldout_accuracy']:.3f} ({kinds}); chance {metrics['chance_accuracy']:.3f}, "
         f"frozen LM alone {metrics['frozen_lm_alone_accuracy']:.3f}",
-        f"checkpoint: {metrics['export']}"])
+        f"checkpoint: {shown_path(metrics['export'])}"])
 
 
 def run_image_road(work: str | Path, seed: int = 0, progress: bool = True) -> dict:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from scripts import build_shards, build_video_shards, demo_video, demo_vqa, make_synthetic
 from scripts._road import (Stage, export_untrained, offline_curation,
-                           rooted_overrides, run_stage, train_stage)
+                           rooted_overrides, run_stage, shown_path, train_stage)
 from synthetic.motion import DIRECTIONS
 from synthetic.score import normalize_answer, score
 
@@ -81,11 +81,13 @@ def examples(questions: Path, answers: Path, predictions: Path, n: int) -> list[
     want = {r["id"]: r["answer"] for r in map(json.loads, answers.read_text().splitlines())}
     got = {r["id"]: r["answer"] for r in map(json.loads, predictions.read_text().splitlines())}
     return [{"video": str(questions.parent / q["video"]), "question": q["question"], "answer": got[q["id"]],
-             "expected": want[q["id"]], "right": normalize_answer(got[q["id"]]) == normalize_answer(want[q["id"]])} for q in rows]
+             "expected": want[q["id"]], "right": normalize_answer(got[q["id"]]) == normalize_answer(want[q["id"]])}
+            for q in rows]
 
 
 def summary(metrics: dict) -> str:
-    lines = [f"  {e['video']}  A: {e['answer']:6s} {'right' if e['right'] else 'WRONG (' + e['expected'] + ')'}"
+    lines = [f"  {shown_path(e['video'])}  A: {e['answer']:6s} "
+             f"{'right' if e['right'] else 'WRONG (' + e['expected'] + ')'}"
              for e in metrics["examples"]]
     dirs = ", ".join(f"{k} {a:.2f}" for k, a in metrics["heldout_accuracy_by_direction"].items())
     return "\n".join([
@@ -96,7 +98,7 @@ def summary(metrics: dict) -> str:
         f"image-only model on the middle frame {metrics['image_only_accuracy']:.3f}, "
         f"frozen LM alone {metrics['frozen_lm_alone_accuracy']:.3f}; the image model on first and last frames, "
         f"where is the ball: {metrics['image_model_position_accuracy']:.3f}",
-        f"checkpoint: {metrics['export']}"])
+        f"checkpoint: {shown_path(metrics['export'])}"])
 
 
 def run_video_road(work: str | Path, seed: int = 0, progress: bool = True) -> dict:

@@ -13,9 +13,9 @@ import torch
 
 from adapters.llama import LLAMA_PRESETS, Llama
 from adapters.multimodal import MultimodalLlama, multimodal_config
+from adapters.video_adapter import VideoAdapterConfig
 from speech.adapter import adapter_param_count
 from speech.conformer import param_count as conformer_param_count
-from video.adapter import VideoAdapterConfig
 from vision.encoder import build_vision_encoder, vision_config
 
 # Llama 3 paper, sec. 7.4: the video aggregator + video cross-attention layers have 0.6B parameters

@@ -37,17 +37,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.presets import preset_config
-from adapters.chat import encode_header
+from adapters.chat import AUDIO_TOKEN_ROW, IGNORE_INDEX, encode_header
 from adapters.generation import SamplingConfig, check_length, decode
-from adapters.llama import (FeedForward, KVCache, Llama, LlamaConfig, RMSNorm, apply_rope, build_llama,
-                            llama_config, rope_frequencies, rope_table)
-from adapters.task import IGNORE_INDEX, shift_targets
+from adapters.llama import FeedForward, KVCache, Llama, LlamaConfig, RMSNorm, build_llama, llama_config
+from adapters.task import shift_targets
 from adapters.tokenizer import Tokenizer
+from common.presets import preset_config
+from common.rope import apply_rope, rope_frequencies, rope_table
 from speech.conformer import ConformerConfig, ConformerEncoder, conformer_config, length_mask
 from speech.features import LogMel, LogMelConfig, normalize_features
-
-AUDIO_TOKEN_ROW = 2  # model id vocab_size + 2 (row 0 is <|image|>, row 1 <|video|>)
 
 
 def audio_input_id(tok: Tokenizer) -> int:

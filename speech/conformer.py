@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.presets import preset_config
-from adapters.llama import apply_rope, rope_frequencies, rope_table
+from common.rope import apply_rope, rope_frequencies, rope_table
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,7 +117,7 @@ class ConformerFeedForward(nn.Sequential):
 
 
 class ConformerAttention(nn.Module):
-    """LN -> multi-head self-attention with RoPE on q/k (interleaved pairs, as ``adapters.llama``)."""
+    """LN -> multi-head self-attention with RoPE on q/k (interleaved pairs, as the LM: `common.rope`)."""
 
     def __init__(self, cfg: ConformerConfig):
         super().__init__()

@@ -4,7 +4,7 @@
     utts = synthesize_digits(8, seed=0, out_dir="wavs")  # and keeps espeak-ng's wavs as wavs/00000.wav ...
 
 Each utterance is 3-5 uniform random digits, rendered by its own ``espeak-ng`` process with a voice, speed
-(words per minute) and pitch drawn per utterance, read back through `speech.audio.load_audio` (22.05 kHz ->
+(words per minute) and pitch drawn per utterance, read back through `media.audio.load_audio` (22.05 kHz ->
 16 kHz). Another seed gives unseen digit strings and speed/pitch draws, from the same voices.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from speech.audio import SAMPLE_RATE, load_audio
+from media.audio import SAMPLE_RATE, load_audio
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # espeak-ng's own (non-MBROLA) English voices, two with its female/male variants; `espeak-ng --voices=en`.

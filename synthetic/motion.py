@@ -1,7 +1,7 @@
 """Rendered motion clips whose answer no single frame holds: a ball moving left, right, up or down.
 
 Each clip is drawn with PIL, encoded to H.264 mp4 bytes with PyAV, and read back through
-`video.reader.VideoReader` like any other video. The path's centre is uniform over the frame, so the
+`media.video.VideoReader` like any other video. The path's centre is uniform over the frame, so the
 ball's position in the middle frame has the same distribution for every direction (clips have an odd
 number of frames: the middle frame shows the ball exactly at the centre): a model that sees one frame
 is at chance (1/4), only the motion across frames tells the direction.

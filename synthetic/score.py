@@ -5,7 +5,7 @@
 Every kind gets exact-match accuracy after a light normalisation (case, surrounding whitespace and
 punctuation, inner runs of spaces: "Left." == "left"), overall, per kind, and per expected answer within a
 kind (per direction, per colour...: a model stuck on one answer shows up there). Transcript kinds (spoken
-digits) also get corpus WER and CER (`speech.metrics`, its English normaliser). Every answer id needs
+digits) also get corpus WER and CER (`common.metrics`, its English normaliser). Every answer id needs
 exactly one prediction: a missing, unknown or repeated id is a `ScoreError` naming it.
 """
 
@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from common.jsonl import read_jsonl
-from speech.metrics import cer, wer
+from common.metrics import cer, wer
 from synthetic.tasks import TRANSCRIPT_KIND
 
 _SHOWN = 5  # ids named in an error message before "... and N more"

@@ -118,8 +118,8 @@ def write_stills(clips: list, out: Path, held_out: bool) -> None:
             for t in sorted(clip.stills):
                 name = f"{i:05d}-f{t:02d}.png"
                 Image.fromarray(clip.stills[t]).save(frames_dir / name)
-                _still_sidecar(frames_dir / name, clip.frame_caption(t), QA(POSITION_QUESTION, clip.place(t), "position"),
-                         i, t)
+                position = QA(POSITION_QUESTION, clip.place(t), "position")
+                _still_sidecar(frames_dir / name, clip.frame_caption(t), position, i, t)
             name = f"{i:05d}-f{clip.middle:02d}.png"
             Image.fromarray(clip.stills[clip.middle]).save(middle_dir / name)
             _still_sidecar(middle_dir / name, clip.direction, QA(MOTION_QUESTION, clip.direction, "direction"), i,

@@ -26,3 +26,13 @@ def pytest_report_teststatus(report, config):
     if getattr(report, "missing_system_binary", False) and report.when == "setup":
         return "failed", "F", "FAILED"
     return None
+
+
+@pytest.fixture
+def road_threads():
+    """The learning roads (tests/*/test_learning.py) run alone in the suite and are dominated by real matrix
+    work, not per-op overhead: they take both cores (at most 2), as `bench_learning` does on the CI machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    yield
+    torch.set_num_threads(before)

@@ -28,7 +28,7 @@ def test_makefile_installs_every_program_the_tests_need():
 def test_missing_program_fails_the_test_with_the_install_command(tmp_path):
     # Only the interpreter's folder on PATH: espeak-ng and ffmpeg (in /usr/bin) are then missing. One test asks in
     # a fixture (espeak-ng), one in its body (ffmpeg).
-    tests = ["tests/speech/test_audio_features.py::test_logmel_matches_librosa_on_speech",
+    tests = ["tests/speech/test_features.py::test_logmel_matches_librosa_on_speech",
              "tests/scripts/test_bench_video.py::test_bench_video_json_small"]
     env = {**os.environ, "PATH": str(Path(sys.executable).parent)}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], cwd=ROOT,

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import torch
 
+from adapters.chat import IGNORE_INDEX
 from adapters.llama import build_llama
 from adapters.multimodal import MultimodalConfig, MultimodalLlama, build_multimodal, multimodal_config
-from adapters.task import IGNORE_INDEX
 from adapters.tokenizer import Tokenizer
 from adapters.tokenizer import build_tiny_tokenizer as _build_tiny_tokenizer
+from adapters.video_adapter import VideoAdapterConfig
 from speech.adapter import SpeechLlamaConfig, speech_llama_config
 from synthetic.shapes import corpus_text
-from video.adapter import VideoAdapterConfig
 
 
 def build_tiny_tokenizer(out_dir: str | Path, n_merges: int = 120, texts: list[str] | None = None) -> Tokenizer:

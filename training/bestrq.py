@@ -3,7 +3,7 @@
 The model is `speech.pretrain.build_bestrq`: a `ConformerEncoder` of ``model.preset`` ("tiny", "1B") under
 the frozen random-projection quantizer and one head per codebook of ``model.bestrq`` (`BestRQConfig`: 16
 codebooks of 8,192 codes, the paper's masking). It trains on the audio shards the audio curation writes
-(``key.flac``, or any of `speech.audio.AUDIO_EXTS`; a transcript, if any, is not read): each clip is
+(``key.flac``, or any of `media.audio.AUDIO_EXTS`; a transcript, if any, is not read): each clip is
 decoded to 16 kHz mono and, when longer than ``data.crop_seconds``, randomly cropped to it (sec. 8.1
 crops utterances over 60 s to 6,000 frames). The crop's offset is drawn from (``data.seed``, epoch, shard
 file name, key), so a resumed run crops every clip as the uninterrupted one did, and each epoch crops
@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from speech.audio import AUDIO_EXTS, SAMPLE_RATE, AudioReadError, load_audio
+from common.config import config_to_dict
+from media.audio import AUDIO_EXTS, SAMPLE_RATE, AudioReadError, load_audio
 from speech.bestrq import BestRQ
 from speech.features import LogMel, LogMelConfig
 from training.data import BadSampleError, Example, RawSample
@@ -117,7 +118,6 @@ def bestrq_param_groups(cfg: "RunConfig", model: nn.Module) -> list[dict]:
 def run_report(model: BestRQ, cfg: "RunConfig") -> dict:
     """The export's report: the run config, the per-step curves of ``run_dir/losses.jsonl`` (every step of
     the run, a resumed one included), and first / last loss and accuracy (means over 5 steps)."""
-    from training.config import to_dict
     from training.spec import TrainError
 
     log = Path(cfg.train.run_dir) / "losses.jsonl"
@@ -127,7 +127,7 @@ def run_report(model: BestRQ, cfg: "RunConfig") -> dict:
         raise TrainError(f"{log}: not readable for the BEST-RQ report ({e})") from None
     curves = {k: [r[k] for r in records] for k in ("loss", *METRICS)}
     k = min(5, len(records))
-    return {"config": to_dict(cfg), "encoder_params": model.encoder.num_params(), "steps": len(records),
+    return {"config": config_to_dict(cfg), "encoder_params": model.encoder.num_params(), "steps": len(records),
             "first_loss": float(np.mean(curves["loss"][:k])), "last_loss": float(np.mean(curves["loss"][-k:])),
             "first_accuracy": float(np.mean(curves["accuracy"][:k])),
             "last_accuracy": float(np.mean(curves["accuracy"][-k:])),

@@ -89,7 +89,7 @@ class ClipCodec:
         self.bpe, self.context_length = SimpleTokenizer(context_length=context_length), context_length
 
     def decode(self, raw: RawSample) -> Example:
-        from vision.image_io import ImageLoadError, load_image_bytes
+        from media.image import ImageLoadError, load_image_bytes
         from vision.tiling import TilingError, tile_image
 
         ext = next((e for e in IMAGE_EXTS if e in raw.members), None)

@@ -8,13 +8,13 @@ Merged once at the entry point (CONVENTIONS 7) and written, resolved, into the r
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
 import yaml
 
-from common.config import read_yaml_mapping
+from common.config import config_to_dict, dataclass_from_dict, read_yaml_mapping, yaml_options
 from speech.bestrq import BestRQConfig
 
 PARALLEL = ("data", "pipeline")
@@ -26,6 +26,9 @@ class TrainConfigError(ValueError):
 
 class ResumeConfigError(TrainConfigError):
     """A resumed run whose config differs from its checkpoint's where the checkpoint cannot honour it."""
+
+
+RUN_YAML = yaml_options(TrainConfigError)  # missing keys and null sections keep their defaults
 
 
 @dataclass(frozen=True)
@@ -156,47 +159,6 @@ class RunConfig:
                 raise TrainConfigError(f"{key}: {msg}")
 
 
-def _is_number(v) -> bool:
-    try:
-        float(v)
-        return True
-    except ValueError:
-        return False
-
-
-def _build(cls, data: Any, file: str, prefix: str = ""):
-    """``data`` (a mapping from ``file`` at dotted ``prefix``) -> ``cls``, strictly."""
-    where = f"{file}: {prefix or 'top level'}"
-    if data is None:
-        return cls()
-    if not isinstance(data, dict):
-        raise TrainConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    hints = get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise TrainConfigError(f"{file}: unknown key {prefix + '.' if prefix else ''}{unknown[0]} "
-                               f"(known in {prefix or 'the top level'}: {sorted(known)})")
-    kwargs = {}
-    for k, v in data.items():
-        if is_dataclass(hints[k]):
-            kwargs[k] = _build(hints[k], v, file, f"{prefix}.{k}" if prefix else k)
-        elif isinstance(v, list):
-            kwargs[k] = tuple(v)
-        elif hints[k] is float and isinstance(v, (int, str)) and not isinstance(v, bool) and _is_number(v):
-            kwargs[k] = float(v)  # YAML 1.1 reads "3e-4" (no dot) as a string
-        elif hints[k] in (int, float, bool, str) and (not isinstance(v, hints[k]) or
-                                                        (hints[k] is int and isinstance(v, bool))):
-            raise TrainConfigError(f"{file}: {prefix + '.' if prefix else ''}{k} must be "
-                                   f"{hints[k].__name__}, got {v!r}")
-        else:
-            kwargs[k] = v
-    try:
-        return cls(**kwargs)
-    except (TrainConfigError, TypeError, ValueError) as e:
-        raise TrainConfigError(f"{file}: {prefix + ': ' if prefix else ''}{e}") from None
-
-
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"train.steps=10"`` -> (["train", "steps"], 10); the value is read as YAML (numbers, lists, null)."""
     if "=" not in text:
@@ -217,15 +179,7 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
             if not isinstance(node, dict):
                 raise TrainConfigError(f"--set {text}: {k} is not a section")
         node[keys[-1]] = value
-    return _build(RunConfig, data, where)
-
-
-def to_dict(cfg: Any) -> Any:
-    if is_dataclass(cfg):
-        return {f.name: to_dict(getattr(cfg, f.name)) for f in fields(cfg)}
-    if isinstance(cfg, tuple):
-        return [to_dict(v) for v in cfg]
-    return cfg
+    return dataclass_from_dict(RunConfig, data, where, RUN_YAML)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -289,13 +243,13 @@ def resolve_deepspeed(ds: dict, world_size: int, where: str) -> dict:
 
 def write_resolved(cfg: RunConfig, ds: dict, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     (run_dir / "deepspeed.json").write_text(json.dumps(ds, indent=2))
 
 
 def with_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     """Apply dotted overrides to an already built config (tests and scripts that start from one)."""
-    data = to_dict(cfg)
+    data = config_to_dict(cfg)
     for text in overrides:
         keys, value = parse_override(text)
         node = data
@@ -306,4 +260,4 @@ def with_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         if keys[-1] not in node:
             raise TrainConfigError(f"--set {text}: unknown key {'.'.join(keys)}")
         node[keys[-1]] = value
-    return _build(RunConfig, data, "overrides")
+    return dataclass_from_dict(RunConfig, data, "overrides", RUN_YAML)

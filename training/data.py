@@ -26,26 +26,22 @@ silently dropped); a missing or unreadable shard always raises `ShardError`.
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import random
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import braceexpand
 import numpy as np
 import torch
 
-from adapters.chat import Message, encode_training_example, image_input_id, video_input_id
+from adapters.chat import IGNORE_INDEX, Message, encode_training_example, image_input_id, video_input_id
 from adapters.multimodal import ImageBatch
-from adapters.task import IGNORE_INDEX
 from adapters.tokenizer import Tokenizer
-from common.tar import has_tar_end_marker
-from vision.image_io import ImageLoadError, load_image_bytes
+from media.image import ImageLoadError, load_image_bytes
+from media.tar import ShardError, read_tar
 from vision.tiling import TilingConfig, TilingError, collate_tiled, tile_image
 
 log = logging.getLogger(__name__)
@@ -54,57 +50,8 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
 
 
-class ShardError(FileNotFoundError):
-    """A shard that is missing or unreadable; the message names it (and the member where reading stopped)."""
-
-
 class BadSampleError(ValueError):
     """A sample that cannot become a training example; the message names its shard and key."""
-
-
-def expand_shards(pattern: str) -> list[Path]:
-    """Brace patterns and globs (several separated by spaces) -> shard paths; every one must exist."""
-    paths: list[Path] = []
-    for spec in pattern.split():
-        for name in braceexpand.braceexpand(spec):
-            if any(c in name for c in "*?["):
-                matched = sorted(glob.glob(name))
-                if not matched:
-                    raise ShardError(f"data.shards: no shard matches {name}")
-                paths += map(Path, matched)
-            else:
-                paths.append(Path(name))
-    if not paths:
-        raise ShardError(f"data.shards: no shards given ({pattern!r})")
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise ShardError(f"data.shards: shard {missing[0]} not found ({len(missing)} of {len(paths)} missing)")
-    return paths
-
-
-def read_tar(shard: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) per webdataset sample: consecutive members sharing the key up to the first dot."""
-    key, members, last = None, {}, "(start)"
-    try:
-        with tarfile.open(shard, mode="r|") as tf:
-            for info in tf:
-                if not info.isfile():
-                    continue
-                last = info.name
-                stem, _, ext = info.name.rpartition("/")[2].partition(".")
-                k = f"{info.name.rpartition('/')[0]}/{stem}".lstrip("/")
-                if k != key:
-                    if key is not None:
-                        yield key, members
-                    key, members = k, {}
-                members[ext.lower()] = tf.extractfile(info).read()
-            end = tf.offset
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise ShardError(f"{shard}: unreadable or truncated tar after member {last}: {e}") from e
-    if not has_tar_end_marker(shard, end):  # tarfile stops silently at a cut between members
-        raise ShardError(f"{shard}: truncated tar (no end-of-archive marker after member {last})")
-    if key is not None:
-        yield key, members
 
 
 @dataclass
@@ -273,18 +220,18 @@ class ImageCaptionCodec:
 
 
 class VideoCaptionCodec:
-    """key.mp4 + key.txt -> ``num_frames`` uniform frames through `video.reader` + `video.frames` tiling."""
+    """key.mp4 + key.txt -> ``num_frames`` uniform frames through `media.video` + `vision.frames` tiling."""
 
     def __init__(self, tok: Tokenizer, tile_size: int, num_frames: int, fmt: str = "caption", prompt: str = ""):
-        from video.frames import video_tiling
-        from video.reader import VideoReader
+        from vision.frames import video_tiling
+        from media.video import VideoReader
 
         self.tok, self.fmt, self.prompt, self.num_frames = tok, fmt, prompt, num_frames
         self.tiling, self.reader = video_tiling(tile_size), VideoReader(timeout_s=None)
 
     def decode(self, raw: RawSample) -> Example:
-        from video.frames import tile_frames
-        from video.reader import VideoReadError
+        from vision.frames import tile_frames
+        from media.video import VideoReadError
 
         ext = next((e for e in VIDEO_EXTS if e in raw.members), None)
         if ext is None:
@@ -301,8 +248,8 @@ class VideoCaptionCodec:
         return self.collate_rows([[e] for e in examples])
 
     def collate_rows(self, rows: list[list[Example]]) -> dict:
-        from video.adapter import VideoBatch
-        from video.frames import collate_videos
+        from adapters.video_adapter import VideoBatch
+        from vision.frames import collate_videos
 
         return {"videos": VideoBatch.from_collated(collate_videos([[e.media for e in row] for row in rows])).trimmed()}
 
@@ -319,7 +266,7 @@ class SpeechCodec:
 
     def decode(self, raw: RawSample) -> Example:
         from speech.adapter import encode_speech_training_example
-        from speech.audio import AudioReadError, load_audio
+        from media.audio import AudioReadError, load_audio
 
         ext = next((e for e in ("flac", "wav", "ogg", "mp3") if e in raw.members), None)
         if ext is None:

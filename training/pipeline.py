@@ -33,10 +33,11 @@ from deepspeed.runtime.activation_checkpointing import checkpointing
 from deepspeed.utils import safe_get_full_fp32_param
 from torch import Tensor, nn
 
+from adapters.chat import IGNORE_INDEX
 from adapters.cross_attention import expand_vision_mask, text_image_mask
-from adapters.llama import rope_table
 from adapters.multimodal import ImageBatch, MultimodalLlama
-from adapters.task import IGNORE_INDEX, build_param_groups, shift_targets
+from adapters.task import build_param_groups, shift_targets
+from common.rope import rope_table
 
 ENCODER_KEY = "image_encoder"  # TiedLayerSpec key of the replicated encoder + projector
 N_CARRY = 5  # (tokens, tiles, layouts, tile_mask, image_mask): what every stage receives besides h

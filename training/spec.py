@@ -97,7 +97,7 @@ def build_multimodal_model(cfg: "RunConfig", tok: "Tokenizer") -> nn.Module:
 def build_video_model(cfg: "RunConfig", tok: "Tokenizer") -> nn.Module:
     """The image model (usually an image export) with a video adapter added when it has none."""
     from adapters.multimodal import build_multimodal
-    from video.adapter import VideoAdapterConfig
+    from adapters.video_adapter import VideoAdapterConfig
 
     image = build_multimodal_model(cfg, tok)
     if image.video is not None:

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adapters.chat import ROLES, Message, encode_training_example
-from adapters.task import IGNORE_INDEX, shift_targets
+from adapters.chat import IGNORE_INDEX, ROLES, Message, encode_training_example
+from adapters.task import shift_targets
 from training.data import BadSampleError, Example, RawSample, qa_fields, sample_meta
 
 if TYPE_CHECKING:

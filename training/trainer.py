@@ -51,9 +51,10 @@ import torch.distributed as dist
 from torch import nn
 
 from adapters.tokenizer import Tokenizer
-from training.config import (RunConfig, load_deepspeed_config, resolve_deepspeed, resume_changes, to_dict,
-                             write_resolved)
-from training.data import ShardStream, TrainBatches, expand_shards
+from common.config import config_to_dict
+from media.tar import expand_shards
+from training.config import RunConfig, load_deepspeed_config, resolve_deepspeed, resume_changes, write_resolved
+from training.data import ShardStream, TrainBatches
 from training.optim import warmup_cosine
 from training.spec import TrainError, get_spec
 
@@ -99,8 +100,8 @@ def build_model(cfg: RunConfig, tok: Tokenizer | None) -> nn.Module:
 
 def build_batches(cfg: RunConfig, tok: Tokenizer | None, model: nn.Module, rank: int, world: int,
                   shards: list[Path]) -> TrainBatches:
-    """``shards``: `expand_shards` of ``data.shards``, resolved before the model is built so a run config
-    naming shards that do not exist fails first, naming them."""
+    """``shards``: `media.tar.expand_shards` of ``data.shards`` (space-separated patterns), resolved before the
+    model is built so a run config naming shards that do not exist fails first, naming them."""
     d = cfg.data
     stream = ShardStream(shards, rank, world, d.seed, d.shuffle_buffer)
     codec = get_spec(cfg.kind).build_codec(cfg, tok, model)
@@ -240,7 +241,7 @@ def truncate_steps(path: Path, last_step: int) -> None:
 
 def run_record(cfg: RunConfig, ds: dict) -> dict:
     """What a checkpoint records of its run, compared key by key on resume."""
-    return json.loads(json.dumps({**to_dict(cfg), "deepspeed_config": ds}))
+    return json.loads(json.dumps({**config_to_dict(cfg), "deepspeed_config": ds}))
 
 
 def open_run(cfg: RunConfig, ds: dict, rank: int, world: int) -> tuple[str, dict] | None:
@@ -433,7 +434,7 @@ def train(cfg: RunConfig, ds_config: dict | None = None) -> TrainResult:
     mode = MODES[cfg.parallel](cfg, world)
     ds = resolve_deepspeed(ds_config if ds_config is not None else load_deepspeed_config(cfg.deepspeed),
                            mode.dp_world, cfg.deepspeed)
-    shards = expand_shards(cfg.data.shards)  # before anything is built or written
+    shards = expand_shards(cfg.data.shards.split())  # before anything is built or written
     run_dir = Path(cfg.train.run_dir)
     resumed = open_run(cfg, ds, rank, world)
     tok = load_tokenizer(cfg)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vision.image_io import to_rgb
+from media.image import to_rgb
 
 # OpenAI CLIP normalisation, used by the released Llama 3.2 Vision preprocessor.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -180,7 +180,7 @@ def fit_size(
 def tile_image(img: Image.Image, cfg: TilingConfig) -> TiledImage:
     """Resize, pad, normalise and split one PIL image into tiles.
 
-    Non-RGB images are converted with `vision.image_io.to_rgb` (white behind transparency).
+    Non-RGB images are converted with `media.image.to_rgb` (white behind transparency).
 
     Returns:
         TiledImage with tiles (cfg.max_tiles, 3, S, S) float32, S = cfg.tile_size.

@@ -117,7 +117,7 @@ def meta_lm(tmp_path_factory):
     ("n_layers", 200000, f"params.json: n_layers: 200000 is outside [1, {MAX_COUNT}]"),
     ("use_scaled_rope", "yes", "params.json: use_scaled_rope: expected true or false"),
     ("ffn_dim_multiplier", float("inf"), "params.json: ffn_dim_multiplier: inf is not finite"),
-    ("typo_key", 1, "unknown keys ['typo_key']"),
+    ("typo_key", 1, "params.json: unknown key typo_key (known in the top level: ['dim', "),
 ])
 def test_bad_meta_params_are_refused_by_name(meta_lm, tmp_path, key, value, message):
     lm = shutil.copytree(meta_lm, tmp_path / "lm")
@@ -143,7 +143,8 @@ def _hf_dir(tmp_path, **overrides):
     ("num_hidden_layers", 200000, f"num_hidden_layers: 200000 is outside [1, {MAX_COUNT}]"),
     ("num_attention_heads", 0, "num_attention_heads: 0 is outside [1, "),
     ("tie_word_embeddings", "true", "tie_word_embeddings: expected true or false"),
-    ("rope_scaling", {"rope_type": "llama3", "factor": "8"}, "rope_scaling: unknown keys [], missing keys"),
+    ("rope_scaling", {"rope_type": "llama3", "factor": "8"},
+     "config.json: missing keys rope_scaling.low_freq_factor, rope_scaling.high_freq_factor"),
 ])
 def test_bad_hf_config_is_refused_by_name(tmp_path, key, value, message):
     path = _hf_dir(tmp_path)

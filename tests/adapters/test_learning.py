@@ -10,7 +10,7 @@ import yaml
 from scripts import _road, bench_learning, learning_image
 
 
-def test_adapter_learns_from_images_that_the_frozen_lm_cannot_see(tmp_path, capsys):
+def test_adapter_learns_from_images_that_the_frozen_lm_cannot_see(tmp_path, capsys, road_threads):
     assert bench_learning.main(["image", "--seed", "0", "--json", "--work-dir", str(tmp_path)]) == 0
     m = json.loads(capsys.readouterr().out)
     chance = m["chance_accuracy"]

@@ -23,8 +23,8 @@ from data_curation.curation_config import ConfigError
 from data_curation.input_files import CurationInputError
 from data_curation.shard_jobs import StageSetupError
 from data_curation.vad import VadConfig, VadLoadError, VoiceActivity
+from media.audio import load_audio, write_audio
 from scripts import build_audio_shards as cli
-from speech.audio import load_audio, write_audio
 from tests.system_deps import require_binary
 
 SR = 16_000

@@ -324,12 +324,14 @@ def test_read_webdataset_groups_members_and_reports_damage(shards):
 def test_webdataset_bad_shards_and_patterns(shards):
     (shards / "junk.tar").write_bytes(b"this is not a tar archive " * 40)
     (shards / "zero.tar").write_bytes(b"")
-    samples = list(read_webdataset([shards / "junk.tar", shards / "zero.tar", shards / "00009.tar",
-                                    shards / "00001.tar"]))
-    assert [x.status for x in samples] == [ERROR, ERROR, ERROR, OK, ERROR]
+    samples = list(read_webdataset([shards / "junk.tar", shards / "zero.tar", shards / "00001.tar"]))
+    assert [x.status for x in samples] == [ERROR, ERROR, OK, ERROR]
     assert samples[0].key == "junk__shard_error" and "junk.tar at its start: invalid header" in samples[0].reason
     assert "zero.tar at its start: empty file" in samples[1].reason
-    assert samples[2].reason.startswith(f"cannot read shard {shards / '00009.tar'}: No such file")
+    with pytest.raises(CurationInputError, match=r"00009.tar not found \(1 of 2 missing\)"):
+        read_webdataset([shards / "00009.tar", shards / "00001.tar"])  # a missing shard stops the job up front
+    with pytest.raises(CurationInputError, match=r"00005.tar not found \(5 of 10 missing\)"):
+        open_input(f"{shards}/{{00000..00009}}.tar")  # brace names too: every one must exist
 
     assert len(list(open_input(f"{shards}/0000[01].tar"))) == 5 + 2
     assert len(list(open_input(shards / "00001.tar"))) == 2

@@ -24,9 +24,9 @@ from data_curation.video_filters import (VideoCaptionRules, clean_caption, clip_
                                          text_overlay, video_caption_reason)
 from data_curation.video_shards import (VideoCurationConfig, build_video_shards, container_ext, load_video_config,
                                         open_video_input)
+from media.video import VideoReader
 from scripts import build_video_shards as cli
 from tests.system_deps import require_binary
-from video.reader import VideoReader
 from vision.clip import build_clip, open_clip_model_cfg
 from vision.encoder import vision_config
 

@@ -53,7 +53,7 @@ def test_same_text_as_the_batch_decoder(assets, capsys):
     from adapters.generation import SamplingConfig, collect_ids
     from speech.adapter import asr_prompt, encode_speech_dialog, speech_decode
     from speech.model_io import load_speech_checkpoint
-    from speech.audio import load_audio
+    from media.audio import load_audio
 
     assert run(assets) == 0
     out = capsys.readouterr().out

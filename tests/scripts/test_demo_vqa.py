@@ -285,7 +285,7 @@ def test_our_exports_are_asked_with_trimmed_tiles_as_they_were_trained(assets, t
         def __init__(self, media):
             self.media = media
 
-    from vision.image_io import load_image
+    from media.image import load_image
     from vision.tiling import tile_image
 
     trained = codec.collate_rows([[Tiled(tile_image(load_image(square), codec.tiling))]])["images"]

@@ -10,9 +10,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from adapters.chat import encode_header
+from adapters.chat import IGNORE_INDEX, encode_header
 from adapters.generation import SamplingConfig, collect_ids
-from adapters.task import IGNORE_INDEX
 from speech.adapter import (SpeechAdapter, adapter_param_count, asr_prompt, ast_prompt, audio_input_id,
                             build_speech_llama, encode_speech_dialog, encode_speech_training_example,
                             speech_adapter_config, speech_decode, speech_llama_config)

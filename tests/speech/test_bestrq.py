@@ -244,7 +244,7 @@ SENTENCES = [
 
 def speech_batch(tmp_path):
     """(wave (B, T) at 16 kHz, lengths): espeak-ng speech."""
-    from speech.audio import load_audio  # soundfile read + soxr resample 22050 -> 16000
+    from media.audio import load_audio  # soundfile read + soxr resample 22050 -> 16000
 
     espeak = require_binary("espeak-ng")
     waves = []

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from adapters.llama import apply_rope, rope_frequencies, rope_table
+from common.rope import apply_rope, rope_frequencies, rope_table
 from speech.conformer import (ConformerAttention, ConformerConfig, ConformerConvModule, ConformerEncoder,
                               FrameStacker, conformer_config, length_mask, param_count)
 

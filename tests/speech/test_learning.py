@@ -7,7 +7,7 @@ from scripts import bench_learning
 from tests.system_deps import require_binary
 
 
-def test_speech_road_transcribes_heldout_digits(tmp_path, capsys):
+def test_speech_road_transcribes_heldout_digits(tmp_path, capsys, road_threads):
     require_binary("espeak-ng")
     assert bench_learning.main(["speech", "--seed", "0", "--json", "--work-dir", str(tmp_path)]) == 0
     m = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

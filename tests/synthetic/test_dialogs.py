@@ -5,15 +5,16 @@ from pathlib import Path
 
 import pytest
 
-from adapters.task import IGNORE_INDEX
+from adapters.chat import IGNORE_INDEX
 from adapters.tokenizer import build_tiny_tokenizer
+from media.tar import read_tar
 from scripts import make_synthetic
 from speech.adapter import asr_prompt
 from synthetic.dialogs import write_asr_dialogs
 from synthetic.digits import DIGITS
 from synthetic.tasks import SyntheticTaskError
 from tests.system_deps import require_binary
-from training.data import RawSample, read_tar
+from training.data import RawSample
 from training.text_lm import TextCodec
 
 

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
+from common.metrics import cer, wer
 from scripts import make_synthetic
-from speech.metrics import cer, wer
 from synthetic.score import ScoreError, score
 
 ANSWERS = [

@@ -17,12 +17,13 @@ import soundfile as sf
 import torch
 import yaml
 
+from common.config import config_to_dict
 from data_curation.audio_shards import AudioCurationConfig, build_audio_shards
 from scripts import train as train_script
 from speech.conformer import conformer_config
 from speech.pretrain import load_bestrq, load_pretrained_encoder
 from training.bestrq import BestRQCodec, BestRQTask
-from training.config import TrainConfigError, load_run_config, to_dict
+from training.config import TrainConfigError, load_run_config
 from training.data import BadSampleError, RawSample
 from training.trainer import build_model, train
 from tests.system_deps import require_binary
@@ -96,7 +97,7 @@ def test_export_is_the_encoder_the_speech_kind_loads(trained, shards):
     assert all(Path(f).is_file() for f in report["files"].values())
     assert report["loss"] == [r["loss"] for r in records(result.run_dir)] and report["steps"] == STEPS
     assert report["chance_loss"] == pytest.approx(math.log(256)) and report["config"] == json.loads(
-        json.dumps(to_dict(cfg)))
+        json.dumps(config_to_dict(cfg)))
     bestrq, encoder = load_bestrq(result.export_dir), load_pretrained_encoder(result.export_dir)
     assert encoder.cfg == conformer_config("tiny") and (bestrq.cfg.n_codebooks, bestrq.cfg.codebook_size) == (4, 256)
     fresh = build_model(cfg, None)  # same seed: the weights the run started from
@@ -166,7 +167,7 @@ def test_bad_samples_and_shards_are_named(shards, tmp_path, capsys):
     good = (shards / "shard_00000.tar").read_bytes()
     (tmp_path / "shard_00000.tar").write_bytes(good[: len(good) // 2])
     cfg = run_cfg(tmp_path, tmp_path / "run", f"deepspeed={shards / 'ds.json'}")
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(cfg)))))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(config_to_dict(cfg)))))
     assert train_script.main(["--config", str(tmp_path / "run.yaml")]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'shard_00000.tar'}: unreadable or truncated tar" in err or \

@@ -9,10 +9,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from adapters.task import IGNORE_INDEX
+from adapters.chat import IGNORE_INDEX
 from training.config import TrainConfigError, load_deepspeed_config, load_run_config, resolve_deepspeed
-from training.data import (BadSampleError, ImageCaptionCodec, ShardError, ShardStream, TrainBatches, RawSample,
-                           encode_sample, expand_shards)
+from media.tar import ShardError, expand_shards
+from training.data import BadSampleError, ImageCaptionCodec, ShardStream, TrainBatches, RawSample, encode_sample
 from tests.tiny import build_tiny_tokenizer
 from vision.tiling import TilingConfig
 
@@ -195,7 +195,7 @@ def test_config_is_strict_and_names_the_file_and_key(tmp_path):
         load_run_config(cfg_file)
     cfg = load_run_config(None, ["train.steps=7", "optim.lr=3e-4"])
     assert cfg.train.steps == 7 and cfg.optim.lr == 3e-4
-    with pytest.raises(TrainConfigError, match="optim.lr must be float"):
+    with pytest.raises(TrainConfigError, match="run config: optim.lr: expected a number, got str 'fast'"):
         load_run_config(None, ["optim.lr=fast"])
     for name in ("image_stage1", "image_stage2", "video", "speech"):
         load_run_config(Path("configs/train") / f"{name}.yaml")  # the shipped examples stay valid

@@ -10,13 +10,13 @@ import torch
 import webdataset as wds
 from safetensors.torch import load_file
 
-from adapters.chat import encode_header, image_input_id
+from adapters.chat import IGNORE_INDEX, encode_header, image_input_id
 from adapters.checkpoint import load_llama
-from adapters.task import IGNORE_INDEX
 from adapters.tokenizer import Tokenizer
+from media.tar import expand_shards
 from scripts import train as train_script
 from training.config import TrainConfigError, load_run_config
-from training.data import BadSampleError, ImageCaptionCodec, RawSample, ShardStream, TrainBatches, expand_shards
+from training.data import BadSampleError, ImageCaptionCodec, RawSample, ShardStream, TrainBatches
 from training.spec import SPECS, TrainError
 from training.text_lm import TextCodec
 from training.trainer import build_model, train
@@ -147,7 +147,7 @@ def test_a_run_config_whose_shards_do_not_exist_exits_2_naming_them(tmp_path, ca
     argv = ["--config", "configs/run_text_synthetic.yaml", "--set", f"data.shards={tmp_path}/none/shard_*.tar",
             "--set", f"train.run_dir={tmp_path / 'run'}"]
     assert train_script.main(argv) == 2
-    assert f"data.shards: no shard matches {tmp_path}/none/shard_*.tar" in capsys.readouterr().err
+    assert f"no shards match {tmp_path}/none/shard_*.tar" in capsys.readouterr().err
 
 
 def test_image_qa_run_learns_the_answers(qa):

@@ -14,11 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from adapters.chat import IGNORE_INDEX
 from adapters.cross_attention import text_image_mask
 from adapters.llama import llama_config
 from adapters.multimodal import (ImageBatch, MultimodalLlama, VisionContext, build_multimodal,
                                  multimodal_config)
-from adapters.task import IGNORE_INDEX, shift_targets
+from adapters.task import shift_targets
 
 N_XATTN = 16  # one block per LM layer: 16 gradients to add up
 

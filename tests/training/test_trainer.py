@@ -18,8 +18,9 @@ import yaml
 
 from adapters.model_io import load_checkpoint
 from adapters.tokenizer import Tokenizer
+from common.config import config_to_dict
 from scripts import demo_vqa, train_image_adapter
-from training.config import load_run_config, to_dict
+from training.config import load_run_config
 from training.resolution import resize_grid_tokens
 from training.trainer import RankStateError, TrainError, build_model, load_rank_state, train, truncate_steps
 from tests.tiny import build_tiny_tokenizer
@@ -73,7 +74,7 @@ def test_losses_fall_and_the_frozen_lm_is_untouched(stage1):
     assert any(n.startswith("cross_attention_layers.") for n in moved)
     log = [json.loads(line) for line in (root / "run" / "losses.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 7)) and (root / "run" / "tensorboard").is_dir()
-    assert yaml.safe_load((root / "run" / "config.yaml").read_text()) == json.loads(json.dumps(to_dict(cfg)))
+    assert yaml.safe_load((root / "run" / "config.yaml").read_text()) == json.loads(json.dumps(config_to_dict(cfg)))
     assert json.loads((root / "run" / "deepspeed.json").read_text())["train_batch_size"] == 2
 
 
@@ -115,7 +116,7 @@ def test_resume_refuses_config_changes_the_checkpoint_cannot_honour(stage1, tmp_
     root, cfg, _ = stage1
     run = copy_run(root / "run", tmp_path / "run", "step_6")
     cfg = replace(cfg, train=replace(cfg.train, run_dir=str(run), export=False))
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(cfg)))))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(config_to_dict(cfg)))))
     saved_config = (run / "config.yaml").read_bytes()
     argv = ["--config", str(tmp_path / "run.yaml"), "--set", "optim.lr=0.001", "--set", "data.seed=1",
             "--set", "train.steps=7"]
@@ -150,7 +151,7 @@ def test_resume_runs_no_code_from_a_tampered_rank_file(stage1, tmp_path, capsys)
     with pytest.raises(RankStateError, match=r"rank_0\.pt: refused.*Unsupported global: GLOBAL exec"):
         train(cfg)
     assert not marker.exists()
-    (tmp_path / "run.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(cfg)))))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(config_to_dict(cfg)))))
     assert train_image_adapter.main(["--config", str(tmp_path / "run.yaml")]) == 2
     assert "rank_0.pt: refused" in capsys.readouterr().err and not marker.exists()
     torch.load(run / "checkpoints" / "step_6" / "rank_0.pt", weights_only=False)  # what resume used to do
@@ -300,7 +301,7 @@ def test_tensor_parallel_run_tracks_the_single_process_run(stage1, tmp_path):
     root, cfg, result = stage1
     tp_cfg = run_config(root, "tp", "tensor_parallel=2", "train.save_every=6")
     tp_cfg = replace(tp_cfg, train=replace(tp_cfg.train, run_dir=str(tmp_path / "tp")))
-    (tmp_path / "tp.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(tp_cfg)))))
+    (tmp_path / "tp.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(config_to_dict(tp_cfg)))))
     torchrun_trainer(tmp_path / "tp.yaml")
     log = [json.loads(line) for line in (tmp_path / "tp" / "losses.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
@@ -323,7 +324,7 @@ def test_pipeline_mode_through_the_entry_point(stage1, tmp_path):
     root, _, result = stage1
     cfg = run_config(root, "pipe", "parallel=pipeline", "pipeline_stages=2", "train.steps=2", "train.save_every=2")
     cfg = replace(cfg, train=replace(cfg.train, run_dir=str(tmp_path / "pipe")))
-    (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(cfg)))))
+    (tmp_path / "pipe.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(config_to_dict(cfg)))))
     torchrun_trainer(tmp_path / "pipe.yaml")
     log = [json.loads(line) for line in (tmp_path / "pipe" / "losses.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all(torch.isfinite(torch.tensor([r["loss"] for r in log])))

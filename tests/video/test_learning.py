@@ -8,7 +8,7 @@ from pathlib import Path
 from scripts import bench_learning, learning_video
 
 
-def test_video_adapter_learns_motion_that_one_frame_cannot_show(tmp_path, capsys):
+def test_video_adapter_learns_motion_that_one_frame_cannot_show(tmp_path, capsys, road_threads):
     assert bench_learning.main(["video", "--seed", "0", "--json", "--work-dir", str(tmp_path)]) == 0
     m = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     print(json.dumps(m))  # the figures, for `pytest -rP`

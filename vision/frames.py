@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from video.reader import SampledFrames
+from media.video import SampledFrames
 from vision.tiling import TilingConfig, TilingError, layout_id, tile_image
 
 

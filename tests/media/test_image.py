@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vision.image_io import ImageLoadError, load_image, load_image_bytes, to_rgb
+from media.image import ImageLoadError, load_image, load_image_bytes, to_rgb
 
 
 def png_bytes(img: Image.Image) -> bytes:

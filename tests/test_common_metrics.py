@@ -7,8 +7,8 @@ import random
 import jiwer
 import pytest
 
+from common.metrics import cer, edit_distance, normalize_text, wer
 from scripts import eval_asr
-from speech.metrics import cer, edit_distance, normalize_text, wer
 
 # Mixed case, punctuation, curly apostrophes and annotations, so the normaliser has work to do;
 # a small vocabulary makes equal-cost alignments (the S/D/I tie-breaks) common.

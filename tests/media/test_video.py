@@ -20,8 +20,8 @@ import av
 import numpy as np
 import pytest
 
-import video.reader as reader_mod
-from video.reader import (
+import media.video as reader_mod
+from media.video import (
     BACKENDS,
     MAX_FRAMES,
     DecordBackend,

@@ -12,18 +12,18 @@ import numpy as np
 import pytest
 import torch
 
+from adapters.aggregator import AggregatorConfig, TemporalAggregator
 from adapters.chat import Message, encode_dialog, video_input_id
 from adapters.cross_attention import xattn_schedule
 from adapters.generation import SamplingConfig, collect_ids, generate
 from adapters.llama import build_llama
 from adapters.multimodal import build_multimodal, multimodal_config
 from adapters.task import ImageTextTask, build_param_groups
-from video.adapter import VideoAdapterConfig, VideoBatch, frame_token_mask, video_schedule
-from video.aggregator import AggregatorConfig, TemporalAggregator
-from video.frames import TiledVideo, collate_videos, tile_frames, video_tiling
-from video.reader import VideoReader
-from tests.adapters.test_multimodal import _images
+from adapters.video_adapter import VideoAdapterConfig, VideoBatch, frame_token_mask, video_schedule
+from media.video import VideoReader
 from synthetic.motion import make_motion_clips
+from tests.adapters.test_multimodal import _images
+from vision.frames import TiledVideo, collate_videos, tile_frames, video_tiling
 
 IMG, VID = 512, 513  # tiny LM vocab 512: <|image|> enters as 512, <|video|> as 513
 TOKENS = 17  # tokens per tile of the tiny encoder (4 x 4 patches + CLS)

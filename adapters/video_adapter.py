@@ -16,11 +16,9 @@ from dataclasses import dataclass, replace
 
 from torch import Tensor, nn
 
+from adapters.aggregator import AggregatorConfig, TemporalAggregator
 from adapters.cross_attention import CrossAttentionBlock
 from adapters.llama import LlamaConfig
-from video.aggregator import AggregatorConfig, TemporalAggregator
-
-VIDEO_TOKEN_ROW = 1  # learnable embedding row of <|video|> (row 0 is <|image|>)
 
 
 @dataclass(frozen=True)
