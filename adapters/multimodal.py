@@ -11,11 +11,12 @@ over the projected frame tokens and video cross-attention blocks before every 4t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from common.presets import preset_config
 from adapters.chat import IMAGE_TOKEN_ROW, VIDEO_TOKEN_ROW
 from adapters.cross_attention import (CrossAttentionBlock, expand_vision_mask, text_image_mask, within_documents,
                                       xattn_schedule)
@@ -61,9 +62,7 @@ MULTIMODAL_PRESETS: dict[str, MultimodalConfig] = {
 
 
 def multimodal_config(name: str, **overrides) -> MultimodalConfig:
-    if name not in MULTIMODAL_PRESETS:
-        raise KeyError(f"unknown multimodal preset {name!r}; choose from {sorted(MULTIMODAL_PRESETS)}")
-    return replace(MULTIMODAL_PRESETS[name], **overrides)
+    return preset_config(MULTIMODAL_PRESETS, name, "multimodal", **overrides)
 
 
 @dataclass

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -68,16 +69,19 @@ def write_export(out_dir: str | Path, kind: str, config: Any, state_dict: dict[s
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG).unlink(missing_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    _write_atomic(out / WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
+    write_atomic(out / WEIGHTS, lambda tmp: save_file(tensors, str(tmp)))
     if tokenizer_path is not None:
-        _write_atomic(out / TOKENIZER, lambda tmp: shutil.copyfile(tokenizer_path, tmp))
-    _write_atomic(out / CONFIG, lambda tmp: tmp.write_text(text))
+        write_atomic(out / TOKENIZER, lambda tmp: shutil.copyfile(tokenizer_path, tmp))
+    write_atomic(out / CONFIG, lambda tmp: tmp.write_text(text))
     return out
 
 
-def _write_atomic(dest: Path, write) -> None:
-    """``write(tmp)`` then rename ``tmp`` onto ``dest``; on failure ``tmp`` is removed and nothing renamed."""
-    tmp = dest.with_name(f".{dest.name}.tmp")
+def write_atomic(dest: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` to a temporary file of a unique name beside ``dest``, then rename it onto ``dest``: a
+    reader sees the old file or the whole new one. On failure the temporary file goes and nothing is renamed
+    (the ``OSError`` propagates: callers name what they were writing)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         write(tmp)
         os.replace(tmp, dest)

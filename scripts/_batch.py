@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import secrets
 import sys
 import time
 from collections.abc import Callable
@@ -27,6 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from common.export import write_atomic
 from common.jsonl import read_jsonl
 
 MEDIA_KEYS = {"image": "demo_vqa", "video": "demo_video", "audio": "demo_asr"}  # row key -> the demo for it
@@ -79,7 +78,7 @@ def read_questions(path: str | Path, media_key: str) -> list[Row]:
     rows: list[Row] = []
     first_line: dict[str, int] = {}
     for n, obj in read_jsonl(path, BatchInputError, what="questions file"):
-        row = _parse_row(path, n, obj, media_key)
+        row = parse_row(path, n, obj, media_key)
         if row.id in first_line:
             raise BatchInputError(f"{path}:{n}: duplicate id {row.id!r} (first on line {first_line[row.id]})")
         first_line[row.id] = n
@@ -89,7 +88,7 @@ def read_questions(path: str | Path, media_key: str) -> list[Row]:
     return rows
 
 
-def _parse_row(path: Path, n: int, obj: dict, media_key: str) -> Row:
+def parse_row(path: Path, n: int, obj: dict, media_key: str) -> Row:
     where = f"{path}:{n}"
     _check_keys(obj, where, media_key)
     row_id = obj["id"]
@@ -146,7 +145,7 @@ def write_predictions(rows: list[Row], answer: Callable[[Row], str], out: str | 
             text = _answer(row, answer, errors)
             empty += not text.strip()
             lines.append(json.dumps({"id": row.id, "answer": text}, ensure_ascii=False) + "\n")
-        _write_atomic(out, "".join(lines))
+        _write_predictions_file(out, "".join(lines))
     except BatchInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -163,19 +162,8 @@ def _answer(row: Row, answer: Callable[[Row], str], errors: tuple[type[Exception
         raise BatchInputError(f"{row.where}: {e}") from None
 
 
-def _write_atomic(out: Path, text: str) -> None:
-    """Write ``text`` to a temporary file of a unique name beside ``out``, then rename it onto ``out``: a
-    reader sees the old file or the whole new one. On failure the temporary file goes, ``out`` stays."""
-    tmp = out.with_name(f".{out.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+def _write_predictions_file(out: Path, text: str) -> None:
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "x", encoding="utf-8") as f:  # "x": never write through another writer's file
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
+        write_atomic(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     except OSError as e:
         raise BatchInputError(f"--out {out}: cannot write the predictions ({e.strerror}: {e.filename})") from None
-    finally:
-        if tmp.exists():  # False, not an error, when the folder could not be made
-            tmp.unlink()

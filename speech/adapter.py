@@ -31,7 +31,7 @@ Splice rules (the SALMONN / LLaMA-Omni bugs of notes sec. 4 are the reason for e
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -231,9 +231,7 @@ SPEECH_PRESETS: dict[str, SpeechLlamaConfig] = {
 
 
 def speech_llama_config(name: str, **overrides) -> SpeechLlamaConfig:
-    if name not in SPEECH_PRESETS:
-        raise ValueError(f"unknown speech preset {name!r}; choose from {sorted(SPEECH_PRESETS)}")
-    return replace(SPEECH_PRESETS[name], **overrides)
+    return preset_config(SPEECH_PRESETS, name, "speech", **overrides)
 
 
 @dataclass

@@ -133,16 +133,16 @@ def test_batch_answers_equal_single_answers_in_input_order(assets, held_out, cap
 
 
 def test_predictions_are_renamed_into_place(assets, held_out, tmp_path, monkeypatch):
-    from scripts import _batch
+    from common import export
 
     renames = []
-    real_replace = _batch.os.replace
+    real_replace = export.os.replace
 
     def spy(src, dst):
         renames.append((Path(src), Path(dst), Path(src).read_text()))
         real_replace(src, dst)
 
-    monkeypatch.setattr(_batch.os, "replace", spy)
+    monkeypatch.setattr(export.os, "replace", spy)
     out = tmp_path / "predictions.jsonl"
     assert run_batch(assets["ckpt"], held_out[0], out) == 0
     [(src, dst, text)] = renames
