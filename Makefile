@@ -46,7 +46,7 @@ demo: $(STAMP) system-deps
 # -> video adapter -> export -> answers), where configs/run_*_video_synthetic.yaml, run_image_frames_synthetic.yaml
 # and run_video_qa_synthetic.yaml point: a fresh run each time. Then one held-out clip again.
 VIDEO_ROAD := out/synthetic/video-motion runs/synthetic/video_text runs/synthetic/video_clip \
-	runs/synthetic/video_image runs/synthetic/video_qa runs/synthetic/video_frozen_lm
+	runs/synthetic/video_image runs/synthetic/video_image_only runs/synthetic/video_qa runs/synthetic/video_frozen_lm
 
 demo-video: $(STAMP) system-deps
 	rm -rf $(VIDEO_ROAD)
