@@ -6,7 +6,8 @@ With ``lm_path`` the frozen LM is not copied (it is bitwise the checkpoint it ca
 directory then holds the adapter, encoder and projector only, and records where the LM lives in a
 way that survives moving the export: the absolute path, the path relative to the export, and a
 fingerprint of the LM (`lm_fingerprint`). Loading tries an explicit ``lm_path`` (``--lm``) alone, else
-the absolute then the relative path, and takes the first LM whose config and fingerprint match.
+the absolute then the relative path, and takes the first LM whose config and fingerprint match. SFT swaps
+the LM on purpose (``swap_lm``): another LM of the same config, any weights, in place of the export's.
 """
 
 from __future__ import annotations
@@ -83,21 +84,24 @@ def save_checkpoint(
     return write_export(out_dir, KIND, cfg, sd, tokenizer_path, extra)
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, lm_path: str | Path | None = None
-                    ) -> MultimodalLlama:
-    """Load our export. ``lm_path`` overrides where an export without its LM looks for it (`resolve_lm`).
-    With ``dtype`` None the model keeps the dtype of the export's own weights (a separate LM is cast to
-    it: one dtype per model); a tensor in another float dtype among them is refused (`check_dtypes`)."""
+def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None, lm_path: str | Path | None = None,
+                    swap_lm: bool = False) -> MultimodalLlama:
+    """Load our export. ``lm_path`` overrides where an export without its LM looks for it (`resolve_lm`);
+    with ``swap_lm`` it is another LM of the same config put in place of the export's (`swapped_lm`), held
+    or referenced, every other weight unchanged. With ``dtype`` None the model keeps the dtype of the
+    export's own weights (a separate LM is cast to it: one dtype per model); a tensor in another float dtype
+    among them is refused (`check_dtypes`)."""
     path = Path(path)
     cfg_file = path / "config.json"
     _, meta, sd = read_export(path, (KIND,), EXTRA_KEYS, MultimodalConfig)
     cfg = meta["config"]
     check_lm_keys(meta, cfg_file)
-    if meta.get("lm_path") or lm_path is not None:
-        if not meta.get("lm_path"):
-            raise CheckpointError(f"{cfg_file}: this export holds its LM; --lm/lm_path is for exports "
-                                  f"without one")
-        lm = resolve_lm(meta, cfg.lm, cfg_file, lm_path)
+    holds_lm = not meta.get("lm_path")
+    if holds_lm and lm_path is not None and not swap_lm:
+        raise CheckpointError(f"{cfg_file}: this export holds its LM; --lm/lm_path is for exports without one")
+    if swap_lm or not holds_lm:
+        lm = swapped_lm(lm_path, cfg.lm, cfg_file) if swap_lm else resolve_lm(meta, cfg.lm, cfg_file, lm_path)
+        sd = {k: v for k, v in sd.items() if not k.startswith("lm.")}
         own_dtype = dtype or next((v.dtype for v in sd.values() if v.is_floating_point()), None)
         sd.update({f"lm.{k}": v for k, v in cast_floats(lm.state_dict(), own_dtype).items()})
     return load_lm_model(MultimodalLlama, cfg, sd, str(path), dtype)
@@ -125,14 +129,16 @@ FINGERPRINT_SAMPLE = 64  # leading values of every tensor hashed into the finger
 
 
 def lm_fingerprint(lm: Llama) -> str:
-    """sha256 of the LM's config, its sorted (name, shape, dtype) and the first `FINGERPRINT_SAMPLE`
-    values of every tensor: the config and shapes tell sizes apart, the sampled values a base model from
-    its instruct sibling of the same size (every tensor differs, no shape does), without hashing GBs."""
+    """sha256 of the LM's config, its sorted (name, shape) and the first `FINGERPRINT_SAMPLE` values of
+    every tensor: the config and shapes tell sizes apart, the sampled values a base model from its instruct
+    sibling of the same size (every tensor differs, no shape does), without hashing GBs. The values are
+    hashed as float64, so the dtype in memory does not count: a bf16 LM on disk and the float32 copy the
+    trainer exports from (every bf16 value is exact in float32) give one fingerprint."""
     sd = lm.state_dict()
-    tensors = sorted((k, list(v.shape), str(v.dtype)) for k, v in sd.items())
+    tensors = sorted((k, list(v.shape)) for k, v in sd.items())
     digest = hashlib.sha256(json.dumps({"config": config_to_dict(lm.cfg), "tensors": tensors}).encode())
-    for name, _, _ in tensors:
-        sample = sd[name].detach().flatten()[:FINGERPRINT_SAMPLE].cpu().contiguous()
+    for name, _ in tensors:
+        sample = sd[name].detach().flatten()[:FINGERPRINT_SAMPLE].cpu().to(torch.float64).contiguous()
         digest.update(sample.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
@@ -153,14 +159,14 @@ def lm_mismatch(lm: Llama, want: LlamaConfig, fingerprint: str | None) -> str | 
                 for f in dataclasses.fields(want) if getattr(want, f.name) != getattr(lm.cfg, f.name)]
         return "config differs: " + ", ".join(diff)
     if fingerprint is not None and (found := lm_fingerprint(lm)) != fingerprint:
-        return (f"same config, but the tensor names, shapes, dtypes or weights differ (fingerprint "
+        return (f"same config, but the tensor names, shapes or weights differ (fingerprint "
                 f"{fingerprint[:12]}... recorded, {found[:12]}... found)")
     return None
 
 
 def resolve_lm(meta: dict, want: LlamaConfig, cfg_file: Path, explicit: str | Path | None) -> Llama:
     """The export's LM: ``explicit`` alone when given, else the first of the recorded absolute and relative
-    paths whose LM matches (`lm_mismatch`). Loaded as stored (the fingerprint covers the dtype)."""
+    paths whose LM matches (`lm_mismatch`). Loaded as stored, in its own dtype."""
     if explicit is not None:
         candidates = [Path(explicit)]
     else:
@@ -180,6 +186,20 @@ def resolve_lm(meta: dict, want: LlamaConfig, cfg_file: Path, explicit: str | Pa
         tried.append(f"{cand}: {problem}")
     raise LMMismatchError(f"{cfg_file}: no usable LM ({'; '.join(tried)}); pass --lm PATH (lm_path=) "
                           f"pointing to the LM this export was trained with")
+
+
+def swapped_lm(lm_path: str | Path | None, want: LlamaConfig, source: str | Path) -> Llama:
+    """The LM at ``lm_path`` to replace an export's (the paper's SFT hot-swaps the pre-trained LM for the
+    instruction-tuned one, sec. 7.5): any weights, but its config must equal ``want``, the recorded one
+    (every size and the vocabulary, so the adapters fit it unchanged), else `LMMismatchError` naming the
+    fields."""
+    if lm_path is None:
+        raise CheckpointError(f"{source}: swapping the LM needs the path of the LM to swap in (model.lm)")
+    lm = load_llama(lm_path)
+    if lm.cfg != want:
+        raise LMMismatchError(f"{source}: the LM {lm_path} cannot replace the export's: "
+                              f"{lm_mismatch(lm, want, None)}; a swapped LM keeps every size and the vocabulary")
+    return lm
 
 
 def load_multimodal_checkpoint(

@@ -40,6 +40,11 @@ class ModelConfig:
     lm: a Llama 3 checkpoint directory (Meta or HF layout) for the frozen LM; None = random (tests only).
     init_from: a checkpoint directory of ours (`adapters.model_io`) to start from: stage 2 anneals from
         the stage-1 export, the video stage starts from an image export.
+    swap_lm: SFT's hot-swap (Llama 3 sec. 7.5): ``lm`` replaces the frozen LM of ``init_from`` (image,
+        video, speech), e.g. the instruction-tuned weights for the pre-trained ones. Its config (every size
+        and the vocabulary) must equal the one the export recorded, else `LMMismatchError` naming the
+        fields; its weights may differ, and every other weight loads unchanged. Without it, an LM other than
+        the export's is refused (fingerprint). The new export records the new LM.
     bestrq: the quantizer, heads and masking of the ``bestrq`` kind (whose ``preset`` names a
         `speech.conformer` preset); read by that kind only.
     tile_size / max_tiles: per-tile resolution; stage 2 raises ``tile_size`` (position tables are
@@ -50,6 +55,7 @@ class ModelConfig:
     tokenizer: str = ""  # tokenizer.model (tiktoken); copied into every export
     lm: str | None = None
     init_from: str | None = None
+    swap_lm: bool = False
     # speech: a bestrq run's export dir; image: a clip run's export dir
     encoder_from: str | None = None
     tile_size: int | None = None  # None: the preset's (or init_from's)
@@ -153,6 +159,9 @@ class RunConfig:
             (0 <= self.optim.min_lr_ratio <= 1 and self.optim.warmup >= 0, "optim",
              "warmup >= 0, 0 <= min_lr_ratio <= 1"),
             (self.data.crop_seconds > 0, "data.crop_seconds", f"{self.data.crop_seconds} must be > 0"),
+            (not self.model.swap_lm or (spec.swap_lm and self.model.init_from and self.model.lm), "model.swap_lm",
+             "needs model.init_from (the export whose weights are kept) and model.lm (the LM swapped in), "
+             f"kinds {[k for k, s in SPECS.items() if s.swap_lm]} only"),
         ]
         for ok, key, msg in checks:
             if not ok:

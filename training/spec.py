@@ -49,6 +49,7 @@ class TrainSpec:
     formats: tuple[str, ...]  # data.format values the codec understands
     needs_tokenizer: bool = True  # model.tokenizer (the Llama tokenizer) must be given
     pack_rows: bool = False  # several samples per row (data.pack_rows)
+    swap_lm: bool = False  # model.swap_lm: model.init_from's weights around another LM of the same config
     tensor_parallel: bool = False
     pipeline: bool = False
 
@@ -75,9 +76,11 @@ def build_multimodal_model(cfg: "RunConfig", tok: "Tokenizer") -> nn.Module:
     torch.manual_seed(m.seed)
     if m.init_from:
         # An export that points at its LM finds it through ``model.lm`` when set (the LM moved since, or the
-        # run names it anew); the fingerprint check still refuses another LM.
+        # run names it anew); the fingerprint check still refuses another LM unless ``model.swap_lm`` (SFT:
+        # the instruction-tuned LM of the same config in place of the pre-trained one, sec. 7.5).
         points_at_lm = read_multimodal_meta(m.init_from).get("lm_path")
-        model = load_checkpoint(m.init_from, lm_path=m.lm if points_at_lm and m.lm else None)
+        lm_path = m.lm if (points_at_lm or m.swap_lm) and m.lm else None
+        model = load_checkpoint(m.init_from, lm_path=lm_path, swap_lm=m.swap_lm)
         if m.tile_size is not None:
             model = with_tile_size(model, m.tile_size)  # stage 2: anneal at a higher per-tile resolution
     else:
@@ -155,17 +158,22 @@ def export_multimodal(model: nn.Module, cfg: "RunConfig", out: Path) -> Path:
 
 
 def build_speech_model(cfg: "RunConfig", tok: "Tokenizer") -> nn.Module:
-    """`SpeechLlama`: from ``model.init_from`` (a speech export), else a preset around the frozen LM with the
-    self-supervised encoder of ``model.encoder_from`` (sec. 8.1) under a fresh adapter when given."""
+    """`SpeechLlama`: from ``model.init_from`` (a speech export; its LM swapped for ``model.lm`` with
+    ``model.swap_lm``), else a preset around the frozen LM with the self-supervised encoder of
+    ``model.encoder_from`` (sec. 8.1) under a fresh adapter when given."""
     from adapters.checkpoint import load_llama
     from speech.adapter import build_speech_llama, speech_llama_config
 
     m = cfg.model
     torch.manual_seed(m.seed)
     if m.init_from:
+        from adapters.model_io import swapped_lm
         from speech.model_io import load_speech_checkpoint
 
-        return load_speech_checkpoint(m.init_from)
+        model = load_speech_checkpoint(m.init_from)
+        if m.swap_lm:  # the export holds its LM: overwrite it in place (cast to its dtype), still frozen
+            model.lm.load_state_dict(swapped_lm(m.lm, model.lm.cfg, m.init_from).state_dict())
+        return model
     scfg = speech_llama_config(m.preset)
     lm = load_llama(m.lm) if m.lm else None
     if lm is None:
@@ -234,12 +242,12 @@ def _clip_spec() -> TrainSpec:
 # the default "caption" and "chat" are both accepted so existing configs stay valid.
 SPECS: dict[str, TrainSpec] = {
     "image": TrainSpec("image", build_multimodal_model, image_text_task, image_codec, multimodal_param_groups,
-                       export_multimodal, formats=("caption", "chat", "qa"), pack_rows=True, tensor_parallel=True,
-                       pipeline=True),
+                       export_multimodal, formats=("caption", "chat", "qa"), pack_rows=True, swap_lm=True,
+                       tensor_parallel=True, pipeline=True),
     "video": TrainSpec("video", build_video_model, image_text_task, video_codec, multimodal_param_groups,
-                       export_multimodal, formats=("caption", "chat", "qa"), pack_rows=True),
+                       export_multimodal, formats=("caption", "chat", "qa"), pack_rows=True, swap_lm=True),
     "speech": TrainSpec("speech", build_speech_model, SpeechTask, speech_codec, speech_param_groups,
-                        export_speech, formats=("caption", "chat")),
+                        export_speech, formats=("caption", "chat"), swap_lm=True),
     "text": _text_spec(),
     "clip": _clip_spec(),
     "bestrq": bestrq_spec(),

@@ -242,6 +242,17 @@ def test_an_lm_with_the_same_shapes_but_other_weights_is_refused(lm_run, tmp_pat
         load_checkpoint(run / "out", lm_path=wrong)
 
 
+def test_an_export_made_from_the_float32_copy_of_a_bf16_lm_loads_that_lm(tmp_path):
+    """The trainer exports ``model.float()``; the LM it points at stays bf16 on disk (real sizes): the
+    fingerprint is of the values, not of the dtype in memory, so the export finds its LM."""
+    torch.manual_seed(0)
+    model = build_multimodal(multimodal_config("tiny"))
+    lm_dir = save_meta_checkpoint(model.lm.to(torch.bfloat16), tmp_path / "lm")  # rounds model.lm in place
+    save_checkpoint(model.float(), tmp_path / "out", lm_path=lm_dir)
+    loaded = load_checkpoint(tmp_path / "out")  # found, not "fingerprint differs"
+    assert _same_weights(loaded.lm.float(), model.lm)
+
+
 def test_export_written_before_fingerprints_loads_with_its_config_checked(lm_run, monkeypatch):
     model, run = lm_run
     meta = json.loads((run / "out" / "config.json").read_text())
