@@ -134,11 +134,18 @@ def lm_fingerprint(lm: Llama) -> str:
     sibling of the same size (every tensor differs, no shape does), without hashing GBs. The values are
     hashed as float64, so the dtype in memory does not count: a bf16 LM on disk and the float32 copy the
     trainer exports from (every bf16 value is exact in float32) give one fingerprint."""
+    return _fingerprint(lm, legacy=False)
+
+
+def _fingerprint(lm: Llama, legacy: bool) -> str:
+    # legacy: the form exports recorded before 2026-12-03 (dtypes listed, values in their own dtype), still
+    # accepted when loading so that those exports keep finding their LM
     sd = lm.state_dict()
-    tensors = sorted((k, list(v.shape)) for k, v in sd.items())
+    tensors = sorted((k, list(v.shape), *([str(v.dtype)] if legacy else [])) for k, v in sd.items())
     digest = hashlib.sha256(json.dumps({"config": config_to_dict(lm.cfg), "tensors": tensors}).encode())
-    for name, _ in tensors:
-        sample = sd[name].detach().flatten()[:FINGERPRINT_SAMPLE].cpu().to(torch.float64).contiguous()
+    for name, *_ in tensors:
+        sample = sd[name].detach().flatten()[:FINGERPRINT_SAMPLE].cpu()
+        sample = (sample if legacy else sample.to(torch.float64)).contiguous()
         digest.update(sample.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
@@ -158,7 +165,7 @@ def lm_mismatch(lm: Llama, want: LlamaConfig, fingerprint: str | None) -> str | 
         diff = [f"{f.name} {getattr(want, f.name)!r} (recorded) vs {getattr(lm.cfg, f.name)!r}"
                 for f in dataclasses.fields(want) if getattr(want, f.name) != getattr(lm.cfg, f.name)]
         return "config differs: " + ", ".join(diff)
-    if fingerprint is not None and (found := lm_fingerprint(lm)) != fingerprint:
+    if fingerprint is not None and fingerprint not in ((found := lm_fingerprint(lm)), _fingerprint(lm, legacy=True)):
         return (f"same config, but the tensor names, shapes or weights differ (fingerprint "
                 f"{fingerprint[:12]}... recorded, {found[:12]}... found)")
     return None

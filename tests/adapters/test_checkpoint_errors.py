@@ -253,6 +253,17 @@ def test_an_export_made_from_the_float32_copy_of_a_bf16_lm_loads_that_lm(tmp_pat
     assert _same_weights(loaded.lm.float(), model.lm)
 
 
+def test_an_export_with_the_earlier_dtype_aware_fingerprint_still_finds_its_lm(lm_run):
+    from adapters.model_io import _fingerprint
+
+    model, run = lm_run
+    meta = json.loads((run / "out" / "config.json").read_text())
+    legacy = _fingerprint(model.lm, legacy=True)
+    assert legacy != meta["lm_fingerprint"]
+    (run / "out" / "config.json").write_text(json.dumps({**meta, "lm_fingerprint": legacy}))
+    assert _same_weights(load_checkpoint(run / "out"), model)
+
+
 def test_export_written_before_fingerprints_loads_with_its_config_checked(lm_run, monkeypatch):
     model, run = lm_run
     meta = json.loads((run / "out" / "config.json").read_text())
