@@ -39,6 +39,10 @@ class ImageTextTask(nn.Module):
         logits = self.model.lm.output(hidden[keep]).float()
         n = keep.sum()
         loss = F.cross_entropy(logits, targets[keep], reduction="sum") / n.clamp(min=1)
+        if torch.is_grad_enabled() and not loss.requires_grad:
+            # A micro-batch with no image or video (text-only conversations): only the frozen LM made the
+            # loss. Tie it to the trainable weights with zero gradients, so backward and step stay uniform.
+            loss = loss + sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
         return {"loss": loss, "n_tokens": n}
 
 

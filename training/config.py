@@ -74,7 +74,10 @@ class DataConfig:
     format: "caption" = ``<bos><|image|>caption<eos>`` (pre-training: loss on the caption and eos);
         "chat" = the Llama 3 chat format with ``prompt`` as the user turn and the text as the answer;
         "qa" = the chat format with each sample's own ``question`` (key.json meta) as the user turn and its
-        ``answer`` as the assistant turn (image, video, text); "dialog" = key.json meta ``messages`` (text).
+        ``answer`` as the assistant turn (image, video, text); "dialog" = key.json meta ``messages`` (text);
+        "conversation" = key.json meta ``conversations`` (system / user / assistant turns, ``<|image|>``
+        placeholders in user turns for the sample's images key.0.jpg, key.1.jpg, ... in order; text-only
+        conversations mix in; loss on every assistant turn; image kind, data-parallel mode).
         Speech always uses its chat format, ``prompt`` as the system turn, default ASR. Which formats a
         kind takes: `training.spec.SPECS`.
     max_tokens: token budget of one micro-batch (rows x longest row); short texts give more rows.
@@ -144,6 +147,8 @@ class RunConfig:
              f"pipeline lays out the image model only, not kind {self.kind!r}"),
             (self.data.format in spec.formats, "data.format",
              f"{self.data.format!r} is not one of kind {self.kind}'s formats {spec.formats}"),
+            (self.data.format != "conversation" or self.parallel == "data", "data.format",
+             "conversation samples hold any number of images per row; pipeline stages take one image slot"),
             (self.data.on_error in ("raise", "count"), "data.on_error",
              f"{self.data.on_error!r} is not raise | count"),
             (self.data.max_rows >= 1 and self.data.max_tokens >= self.data.max_seq_len, "data.max_tokens",

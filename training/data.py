@@ -19,9 +19,9 @@ then carries ``doc_ids`` (B, T), and `MultimodalLlama.forward` gives every packe
 document mask, RoPE positions from 0 and only its own images / videos, so a packed row computes what
 its samples would alone (tested) with far less padding. Either way no sample is split or truncated.
 
-Bad samples (undecodable image or video, missing member, text over ``max_seq_len``) raise `BadSampleError`
-naming the shard and key, or with ``on_error="count"`` are counted per shard with their keys (never
-silently dropped); a missing or unreadable shard always raises `ShardError`.
+Bad samples (undecodable image or video, missing member, malformed conversation, text over ``max_seq_len``)
+raise `BadSampleError` naming the shard and key, or with ``on_error="count"`` are counted per shard with their
+keys (never silently dropped); a missing or unreadable shard always raises `ShardError`.
 """
 
 from __future__ import annotations
@@ -37,12 +37,13 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from adapters.chat import IGNORE_INDEX, Message, encode_training_example, image_input_id, video_input_id
+from adapters.chat import (IGNORE_INDEX, Message, encode_header, encode_training_example, image_input_id,
+                           video_input_id)
 from adapters.multimodal import ImageBatch
 from adapters.tokenizer import Tokenizer
 from media.image import ImageLoadError, load_image_bytes
 from media.tar import ShardError, read_tar
-from vision.tiling import TilingConfig, TilingError, collate_tiled, tile_image
+from vision.tiling import TiledImage, TilingConfig, TilingError, collate_tiled, tile_image
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,14 @@ def encode_sample(tok: Tokenizer, media_id: int, raw: RawSample, fmt: str, promp
     return encode_training_example(tok, [Message("user", question, **media), Message("assistant", answer)])
 
 
+def tile_member(raw: RawSample, ext: str, tiling: TilingConfig) -> TiledImage:
+    """The sample's image member ``key.<ext>`` decoded and tiled; undecodable: a `BadSampleError` naming it."""
+    try:
+        return tile_image(load_image_bytes(raw.members[ext], name=f"{raw.shard}:{raw.key}.{ext}"), tiling)
+    except (ImageLoadError, TilingError) as e:
+        raise BadSampleError(f"{raw.shard}: sample {raw.key}: {e}") from e
+
+
 class ImageCaptionCodec:
     """key.jpg (png/webp) + key.txt (or json caption) -> tiles through `vision.tiling` + caption ids."""
 
@@ -204,11 +213,7 @@ class ImageCaptionCodec:
         ext = next((e for e in IMAGE_EXTS if e in raw.members), None)
         if ext is None:
             raise BadSampleError(f"{raw.shard}: sample {raw.key} has no image (has {sorted(raw.members)})")
-        try:
-            image = load_image_bytes(raw.members[ext], name=f"{raw.shard}:{raw.key}.{ext}")
-            tiled = tile_image(image, self.tiling)
-        except (ImageLoadError, TilingError) as e:
-            raise BadSampleError(f"{raw.shard}: sample {raw.key}: {e}") from e
+        tiled = tile_member(raw, ext, self.tiling)
         tokens, labels = encode_sample(self.tok, image_input_id(self.tok), raw, self.fmt, self.prompt)
         return Example(tokens, labels, tiled, raw)
 
@@ -217,6 +222,115 @@ class ImageCaptionCodec:
 
     def collate_rows(self, rows: list[list[Example]]) -> dict:
         return {"images": ImageBatch.from_collated(collate_tiled([[e.media for e in row] for row in rows])).trimmed()}
+
+
+IMAGE_PLACEHOLDER = "<|image|>"
+CONVERSATION_ROLES = ("system", "user", "assistant")
+
+
+def conversation_messages(raw: RawSample) -> list[Message]:
+    """The turns of key.json meta ``conversations``, checked: an optional leading system turn, then user and
+    assistant alternating from user to a non-empty assistant answer; ``<|image|>`` in user turns only. Any
+    other layout is a `BadSampleError` naming the shard, key and field."""
+    where = f"{raw.shard}: sample {raw.key}.json"
+    turns = sample_meta(raw, "conversation").get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise BadSampleError(f"{where} has no 'conversations' list (a non-empty list of {{'role', 'content'}} turns; "
+                             "data.format conversation)")
+    messages = []
+    start = 1 if isinstance(turns[0], dict) and turns[0].get("role") == "system" else 0
+    for i, t in enumerate(turns):
+        field = f"conversations[{i}]"
+        if not isinstance(t, dict):
+            raise BadSampleError(f"{where}: {field} is not a {{'role', 'content'}} object")
+        role, content = t.get("role"), t.get("content")
+        if role not in CONVERSATION_ROLES:
+            raise BadSampleError(f"{where}: {field}.role {role!r} is not one of {CONVERSATION_ROLES}")
+        if not isinstance(content, str):
+            what = "missing" if "content" not in t else f"a {type(content).__name__}, not a string"
+            raise BadSampleError(f"{where}: {field}.content is {what}")
+        expected = "system" if i < start else ("user", "assistant")[(i - start) % 2]
+        if role != expected:
+            raise BadSampleError(f"{where}: {field}.role is {role!r} where {expected!r} belongs (roles out of order: "
+                                 "an optional leading system turn, then user and assistant alternating from user)")
+        if role != "user" and IMAGE_PLACEHOLDER in content:
+            raise BadSampleError(f"{where}: {field}.content: {IMAGE_PLACEHOLDER} in the {role} turn (images go in "
+                                 "user turns)")
+        if role == "assistant" and not content.strip():
+            raise BadSampleError(f"{where}: {field}.content: an empty assistant turn, nothing to learn")
+        messages.append(Message(role, content))
+    if messages[-1].role != "assistant":
+        raise BadSampleError(f"{where}: conversations: no assistant turn after conversations[{len(turns) - 1}] "
+                             f"(a {messages[-1].role} turn; a conversation ends with the assistant's answer)")
+    return messages
+
+
+def sample_images(raw: RawSample) -> list[str]:
+    """Member names of the sample's images in order: ``key.0.jpg``, ``key.1.png``, ... (a lone ``key.jpg`` is
+    image 0). Two members for one index, or a gap in the numbering, is a `BadSampleError`."""
+    found: dict[int, list[str]] = {}
+    for name in raw.members:
+        stem, _, ext = name.rpartition(".")
+        if ext in IMAGE_EXTS and (not stem or stem.isdigit()):  # "jpg" (stem "") or "0.jpg", "1.png", ...
+            found.setdefault(int(stem or 0), []).append(name)
+    for index, names in sorted(found.items()):
+        if len(names) > 1:
+            raise BadSampleError(f"{raw.shard}: sample {raw.key}: members {sorted(names)} are all image {index}")
+    if sorted(found) != list(range(len(found))):
+        missing = min(set(range(len(found))) - set(found))
+        raise BadSampleError(f"{raw.shard}: sample {raw.key}: image {missing} (key.{missing}.jpg / png / ...) is "
+                             f"missing but later images are there (has {sorted(raw.members)})")
+    return [found[i][0] for i in range(len(found))]
+
+
+def encode_conversation(tok: Tokenizer, messages: list[Message]) -> tuple[list[int], list[int]]:
+    """(tokens, labels): the Llama 3 chat format of `adapters.chat.encode_training_example` with each
+    ``<|image|>`` placeholder of a user turn replaced by the image token where it stands; labels on every
+    assistant turn's content and its ``<|eot_id|>`` only."""
+    image_id = image_input_id(tok)
+    tokens, labels = [tok.bos_id], [IGNORE_INDEX]
+    for m in messages:
+        first, *rest = m.content.strip().split(IMAGE_PLACEHOLDER)
+        body = tok.encode(first)
+        for text in rest:
+            body += [image_id, *tok.encode(text)]
+        header = encode_header(tok, m.role)
+        tokens += [*header, *body, tok.eot_id]
+        labels += [IGNORE_INDEX] * len(header)
+        labels += [*body, tok.eot_id] if m.role == "assistant" else [IGNORE_INDEX] * (len(body) + 1)
+    return tokens, labels
+
+
+class ImageConversationCodec:
+    """key.json meta ``conversations`` + key.0.jpg, key.1.jpg, ... -> a multi-turn, multi-image chat example
+    (``data.format: conversation``); text-only conversations (no image, no placeholder) mix in the same shards.
+    The example's media is the list of its tiled images in placeholder order; a row of several samples
+    (``pack_rows``) carries all their images in order, and `text_image_mask` matches the k-th image token of
+    a row to its k-th image."""
+
+    def __init__(self, tok: Tokenizer, tiling: TilingConfig):
+        self.tok, self.tiling = tok, tiling
+
+    def decode(self, raw: RawSample) -> Example:
+        messages = conversation_messages(raw)
+        names = sample_images(raw)
+        n_placeholders = sum(m.content.count(IMAGE_PLACEHOLDER) for m in messages)
+        if n_placeholders != len(names):
+            raise BadSampleError(f"{raw.shard}: sample {raw.key}.json: conversations hold {n_placeholders} "
+                                 f"{IMAGE_PLACEHOLDER} placeholder(s) but the sample has {len(names)} image(s) "
+                                 f"{names}; each image needs one placeholder, in order")
+        tokens, labels = encode_conversation(self.tok, messages)
+        return Example(tokens, labels, [tile_member(raw, name, self.tiling) for name in names], raw)
+
+    def collate(self, examples: list[Example]) -> dict:
+        return self.collate_rows([[e] for e in examples])
+
+    def collate_rows(self, rows: list[list[Example]]) -> dict:
+        """-> ``images``: an `ImageBatch` (B, I, ...) with I the most images of any row, at least one slot so
+        an all-text micro-batch still has the image tensors' shape (no real image: cross-attention is skipped)."""
+        images = [[image for e in row for image in e.media] for row in rows]
+        collated = collate_tiled(images, max_images=max(1, *map(len, images)), cfg=self.tiling)
+        return {"images": ImageBatch.from_collated(collated).trimmed()}
 
 
 class VideoCaptionCodec:

@@ -120,12 +120,14 @@ def _check_vocab(cfg: "RunConfig", tok: "Tokenizer", vocab_size: int) -> None:
 
 
 def image_codec(cfg: "RunConfig", tok: "Tokenizer", model: nn.Module) -> "Codec":
-    from training.data import ImageCaptionCodec
+    from training.data import ImageCaptionCodec, ImageConversationCodec
     from vision.tiling import TilingConfig
 
     v = model.cfg.vision
-    return ImageCaptionCodec(tok, TilingConfig(tile_size=v.tile_size, max_tiles=v.max_tiles), cfg.data.format,
-                             cfg.data.prompt)
+    tiling = TilingConfig(tile_size=v.tile_size, max_tiles=v.max_tiles)
+    if cfg.data.format == "conversation":  # multi-turn, any number of images per sample (SFT, sec. 7.5)
+        return ImageConversationCodec(tok, tiling)
+    return ImageCaptionCodec(tok, tiling, cfg.data.format, cfg.data.prompt)
 
 
 def video_codec(cfg: "RunConfig", tok: "Tokenizer", model: nn.Module) -> "Codec":
@@ -242,8 +244,8 @@ def _clip_spec() -> TrainSpec:
 # the default "caption" and "chat" are both accepted so existing configs stay valid.
 SPECS: dict[str, TrainSpec] = {
     "image": TrainSpec("image", build_multimodal_model, image_text_task, image_codec, multimodal_param_groups,
-                       export_multimodal, formats=("caption", "chat", "qa"), pack_rows=True, swap_lm=True,
-                       tensor_parallel=True, pipeline=True),
+                       export_multimodal, formats=("caption", "chat", "qa", "conversation"), pack_rows=True,
+                       swap_lm=True, tensor_parallel=True, pipeline=True),
     "video": TrainSpec("video", build_video_model, image_text_task, video_codec, multimodal_param_groups,
                        export_multimodal, formats=("caption", "chat", "qa"), pack_rows=True, swap_lm=True),
     "speech": TrainSpec("speech", build_speech_model, SpeechTask, speech_codec, speech_param_groups,
