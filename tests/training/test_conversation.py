@@ -177,6 +177,16 @@ def test_pipeline_runs_refuse_the_conversation_format():
         load_run_config(None, ["kind=image", "data.format=conversation", "parallel=pipeline"])
 
 
+def conversation_run(tok, tmp_path: Path, steps: int):
+    """A tiny image run on ``tmp_path/conv_0000{0,1}.tar`` with data.format conversation."""
+    (tmp_path / "tokenizer.model").write_bytes(Path(tok.path).read_bytes())
+    return load_run_config(Path("configs/run_image_qa_synthetic.yaml"), [
+        f"data.shards={tmp_path}/conv_{{00000..00001}}.tar", f"model.tokenizer={tmp_path}/tokenizer.model",
+        "model.lm=null", "model.encoder_from=null", "data.format=conversation", "data.max_seq_len=128",
+        "data.max_rows=3", "data.shuffle_buffer=4", f"train.steps={steps}", "optim.warmup=1",
+        f"train.run_dir={tmp_path}/run", "train.progress=false", "train.save_every=100"])
+
+
 def test_a_tiny_image_run_on_conversations_trains(tok, tmp_path):
     def conversation(i: int) -> dict:
         first, second = list(COLORS)[i % 4], list(COLORS)[(i + 1) % 4]
@@ -188,13 +198,7 @@ def test_a_tiny_image_run_on_conversations_trains(tok, tmp_path):
 
     for s in range(2):
         write(tmp_path / f"conv_{s:05d}.tar", [conversation(s * 6 + i) for i in range(6)])
-    (tmp_path / "tokenizer.model").write_bytes(Path(tok.path).read_bytes())
-    cfg = load_run_config(Path("configs/run_image_qa_synthetic.yaml"), [
-        f"data.shards={tmp_path}/conv_{{00000..00001}}.tar", f"model.tokenizer={tmp_path}/tokenizer.model",
-        "model.lm=null", "model.encoder_from=null", "data.format=conversation", "data.max_seq_len=128",
-        "data.max_rows=3", "data.shuffle_buffer=4", "train.steps=3", "optim.warmup=1", f"train.run_dir={tmp_path}/run",
-        "train.progress=false", "train.save_every=100"])
-    result = train(cfg)
+    result = train(conversation_run(tok, tmp_path, steps=3))
     assert sorted(result.losses) == [1, 2, 3], result.losses
     assert all(torch.isfinite(torch.tensor(list(result.losses.values())))), result.losses
     assert (result.export_dir / "config.json").is_file()
@@ -206,11 +210,5 @@ def test_micro_batches_of_text_only_conversations_train_too(tok, tmp_path):
     by the batch's gradient: weight decay is 0 in this config)."""
     for s in range(2):
         write(tmp_path / f"conv_{s:05d}.tar", [sample(f"t{s}{i}", TEXT_ONLY) for i in range(4)])
-    (tmp_path / "tokenizer.model").write_bytes(Path(tok.path).read_bytes())
-    cfg = load_run_config(Path("configs/run_image_qa_synthetic.yaml"), [
-        f"data.shards={tmp_path}/conv_{{00000..00001}}.tar", f"model.tokenizer={tmp_path}/tokenizer.model",
-        "model.lm=null", "model.encoder_from=null", "data.format=conversation", "data.max_seq_len=128",
-        "data.max_rows=3", "data.shuffle_buffer=4", "train.steps=2", "optim.warmup=1", f"train.run_dir={tmp_path}/run",
-        "train.progress=false", "train.save_every=100"])
-    result = train(cfg)
+    result = train(conversation_run(tok, tmp_path, steps=2))
     assert sorted(result.losses) == [1, 2] and all(torch.isfinite(torch.tensor(list(result.losses.values()))))
