@@ -99,6 +99,7 @@ class CurationConfig:
     max_pixels: int = 178_956_970
     max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES  # the reader's cap on one sample's bytes (files, members)
     allow_outside_root: bool = False  # manifest rows / folder symlinks may name files outside the input folder
+    image_folder: str | None = None  # where a LLaVA JSON input's image paths start (None: the JSON file's folder)
     caption: CaptionRules = field(default_factory=CaptionRules)
     language: LanguageConfig = field(default_factory=LanguageConfig)
     image: ImageRules = field(default_factory=ImageRules)

@@ -1,4 +1,5 @@
-"""Readers: raw inputs (a folder, a JSONL/parquet manifest, webdataset tars) -> one ``Sample`` per input.
+"""Readers: raw inputs (a folder, a JSONL/parquet manifest, webdataset tars, LLaVA conversation files) -> one
+``Sample`` per input.
 
 Every input a reader sees comes out as a ``Sample``: a good image-caption pair (status ok, raw image
 bytes, not decoded) or an error Sample with the reason and the file it concerns, so a job's counts add
@@ -7,8 +8,9 @@ only job-level problems do (input missing, empty folder, unknown kind, unreadabl
 ``CurationInputError``, raised when the reader is called, not at the first ``next()``.
 
 ``open_input`` dispatches on the input's kind. The folder and manifest readers and ``decode_image``
-live here, the webdataset tar reader in ``wds_reader``, and what they all share (safe file reading, byte
-caps, the dataset root, keys, the named reasons for hostile inputs) in ``input_files``.
+live here, the webdataset tar reader in ``wds_reader``, the LLaVA conversation reader in ``llava_reader``,
+and what they all share (safe file reading, byte caps, the dataset root, keys, the named reasons for hostile
+inputs) in ``input_files``.
 """
 
 from __future__ import annotations
@@ -41,9 +43,13 @@ SIDECAR_EXTS = (".txt", ".json")
 
 
 def open_input(spec: str | Path, *, image_key: str = "image", caption_key: str = "caption",
-               max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES, allow_outside_root: bool = False) -> Iterator[Sample]:
-    """Dispatch on what ``spec`` is: a folder, a ``.jsonl``/``.parquet`` manifest, a ``.tar`` shard, or a
-    glob / brace pattern of tar shards (``shards/{00000..00003}.tar``, ``shards/*.tar``).
+               max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES, allow_outside_root: bool = False,
+               image_folder: str | Path | None = None) -> Iterator[Sample]:
+    """Dispatch on what ``spec`` is: a folder, a ``.jsonl``/``.parquet`` manifest, a ``.tar`` shard, a glob /
+    brace pattern of tar shards (``shards/{00000..00003}.tar``, ``shards/*.tar``), or a LLaVA conversation file:
+    a ``.json`` list, or a ``.jsonl`` whose first row has a ``conversations`` field (``llava_reader``; its image
+    paths start at ``image_folder``, default the file's folder). A folder's ``.json`` files are sidecars, never
+    conversation files.
 
     ``image_key`` names the manifest's image column; ``caption_key`` the caption field of manifests,
     sidecar JSON files and webdataset JSON members. ``max_sample_bytes`` caps what one sample reads;
@@ -65,13 +71,19 @@ def open_input(spec: str | Path, *, image_key: str = "image", caption_key: str =
         return read_folder(path, caption_key=caption_key, max_sample_bytes=max_sample_bytes,
                            allow_outside_root=allow_outside_root)
     suffix = path.suffix.lower()
+    if suffix in (".json", ".jsonl"):
+        from data_curation.llava_reader import is_conversation_jsonl, read_llava
+
+        if suffix == ".json" or is_conversation_jsonl(path, max_sample_bytes):
+            return read_llava(path, image_folder=image_folder, max_sample_bytes=max_sample_bytes,
+                              allow_outside_root=allow_outside_root)
     if suffix in (".jsonl", ".parquet"):
         return read_manifest(path, image_key=image_key, caption_key=caption_key, max_sample_bytes=max_sample_bytes,
                              allow_outside_root=allow_outside_root)
     if suffix == ".tar":
         return read_webdataset([path], caption_key=caption_key, max_sample_bytes=max_sample_bytes)
-    raise CurationInputError(f"unknown input kind: {path} (expected a folder, .jsonl, .parquet, .tar or a "
-                             "pattern of .tar shards)")
+    raise CurationInputError(f"unknown input kind: {path} (expected a folder, .jsonl, .parquet, .tar, a "
+                             "pattern of .tar shards or a LLaVA .json)")
 
 
 # ------------------------------------------------------------------------------------------- folder
@@ -254,28 +266,36 @@ def _capped_lines(f: BinaryIO, limit: int) -> Iterator[bytes | None]:
         yield None
 
 
-def _jsonl_samples(path: Path, lines: BinaryIO, rows: _Rows) -> Iterator[Sample]:
+def jsonl_objects(path: Path, lines: BinaryIO, max_bytes: int) -> Iterator[tuple[Sample, str, Any]]:
+    """(sample, where, parsed line) per non-blank line of a JSONL file: the sample keyed ``<stem>_<line>`` with
+    source ``"<file>:<line>"``, ``where`` naming the line for reasons; a line longer than ``max_bytes``, not UTF-8
+    or not JSON comes as a failed sample (and None). Closes ``lines`` at the end."""
     stem = sanitize_key(path.stem)
     with lines:
-        for lineno, raw in enumerate(_capped_lines(lines, rows.max_bytes), start=1):
+        for lineno, raw in enumerate(_capped_lines(lines, max_bytes), start=1):
             if raw is not None and not raw.strip():
                 continue
             sample = Sample(key=f"{stem}_{lineno:09d}", source=f"{path}:{lineno}")
             where = f"{path.name} line {lineno}"
             if raw is None:
-                yield sample.fail("read", f"cannot read {where}: longer than {rows.max_bytes} bytes, {TOO_LARGE}")
+                reason = f"cannot read {where}: longer than {max_bytes} bytes, {TOO_LARGE}"
+                yield sample.fail("read", reason), where, None
                 continue
             try:
-                row = json.loads(raw.decode("utf-8"))
+                yield sample, where, json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as e:
-                yield sample.fail("read", f"{where} is not valid UTF-8 ({e.reason} at byte {e.start})")
-                continue
+                yield sample.fail("read", f"{where} is not valid UTF-8 ({e.reason} at byte {e.start})"), where, None
             except json.JSONDecodeError as e:
-                yield sample.fail("read", f"{where} is not valid JSON ({e.msg} at column {e.colno})")
-                continue
-            if not isinstance(row, dict):
-                yield sample.fail("read", f"{where} is not a JSON object")
-                continue
+                yield sample.fail("read", f"{where} is not valid JSON ({e.msg} at column {e.colno})"), where, None
+
+
+def _jsonl_samples(path: Path, lines: BinaryIO, rows: _Rows) -> Iterator[Sample]:
+    for sample, where, row in jsonl_objects(path, lines, rows.max_bytes):
+        if not sample.ok:
+            yield sample
+        elif not isinstance(row, dict):
+            yield sample.fail("read", f"{where} is not a JSON object")
+        else:
             yield _fill_from_row(sample, row, where, rows)
 
 
@@ -365,14 +385,17 @@ def _fill_from_row(sample: Sample, row: dict[str, Any], where: str, rows: _Rows)
 # ------------------------------------------------------------------------------------------- decode
 
 
-def decode_image(sample: Sample, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image | None:
-    """The sample's image as upright RGB, or None after ``sample.fail("decode", ...)``; the reason is
-    ``media.image``'s message, which starts with the sample's source (file or shard:member)."""
-    if sample.image_bytes is None:
-        sample.fail("decode", f"{sample.source}: no image bytes")
+def decode_image(sample: Sample, max_pixels: int = DEFAULT_MAX_PIXELS, index: int | None = None) -> Image.Image | None:
+    """The sample's image (``index``: image ``index`` of a conversation record) as upright RGB, or None after
+    ``sample.fail("decode", ...)``; the reason is ``media.image``'s message, which starts with the sample's
+    source (file or shard:member, then ``image <index>``)."""
+    data = sample.image_bytes if index is None else sample.images[index]
+    name = sample.source if index is None else f"{sample.source} image {index}"
+    if data is None:
+        sample.fail("decode", f"{name}: no image bytes")
         return None
     try:
-        return load_image_bytes(sample.image_bytes, name=sample.source, max_pixels=max_pixels)
+        return load_image_bytes(data, name=name, max_pixels=max_pixels)
     except ImageLoadError as e:
         sample.fail("decode", str(e))
         return None

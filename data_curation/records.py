@@ -1,4 +1,5 @@
-"""The one record every curation stage reads and annotates: an image-text sample and its fate.
+"""The one record every curation stage reads and annotates: an image-text sample (or a conversation record with
+any number of images) and its fate.
 
 Readers yield a ``Sample`` for **every** input they see, including broken ones (``status="error"``
 with a reason), so a job's counts always add up to its inputs. Stages never raise on one bad sample:
@@ -74,7 +75,10 @@ class Sample:
     key: str  # unique within a job and stable across reruns (resume relies on it)
     source: str  # where it came from: a file path, "manifest.jsonl:LINE", "shard.tar:member"
     image_bytes: bytes | None = None
-    caption: str | None = None
+    caption: str | None = None  # None for a conversation record (its text is meta["conversations"])
+    # A conversation record's images in order, possibly none (``llava_reader``); None for a caption sample,
+    # whose one image (or video, audio) is image_bytes.
+    images: list[bytes] | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # extra fields from a sidecar JSON / manifest row
     fields: dict[str, Any] = field(default_factory=dict)  # what stages attach
     status: str = OK
@@ -88,6 +92,10 @@ class Sample:
     @property
     def ok(self) -> bool:
         return self.status == OK
+
+    @property
+    def is_conversation(self) -> bool:
+        return self.images is not None
 
     def drop(self, stage: str, reason: str) -> "Sample":
         """A filter decided against it (e.g. caption too short)."""

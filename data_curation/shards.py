@@ -14,6 +14,14 @@ Three passes, each resumable, under ``OUT/_work``:
    marker. Every file is written to a temporary name and renamed, so a kill never leaves a partial shard
    that a rerun would trust, and no sample is written twice.
 
+Conversation records (``llava_reader``: LLaVA JSON, any number of images, no caption) take the same road with
+these differences: no caption rules; language id on the text of their turns; every image through decode,
+image rules, safety and OCR (per-image findings in ``images[k]`` of their key.json; one image failing drops or
+fails the record, naming it); no CLIP score (no caption to score against); not in the global stages (no
+caption to resample by, and LLaVA records sharing an image are not copies). Their shard members are
+``key.json`` (``{"meta": {"conversations": ...}}``, what ``data.format: conversation`` reads) plus ``key.jpg``
+for one image or ``key.0.jpg``, ``key.1.jpg``, ... for several; a text-only record is ``key.json`` alone.
+
 Inputs are assigned to chunks by their position in the (deterministic, sorted) reader order, so a rerun
 maps every input to the same shard. Each chunk keeps a fingerprint of its input listing (``inputs_digest``
 in its parquet's metadata): a resume whose listing changed under a finished chunk is refused. Inputs added
@@ -37,6 +45,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
+from common.conversation import IMAGE_PLACEHOLDER
 from data_curation.curation_config import CurationConfig
 from data_curation.records import DROPPED, OK, Sample
 from data_curation.readers import decode_image, open_input
@@ -87,21 +96,28 @@ class SampleProcessor:
 
             self.sscd = SSCDEmbedder.load(cfg.dedup.sscd)
 
-    def process(self, samples: list[Sample]) -> tuple[list[Sample], list[bytes | None], np.ndarray]:
-        """-> samples (statuses and fields set), image bytes to write (None if not kept), descriptors
-        (n_ok, 512) of the survivors in order."""
+    def process(self, samples: list[Sample]) -> tuple[list[Sample], list[list[bytes]], np.ndarray]:
+        """-> samples (statuses and fields set), the encoded images to write per sample (in order; [] if not
+        kept), descriptors (n, 512) of the surviving image-caption samples in order."""
         cfg = self.cfg
-        images: list[Image.Image | None] = [None] * len(samples)
-        changed = [False] * len(samples)
+        images: list[list[Image.Image]] = [[] for _ in samples]
+        changed: list[list[bool]] = [[] for _ in samples]
         for i, s in enumerate(samples):
-            if s.ok:
-                try:
-                    images[i], changed[i] = self._per_sample(s)
-                except Exception as e:  # an unexpected failure on one sample never stops the job
-                    s.fail(s.stage or "stage", f"{type(e).__name__}: {e}")
-        live = [i for i, s in enumerate(samples) if s.ok]
+            if not s.ok:
+                continue
+            try:
+                if s.is_conversation:
+                    images[i], changed[i] = self._per_conversation(s)
+                else:
+                    img, ch = self._per_sample(s)
+                    images[i], changed[i] = [img], [ch]
+            except Exception as e:  # an unexpected failure on one sample never stops the job
+                s.fail(s.stage or "stage", f"{type(e).__name__}: {e}")
+        # CLIP scores an image against its caption and SSCD feeds the caption pairs' de-duplication: a
+        # conversation record has no caption, and many records ask about one image (LLaVA), so neither applies.
+        live = [i for i, s in enumerate(samples) if s.ok and not s.is_conversation]
         if self.clip is not None and live:
-            scores = self.clip.score([images[i] for i in live], [samples[i].caption for i in live],
+            scores = self.clip.score([images[i][0] for i in live], [samples[i].caption for i in live],
                                      batch_size=cfg.clip.batch_size)
             for i, score in zip(live, scores):
                 samples[i].fields["clip_score"] = round(float(score), 5)
@@ -110,67 +126,111 @@ class SampleProcessor:
             live = [i for i in live if samples[i].ok]
         emb = np.zeros((0, EMB_DIM), np.float32)
         if self.sscd is not None and live:
-            emb = self.sscd.embed([images[i] for i in live], batch_size=cfg.dedup.batch_size)
-        out_bytes: list[bytes | None] = [None] * len(samples)
-        for i in live:
-            out_bytes[i] = _jpeg_bytes(samples[i], images[i], changed[i], cfg.jpeg_quality)
+            emb = self.sscd.embed([images[i][0] for i in live], batch_size=cfg.dedup.batch_size)
+        out_bytes: list[list[bytes]] = [[] for _ in samples]
+        for i, s in enumerate(samples):
+            if s.ok:
+                originals = s.images if s.is_conversation else [s.image_bytes]
+                out_bytes[i] = [_jpeg_bytes(b, img, ch, cfg.jpeg_quality)
+                                for b, img, ch in zip(originals, images[i], changed[i])]
         return samples, out_bytes, emb.astype(np.float32)
 
     def _per_sample(self, s: Sample) -> tuple[Image.Image | None, bool]:
-        """Caption, language, decode, image rules, safety, OCR for one sample -> (image, changed by a stage)."""
-        from data_curation.filters import caption_reason, image_reason
+        """Caption, language, then the image stages for one image-caption sample -> (image, changed by a stage)."""
+        from data_curation.filters import caption_reason
 
         cfg = self.cfg
-        changed = False
         s.stage = "caption"
         reason = caption_reason(s.caption, cfg.caption)
         if reason:
             s.drop("caption", reason)
             return None, False
-        if self.lang is not None:
-            s.stage = "language"
-            reason, lang, score = self.lang.reason(s.caption)
-            s.fields.update(lang=lang, lang_score=round(float(score), 4))
-            if reason:
-                s.drop("language", reason)
-                return None, False
+        if not self._language_ok(s, s.caption):
+            return None, False
+        img, changed = self._image_stages(s, None, s.fields)
+        if s.ok:
+            s.stage = None
+        return img, changed
+
+    def _per_conversation(self, s: Sample) -> tuple[list[Image.Image], list[bool]]:
+        """A conversation record: no caption rules (its turns passed ``llava_reader``'s conversation check),
+        language id on the text of its turns, then every image through the image stages (decode, image rules,
+        safety, OCR), each image's findings in ``fields["images"][k]``. One image failing fails or drops the
+        record (reason ``image k: ...``): without it the record's placeholders would not match its images.
+        -> (images, changed by a stage), [] when dropped."""
+        text = "\n".join(t["content"].replace(IMAGE_PLACEHOLDER, " ") for t in s.meta["conversations"])
+        if not self._language_ok(s, text):
+            return [], []
+        per_image: list[dict] = []
+        s.fields["images"] = per_image
+        images, changed = [], []
+        for k in range(len(s.images)):
+            per_image.append({})
+            img, ch = self._image_stages(s, k, per_image[-1])
+            if img is None:
+                return [], []
+            images.append(img)
+            changed.append(ch)
+        s.stage = None
+        return images, changed
+
+    def _language_ok(self, s: Sample, text: str) -> bool:
+        """Language id of ``text`` (when enabled); a reason drops ``s``."""
+        if self.lang is None:
+            return True
+        s.stage = "language"
+        reason, lang, score = self.lang.reason(text)
+        s.fields.update(lang=lang, lang_score=round(float(score), 4))
+        if reason:
+            s.drop("language", reason)
+            return False
+        return True
+
+    def _image_stages(self, s: Sample, index: int | None, fields: dict) -> tuple[Image.Image | None, bool]:
+        """Decode, image rules, safety, OCR for the sample's image (``index``: image ``index`` of a conversation
+        record, named in the reasons) -> (image, changed by a stage); what they find goes to ``fields``. A
+        failure fails or drops ``s`` and gives (None, False)."""
+        from data_curation.filters import image_reason
+
+        cfg = self.cfg
+        which = "" if index is None else f"image {index}: "
+        changed = False
         s.stage = "decode"
-        img = decode_image(s, cfg.max_pixels)
+        img = decode_image(s, cfg.max_pixels, index)
         if img is None:
             return None, False
-        s.fields.update(width=img.width, height=img.height)
+        fields.update(width=img.width, height=img.height)
         s.stage = "image"
         reason = image_reason(img, cfg.image)
         if reason:
-            s.drop("image", reason)
+            s.drop("image", which + reason)
             return None, False
         if self.safety is not None:
             s.stage = "safety"
             out, reason, extra = self.safety.apply(img)
-            s.fields.update(extra)
+            fields.update(extra)
             if reason or out is None:
-                s.drop("safety", reason or "unsafe")
+                s.drop("safety", which + (reason or "unsafe"))
                 return None, False
             changed = out is not img and bool(extra.get("faces_blurred"))
             img = out
         if self.ocr is not None:
             s.stage = "ocr"
             r = self.ocr.read(img)  # a timeout or tesseract failure fails this sample only (caller)
-            s.fields.update(ocr_text=r.text, ocr_mean_conf=round(float(r.mean_conf), 2))
-        s.stage = None
+            fields.update(ocr_text=r.text, ocr_mean_conf=round(float(r.mean_conf), 2))
         return img, changed
 
 
-def _jpeg_bytes(s: Sample, img: Image.Image, changed: bool, quality: int) -> bytes:
+def _jpeg_bytes(original: bytes | None, img: Image.Image, changed: bool, quality: int) -> bytes:
     """The original file when it is a JPEG no stage changed; otherwise a re-encoded JPEG."""
-    if not changed and s.image_bytes is not None and s.image_bytes[:3] == b"\xff\xd8\xff":
-        return s.image_bytes
+    if not changed and original is not None and original[:3] == b"\xff\xd8\xff":
+        return original
     buf = io.BytesIO()
     img.convert("RGB").save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 
-def _write_processed(work: Path, index: int, processed: tuple[list[Sample], list[bytes | None], np.ndarray]) -> None:
+def _write_processed(work: Path, index: int, processed: tuple[list[Sample], list[list[bytes]], np.ndarray]) -> None:
     """Pass 1's writer for ``shard_jobs.run_chunks``: a chunk processed by ``SampleProcessor.process``."""
     write_chunk(work, index, *processed)
 
@@ -179,22 +239,25 @@ CHUNK_SCHEMA = pa.schema([
     ("key", pa.string()), ("source", pa.string()), ("status", pa.string()), ("stage", pa.string()),
     ("reason", pa.string()), ("caption", pa.string()), ("fields", pa.string()), ("meta", pa.string()),
     ("image", pa.binary()), ("emb_row", pa.int64()),
+    ("more_images", pa.list_(pa.binary())),  # a conversation record's images after the first ("image")
 ])
 
 
-def write_chunk(work: Path, index: int, samples: list[Sample], out_bytes: list[bytes | None], emb: np.ndarray) -> None:
-    """``chunk_i.npy`` (the survivors' descriptors), then ``chunk_i.parquet`` (every input, with the chunk's
-    ``inputs_digest`` in its metadata): the chunk's completion marker."""
+def write_chunk(work: Path, index: int, samples: list[Sample], out_bytes: list[list[bytes]], emb: np.ndarray) -> None:
+    """``chunk_i.npy`` (the surviving image-caption samples' descriptors), then ``chunk_i.parquet`` (every input,
+    with the chunk's ``inputs_digest`` in its metadata): the chunk's completion marker. A kept sample's first
+    image is ``image``, a conversation record's others ``more_images``; its caption is null."""
     guard_text(samples)
     rows, n_emb = [], 0
     for s, b in zip(samples, out_bytes):
         emb_row = -1
-        if s.ok and emb.shape[0]:
+        if s.ok and not s.is_conversation and emb.shape[0]:
             emb_row, n_emb = n_emb, n_emb + 1
         rows.append({"key": s.key, "source": s.source, "status": s.status, "stage": s.stage, "reason": s.reason,
                      "caption": s.caption if isinstance(s.caption, str) else None,
                      "fields": json.dumps(s.fields), "meta": json.dumps(s.meta, default=str),
-                     "image": b if s.ok else None, "emb_row": emb_row})
+                     "image": b[0] if s.ok and b else None, "emb_row": emb_row,
+                     "more_images": b[1:] if s.ok and b else None})
     assert n_emb == emb.shape[0], (n_emb, emb.shape)
     npy = work / f"chunk_{index:05d}.npy"
     buf = io.BytesIO()
@@ -217,8 +280,9 @@ def chunk_digest(path: Path) -> str | None:
 
 
 def global_stages(work: Path, n_chunks: int, cfg: CurationConfig, chunks_digest: str) -> pa.Table:
-    """Dedup then resampling over the survivors of every chunk -> per-survivor decisions, kept with the
-    ``chunks_digest`` they were made from (reused only while it matches)."""
+    """Dedup then resampling over the image-caption survivors of every chunk -> per-survivor decisions, kept
+    with the ``chunks_digest`` they were made from (reused only while it matches). Conversation records are in
+    neither: they have no caption to resample by, and records sharing an image are not copies."""
     out = work / "global.parquet"
     if out.exists() and (pq.read_schema(out).metadata or {}).get(b"chunks_digest") == chunks_digest.encode():
         return pq.read_table(out)
@@ -227,7 +291,7 @@ def global_stages(work: Path, n_chunks: int, cfg: CurationConfig, chunks_digest:
         t = pq.read_table(work / f"chunk_{i:05d}.parquet", columns=["key", "status", "caption", "fields", "emb_row"])
         emb = np.load(work / f"chunk_{i:05d}.npy")
         for key, status, cap, fields, row in zip(*(t.column(c).to_pylist() for c in t.column_names)):
-            if status != OK:
+            if status != OK or cap is None:  # a conversation record (no caption): not judged by these stages
                 continue
             keys.append(key)
             captions.append(cap)
@@ -313,14 +377,18 @@ def write_shard(out: Path, work: Path, index: int, decisions: dict[str, tuple[st
         for r in t:
             status, stage, reason = r["status"], r["stage"], r["reason"]
             fields = json.loads(r["fields"])
-            if status == OK:
+            if status == OK and r["caption"] is not None:  # a conversation record has no global decision
                 comp, sim, dkeep, rkeep = decisions[r["key"]]
                 fields.update(dedup_component=comp, dedup_nn_similarity=round(float(sim), 5))
                 if not dkeep:
                     status, stage, reason = DROPPED, "dedup", f"duplicate_of({comp})"
                 elif not rkeep:
                     status, stage, reason = DROPPED, "resample", "resampled_out"
-            if status == OK:
+            if status == OK and r["caption"] is None:
+                images = [r["image"], *(r.get("more_images") or [])] if r["image"] is not None else []
+                record = {"source": r["source"], **fields, "meta": json.loads(r["meta"])}
+                writer.write({"__key__": r["key"], **image_members(images), "json": record})
+            elif status == OK:
                 record = {"caption": r["caption"], "source": r["source"], **fields, "meta": json.loads(r["meta"])}
                 writer.write({"__key__": r["key"], "jpg": r["image"], "txt": r["caption"], "json": record})
             counts[status] += 1
@@ -334,6 +402,14 @@ def write_shard(out: Path, work: Path, index: int, decisions: dict[str, tuple[st
     stats = {"shard": name, **counts, "chunks_digest": chunks_digest, "written_at": time.time()}
     _atomic_write(out / f"{name}_stats.json", json.dumps(stats).encode())  # last: the resume marker
     return stats
+
+
+def image_members(images: list[bytes]) -> dict[str, bytes]:
+    """A conversation record's images as tar members: none; one as ``key.jpg``; several as ``key.0.jpg``,
+    ``key.1.jpg``, ... in order (``training.data.sample_images`` reads both)."""
+    if len(images) == 1:
+        return {"jpg": images[0]}
+    return {f"{k}.jpg": b for k, b in enumerate(images)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,7 +439,8 @@ def _build_locked(input_spec: str | Path, out: Path, cfg: CurationConfig, progre
 
     # Pass 1. Inputs are read in the main process; finished chunks are skipped (still read, for order and
     # for their fingerprint). The config is saved once the stage models loaded.
-    inputs = open_input(input_spec, max_sample_bytes=cfg.max_sample_bytes, allow_outside_root=cfg.allow_outside_root)
+    inputs = open_input(input_spec, max_sample_bytes=cfg.max_sample_bytes, allow_outside_root=cfg.allow_outside_root,
+                        image_folder=cfg.image_folder)
     digests: list[str] = []
     run_chunks(_pass1_jobs(inputs, work, cfg, max_chunks, digests), SampleProcessor, cfg, progress=progress,
                unit="sample", on_setup=resume.save)
