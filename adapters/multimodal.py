@@ -38,6 +38,9 @@ class MultimodalConfig:
     # layers below it, which is what HF Mllama does (its image rows sit in the frozen embed_tokens).
     train_image_token_rows: bool = True
     video: VideoAdapterConfig | None = None  # None: an image-only model
+    # A reward model (Llama 3 sec. 7.5): a scalar head on the final hidden state of a row's last token
+    # (`MultimodalLlama.reward`), trained by the ``reward`` kind of `training.spec`.
+    reward_head: bool = False
 
     @property
     def n_xattn(self) -> int:
@@ -145,6 +148,12 @@ class MultimodalLlama(nn.Module):
             if not cfg.video.train_image_adapter:  # the video stage trains on top of a finished image model
                 for module in (self.vision, self.projector, self.cross_attention_layers):
                     module.requires_grad_(False)
+        self.reward_head: nn.Linear | None = None
+        if cfg.reward_head:  # zero: every answer starts at reward 0, the pairwise loss moves the head first
+            self.reward_head = nn.Linear(cfg.lm.dim, 1)
+            if self.reward_head.weight.device.type != "meta":
+                nn.init.zeros_(self.reward_head.weight)
+                nn.init.zeros_(self.reward_head.bias)
 
     # -- pieces --------------------------------------------------------------------------------
 
@@ -284,6 +293,17 @@ class MultimodalLlama(nn.Module):
             h = layer(h, rope, mask, cache[i] if cache is not None else None, start_pos)
         h = self.lm.norm(h)
         return h if return_hidden else self.lm.output(h).float()
+
+    def reward(self, tokens: Tensor, lengths: Tensor, images: ImageBatch | None = None,
+               videos: VideoBatch | None = None) -> Tensor:
+        """(B,) fp32 rewards of a reward model (``cfg.reward_head``): its head on the final hidden state of each
+        row's last token, ``tokens[i, lengths[i] - 1]`` (rows right-padded; the last token is the answer's
+        ``<|eot_id|>``)."""
+        if self.reward_head is None:
+            raise ValueError("reward(): this model has no reward head (MultimodalConfig.reward_head is False)")
+        hidden = self(tokens, images, videos, return_hidden=True)
+        last = hidden[torch.arange(tokens.shape[0], device=tokens.device), lengths.to(tokens.device) - 1]
+        return self.reward_head(last.to(self.reward_head.weight.dtype)).squeeze(-1).float()
 
     # -- training helpers ----------------------------------------------------------------------
 

@@ -345,7 +345,7 @@ def run_overhead(config: str, steps: int, warmup: int, out: Path) -> None:
     batches = build_batches(cfg, tok, model, 0, 1, expand_shards(cfg.data.shards.split()))
     replay, loader = time_loader(batches, max(steps * gas, OVERHEAD_LOADER_MICRO_BATCHES), warmup=warmup * gas)
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    task = spec.build_task(model).to(device)
+    task = spec.build_task(cfg, model).to(device)
     model.train()
 
     def bare() -> list[float]:  # a fresh AdamW each time, so each run has its own first (warm-up) step

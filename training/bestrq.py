@@ -143,7 +143,7 @@ def export_bestrq(model: nn.Module, cfg: "RunConfig", out: Path) -> Path:
 
 def bestrq_spec() -> "TrainSpec":
     """The registry row of `training.spec.SPECS`. No text is read: the default ``data.format`` only."""
-    from training.spec import TrainSpec
+    from training.spec import TrainSpec, task_of
 
-    return TrainSpec("bestrq", build_bestrq_model, BestRQTask, bestrq_codec, bestrq_param_groups, export_bestrq,
+    return TrainSpec("bestrq", build_bestrq_model, task_of(BestRQTask), bestrq_codec, bestrq_param_groups, export_bestrq,
                      formats=("caption",), needs_tokenizer=False)

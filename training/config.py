@@ -77,7 +77,9 @@ class DataConfig:
         ``answer`` as the assistant turn (image, video, text); "dialog" = key.json meta ``messages`` (text);
         "conversation" = key.json meta ``conversations`` (system / user / assistant turns, ``<|image|>``
         placeholders in user turns for the sample's images key.0.jpg, key.1.jpg, ... in order; text-only
-        conversations mix in; loss on every assistant turn; image kind, data-parallel mode).
+        conversations mix in; loss on every assistant turn; image kind, data-parallel mode);
+        "preference" = key.json meta ``conversations`` (the prompt, ending with a user turn) with ``chosen``,
+        ``rejected`` and optionally ``edited`` answers (``reward`` and ``dpo`` kinds, `training.preference`).
         Speech always uses its chat format, ``prompt`` as the system turn, default ASR. Which formats a
         kind takes: `training.spec.SPECS`.
     max_tokens: token budget of one micro-batch (rows x longest row); short texts give more rows.
@@ -110,6 +112,26 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class PreferenceConfig:
+    """The preference kinds (`training.preference`, Llama 3 sec. 7.5), on ``data.format: preference`` samples.
+
+    reward_reg: the reward model's regulariser, this times the squared reward averaged over the batch (keeps
+        the rewards near 0 so they do not drift; ``reward`` kind).
+    beta: DPO's temperature on the log-ratio of policy and reference (``dpo`` kind).
+    ema / ref_every: every ``ref_every`` optimizer steps the reference moves towards the policy,
+        ``reference <- (1 - ema) * reference + ema * policy`` (the paper's EMA-refreshed reference; TRL's
+        TR-DPO uses 0.6 every 512 steps, our defaults); ``ema: 0`` keeps the reference frozen at the start.
+    nll_weight: weight of an NLL term (mean over tokens) on the preferred answers, added to DPO's loss.
+    """
+
+    reward_reg: float = 0.01
+    beta: float = 0.1
+    ema: float = 0.6
+    ref_every: int = 512
+    nll_weight: float = 0.0
+
+
+@dataclass(frozen=True)
 class TrainLoopConfig:
     steps: int = 1000  # optimizer steps (each = gradient_accumulation_steps micro-batches per rank)
     run_dir: str = "runs/train"
@@ -134,6 +156,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
 
     def __post_init__(self) -> None:
         from training.spec import SPECS
@@ -164,6 +187,9 @@ class RunConfig:
             (0 <= self.optim.min_lr_ratio <= 1 and self.optim.warmup >= 0, "optim",
              "warmup >= 0, 0 <= min_lr_ratio <= 1"),
             (self.data.crop_seconds > 0, "data.crop_seconds", f"{self.data.crop_seconds} must be > 0"),
+            (0 <= self.preference.ema <= 1 and self.preference.ref_every >= 1 and self.preference.beta > 0
+             and self.preference.reward_reg >= 0 and self.preference.nll_weight >= 0, "preference",
+             "0 <= ema <= 1, ref_every >= 1, beta > 0, reward_reg >= 0 and nll_weight >= 0"),
             (not self.model.swap_lm or (spec.swap_lm and self.model.init_from and self.model.lm), "model.swap_lm",
              "needs model.init_from (the export whose weights are kept) and model.lm (the LM swapped in), "
              f"kinds {[k for k, s in SPECS.items() if s.swap_lm]} only"),

@@ -30,7 +30,7 @@ import json
 import logging
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -41,6 +41,7 @@ from adapters.chat import (IGNORE_INDEX, Message, encode_header, encode_training
                            video_input_id)
 from adapters.multimodal import ImageBatch
 from adapters.tokenizer import Tokenizer
+from common.conversation import IMAGE_PLACEHOLDER, ConversationError, check_conversation
 from media.image import ImageLoadError, load_image_bytes
 from media.tar import ShardError, read_tar
 from vision.tiling import TiledImage, TilingConfig, TilingError, collate_tiled, tile_image
@@ -121,6 +122,18 @@ class Example:
     labels: list[int]
     media: Any  # a TiledImage, TiledVideo, or waveform, per codec
     source: RawSample
+    # Further rows of the same sample, (tokens, labels) each, with the same media: a preference sample's other
+    # answers (`training.preference`). Each is a row of its own in the micro-batch, right after this one, and
+    # counts towards max_rows and max_tokens; the codec's collate lays the media out for every row.
+    extra_rows: list[tuple[list[int], list[int]]] = field(default_factory=list)
+
+    @property
+    def rows(self) -> list[tuple[list[int], list[int]]]:
+        return [(self.tokens, self.labels), *self.extra_rows]
+
+    @property
+    def longest(self) -> int:
+        return max(len(tokens) for tokens, _ in self.rows)
 
 
 class Codec(Protocol):
@@ -224,45 +237,15 @@ class ImageCaptionCodec:
         return {"images": ImageBatch.from_collated(collate_tiled([[e.media for e in row] for row in rows])).trimmed()}
 
 
-IMAGE_PLACEHOLDER = "<|image|>"
-CONVERSATION_ROLES = ("system", "user", "assistant")
-
-
 def conversation_messages(raw: RawSample) -> list[Message]:
-    """The turns of key.json meta ``conversations``, checked: an optional leading system turn, then user and
-    assistant alternating from user to a non-empty assistant answer; ``<|image|>`` in user turns only. Any
-    other layout is a `BadSampleError` naming the shard, key and field."""
-    where = f"{raw.shard}: sample {raw.key}.json"
-    turns = sample_meta(raw, "conversation").get("conversations")
-    if not isinstance(turns, list) or not turns:
-        raise BadSampleError(f"{where} has no 'conversations' list (a non-empty list of {{'role', 'content'}} turns; "
-                             "data.format conversation)")
-    messages = []
-    start = 1 if isinstance(turns[0], dict) and turns[0].get("role") == "system" else 0
-    for i, t in enumerate(turns):
-        field = f"conversations[{i}]"
-        if not isinstance(t, dict):
-            raise BadSampleError(f"{where}: {field} is not a {{'role', 'content'}} object")
-        role, content = t.get("role"), t.get("content")
-        if role not in CONVERSATION_ROLES:
-            raise BadSampleError(f"{where}: {field}.role {role!r} is not one of {CONVERSATION_ROLES}")
-        if not isinstance(content, str):
-            what = "missing" if "content" not in t else f"a {type(content).__name__}, not a string"
-            raise BadSampleError(f"{where}: {field}.content is {what}")
-        expected = "system" if i < start else ("user", "assistant")[(i - start) % 2]
-        if role != expected:
-            raise BadSampleError(f"{where}: {field}.role is {role!r} where {expected!r} belongs (roles out of order: "
-                                 "an optional leading system turn, then user and assistant alternating from user)")
-        if role != "user" and IMAGE_PLACEHOLDER in content:
-            raise BadSampleError(f"{where}: {field}.content: {IMAGE_PLACEHOLDER} in the {role} turn (images go in "
-                                 "user turns)")
-        if role == "assistant" and not content.strip():
-            raise BadSampleError(f"{where}: {field}.content: an empty assistant turn, nothing to learn")
-        messages.append(Message(role, content))
-    if messages[-1].role != "assistant":
-        raise BadSampleError(f"{where}: conversations: no assistant turn after conversations[{len(turns) - 1}] "
-                             f"(a {messages[-1].role} turn; a conversation ends with the assistant's answer)")
-    return messages
+    """The turns of key.json meta ``conversations``, checked by `common.conversation.check_conversation`: an
+    optional leading system turn, then user and assistant alternating from user to a non-empty assistant answer;
+    ``<|image|>`` in user turns only. Any other layout is a `BadSampleError` naming the shard, key and field."""
+    try:
+        turns = check_conversation(sample_meta(raw, "conversation").get("conversations"))
+    except ConversationError as e:
+        raise BadSampleError(f"{raw.shard}: sample {raw.key}.json: {e} (data.format conversation)") from e
+    return [Message(role, content) for role, content in turns]
 
 
 def sample_images(raw: RawSample) -> list[str]:
@@ -455,8 +438,8 @@ class TrainBatches:
             raw = next(self._it)
             try:
                 ex = self.codec.decode(raw)
-                if len(ex.tokens) > self.max_seq_len:
-                    raise BadSampleError(f"{raw.shard}: sample {raw.key} has {len(ex.tokens)} tokens, more than "
+                if ex.longest > self.max_seq_len:
+                    raise BadSampleError(f"{raw.shard}: sample {raw.key} has {ex.longest} tokens, more than "
                                          f"data.max_seq_len={self.max_seq_len}")
                 return ex
             except BadSampleError as e:
@@ -471,10 +454,11 @@ class TrainBatches:
     def __next__(self) -> MicroBatch:
         rows: list[list[Example]] = []  # each row: whole samples, several only with pack_rows
         lengths: list[int] = []
+        used = 0  # rows of the micro-batch so far (a preference sample fills several)
         while True:
             ex = self._pending if self._pending is not None else self._next_example()
             self._pending = None
-            n = len(ex.tokens)
+            n, k = ex.longest, len(ex.rows)
             if self.pack_rows and rows and lengths[-1] + n <= self.max_seq_len:
                 rows[-1].append(ex)  # joins the last row; the row count and the longest row may grow
                 lengths[-1] += n
@@ -482,10 +466,11 @@ class TrainBatches:
                     continue
                 rows[-1].pop()
                 lengths[-1] -= n
-            elif not rows or (len(rows) + 1 <= self.max_rows and (len(rows) + 1) * max(*lengths, n) <= self.max_tokens):
+            elif not rows or (used + k <= self.max_rows and (used + k) * max(*lengths, n) <= self.max_tokens):
                 rows.append([ex])
                 lengths.append(n)
-                if len(rows) < self.max_rows or self.pack_rows:
+                used += k
+                if used < self.max_rows or self.pack_rows:
                     continue
                 break
             self._pending = ex  # starts the next micro-batch
@@ -513,11 +498,12 @@ class TrainBatches:
         return MicroBatch(tokens, labels, {**self.codec.collate_rows(rows), "doc_ids": doc_ids}, keys)
 
     def _collate(self, batch: list[Example]) -> MicroBatch:
-        T = max(len(e.tokens) for e in batch)
-        tokens = torch.full((len(batch), T), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long)
-        for i, e in enumerate(batch):
-            tokens[i, : len(e.tokens)] = torch.tensor(e.tokens)
-            labels[i, : len(e.labels)] = torch.tensor(e.labels)
-        keys = [f"{e.source.shard}:{e.source.key}" for e in batch]
+        rows = [(e, *row) for e in batch for row in e.rows]
+        T = max(len(t) for _, t, _ in rows)
+        tokens = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+        for i, (_, t, lab) in enumerate(rows):
+            tokens[i, : len(t)] = torch.tensor(t)
+            labels[i, : len(lab)] = torch.tensor(lab)
+        keys = [f"{e.source.shard}:{e.source.key}" for e, _, _ in rows]
         return MicroBatch(tokens, labels, self.codec.collate(batch), keys)

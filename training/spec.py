@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from training.bestrq import bestrq_spec
+from training.preference import dpo_spec, reward_spec
 
 if TYPE_CHECKING:
     from adapters.tokenizer import Tokenizer
@@ -42,7 +43,7 @@ class TrainSpec:
 
     name: str
     build_model: Callable[["RunConfig", "Tokenizer | None"], nn.Module]
-    build_task: Callable[[nn.Module], nn.Module]  # forward(tokens, labels, **media) -> {"loss", "n_tokens"}
+    build_task: Callable[["RunConfig", nn.Module], nn.Module]  # forward(tokens, labels, **media) -> {"loss", ...}
     build_codec: Callable[["RunConfig", "Tokenizer | None", nn.Module], "Codec"]
     param_groups: Callable[["RunConfig", nn.Module], list[dict]]
     export: Callable[[nn.Module, "RunConfig", Path], Path]  # rank 0, fp32 eval model -> the export dir
@@ -52,6 +53,8 @@ class TrainSpec:
     swap_lm: bool = False  # model.swap_lm: model.init_from's weights around another LM of the same config
     tensor_parallel: bool = False
     pipeline: bool = False
+    # Called on the task after every optimizer step with the step number (1-based): DPO's reference refresh.
+    after_step: Callable[["RunConfig", nn.Module, int], None] | None = None
 
 
 def get_spec(kind: str) -> TrainSpec:
@@ -137,7 +140,7 @@ def video_codec(cfg: "RunConfig", tok: "Tokenizer", model: nn.Module) -> "Codec"
                              cfg.data.prompt)
 
 
-def image_text_task(model: nn.Module) -> nn.Module:
+def image_text_task(cfg: "RunConfig", model: nn.Module) -> nn.Module:
     from adapters.task import ImageTextTask
 
     return ImageTextTask(model)
@@ -226,17 +229,22 @@ def export_speech(model: nn.Module, cfg: "RunConfig", out: Path) -> Path:
 # ------------------------------------------------------------------------------ registry
 
 
+def task_of(cls: type[nn.Module]) -> Callable[["RunConfig", nn.Module], nn.Module]:
+    """``build_task`` of a task that needs only the model: ``cls(model)``."""
+    return lambda cfg, model: cls(model)
+
+
 def _text_spec() -> TrainSpec:
     from training import text_lm
 
-    return TrainSpec("text", text_lm.build_text_model, text_lm.TextTask, text_lm.text_codec,
+    return TrainSpec("text", text_lm.build_text_model, task_of(text_lm.TextTask), text_lm.text_codec,
                      text_lm.text_param_groups, text_lm.export_text, formats=("qa", "dialog"))
 
 
 def _clip_spec() -> TrainSpec:
     from training import clip
 
-    return TrainSpec("clip", clip.build_clip_model, clip.ClipTask, clip.clip_codec, clip.clip_param_groups,
+    return TrainSpec("clip", clip.build_clip_model, task_of(clip.ClipTask), clip.clip_codec, clip.clip_param_groups,
                      clip.export_clip, formats=("caption",), needs_tokenizer=False)
 
 
@@ -248,9 +256,11 @@ SPECS: dict[str, TrainSpec] = {
                        swap_lm=True, tensor_parallel=True, pipeline=True),
     "video": TrainSpec("video", build_video_model, image_text_task, video_codec, multimodal_param_groups,
                        export_multimodal, formats=("caption", "chat", "qa"), pack_rows=True, swap_lm=True),
-    "speech": TrainSpec("speech", build_speech_model, SpeechTask, speech_codec, speech_param_groups,
+    "speech": TrainSpec("speech", build_speech_model, task_of(SpeechTask), speech_codec, speech_param_groups,
                         export_speech, formats=("caption", "chat"), swap_lm=True),
     "text": _text_spec(),
     "clip": _clip_spec(),
     "bestrq": bestrq_spec(),
+    "reward": reward_spec(),
+    "dpo": dpo_spec(),
 }

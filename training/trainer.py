@@ -130,7 +130,7 @@ def build_engine(cfg: RunConfig, model: nn.Module, ds: dict, mpu=None) -> tuple:
     """(engine, lr scheduler) of data-parallel mode: the kind's task of ``model`` and the spec's parameter
     groups; the model left in train mode. ``scripts.bench_train`` times this same engine."""
     spec = get_spec(cfg.kind)
-    engine, sched = _initialize(cfg, spec.build_task(model), spec.param_groups(cfg, model), ds, mpu)
+    engine, sched = _initialize(cfg, spec.build_task(cfg, model), spec.param_groups(cfg, model), ds, mpu)
     model.train()
     return engine, sched
 
@@ -472,8 +472,11 @@ def run_steps(cfg: RunConfig, ds: dict, mode, engine, sched, batches: TrainBatch
     bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc=f"train {cfg.kind}",
                disable=rank != 0 or not cfg.train.progress, mininterval=1)
     t0, tokens_done = time.perf_counter(), 0
+    after_step = get_spec(cfg.kind).after_step
     for step in bar:
         s = mode.step(engine, batches)
+        if after_step is not None:
+            after_step(cfg, engine.module, step + 1)
         if not math.isfinite(s.loss):
             raise TrainError(f"step {step + 1}: non-finite loss {s.loss} (last batch: {s.keys[:4]} ...)")
         result.losses[step + 1] = s.loss
