@@ -11,23 +11,30 @@ Tasks (metrics: common.vqa_metrics, and common.metrics for WER / CER; every scor
   chartqa           relaxed accuracy: numbers within 5 % of the reference, other answers exact (any case)
   video_mc          multiple-choice accuracy: the option the answer names, by letter or by text
   asr               corpus WER (CER too), English normalisation of common.metrics
+  preference        pairwise accuracy of a reward model (an export with a reward head, kind: reward): the fraction
+                    of rows whose chosen answer it scores above the rejected one (a tie counts as wrong)
 
 --data: JSONL, or a .parquet file; one row per question: {"id", "image" | "video" | "audio": a path relative
 to the file's folder, "question", "answers": [...]}. video_mc rows add "options": [...] (lettered A, B, ... in
 the prompt, which asks for the letter) and "answers": [the correct option's letter or text]; vqav2 / textvqa
 rows hold the annotators' answers (10 in the benchmarks, at least 2); asr rows have no question (the prompt is
-"Repeat after me in English:") and "answers": [the reference transcript]. Integer ids are read as strings.
+"Repeat after me in English:") and "answers": [the reference transcript]. preference rows hold no "answers" but
+"chosen" and "rejected": two different non-empty answers to the question about the image. Integer ids are read
+as strings. The checkpoint is a reward model for --task preference, and not one for any other task.
 Every row is checked (keys, answers, media files present) before the model loads; a problem is one line
 naming the file, line (parquet: row number) and id, and exit status 2.
 
 Decoding is greedy. --batch-size rows are decoded together: image and video rows are grouped by prompt length
 (and tile count), so no row sees padding it would not see alone: its answer is scripts.demo_vqa's /
 demo_video's (the tests compare them); asr batches
-audio pieces of different lengths (padded, masked), as scripts.demo_asr cuts them.
+audio pieces of different lengths (padded, masked), as scripts.demo_asr cuts them. preference generates nothing:
+each row's two answers are scored by `adapters.reward.score_answers` (the prompt, the answer and its <|eot_id|>,
+the row the reward kind trains on), in one forward pass.
 
-Writes, in DIR: predictions.jsonl ({"id", "answer"}, input order), scores.jsonl ({"id", "score"} per row;
-asr also word errors and reference words), then metrics.json ({"task", "metric", "score", "n", "checkpoint",
-"data"}; asr adds the WER and CER totals). Each file is written under a temporary name and renamed; a run
+Writes, in DIR: predictions.jsonl ({"id", "answer"}, input order; preference: "chosen" or "rejected", whichever
+scored higher), scores.jsonl ({"id", "score"} per row; asr also word errors and reference words, preference
+"reward_chosen" and "reward_rejected"), then metrics.json ({"task", "metric", "score", "n", "checkpoint", "data"};
+asr adds the WER and CER totals). Each file is written under a temporary name and renamed; a run
 deletes the previous run's scores and metrics first, so metrics.json is there only when the run finished.
 """
 
@@ -37,9 +44,10 @@ import argparse
 import json
 import sys
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -47,6 +55,7 @@ from adapters.chat import Message, encode_dialog
 from adapters.checkpoint import CheckpointError
 from adapters.generation import GenerationLengthError, SamplingConfig, check_length, collect_ids, generate, stream_text
 from adapters.multimodal import ImageBatch
+from adapters.reward import answer_row, score_answers
 from adapters.tokenizer import Tokenizer, TokenizerError
 from adapters.video_adapter import VideoBatch
 from common.export import ExportFormatError, export_format, write_atomic
@@ -66,6 +75,7 @@ from vision.tiling import TilingConfig, collate_tiled, tile_image
 
 PREDICTIONS, SCORES, METRICS = "predictions.jsonl", "scores.jsonl", "metrics.json"
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -92,7 +102,9 @@ TASKS = {
     "chartqa": Task("image", "relaxed_accuracy", lambda pred, item: relaxed_accuracy(pred, item.answers)),
     "video_mc": Task("video", "mc_accuracy", lambda pred, item: mc_accuracy(pred, item.options, item.answers[0])),
     "asr": Task("audio", "wer", None),
+    "preference": Task("image", "pairwise_accuracy", lambda pred, item: int(pred == "chosen")),
 }
+PAIR = ("chosen", "rejected")  # a preference row's answers, in Item.answers' order
 
 
 def mc_prompt(question: str, options: tuple[str, ...]) -> str:
@@ -125,21 +137,39 @@ def read_records(path: Path) -> Iterator[tuple[int, dict]]:
 def read_items(path: str | Path, task_name: str) -> list[Item]:
     """Every row of the task file, checked (see the module docstring); raises `BatchInputError`."""
     path = Path(path)
-    items: list[Item] = []
-    first: dict[str, int] = {}
-    unit = "row" if path.suffix.lower() == ".parquet" else "line"
-    for n, obj in read_records(path):
-        item = parse_item(path, n, obj, task_name)
-        if item.row.id in first:
-            raise BatchInputError(f"{path}:{n}: duplicate id {item.row.id!r} (first on {unit} {first[item.row.id]})")
-        first[item.row.id] = n
-        items.append(item)
+    items = read_unique(path, read_records(path), lambda p, n, obj: parse_item(p, n, obj, task_name),
+                        lambda item: item.row.id, "row" if path.suffix.lower() == ".parquet" else "line")
     if not items:
         raise BatchInputError(f"{path}: no rows")
     if task_name == "asr" and not any(normalize_text(item.answers[0]).split() for item in items):
         raise BatchInputError(f"{path}: the reference transcripts hold no words (after normalisation): "
                               f"a word error rate over zero reference words is undefined")
     return items
+
+
+def read_unique(path: Path, records: Iterable[tuple[int, dict]], parse: Callable[[Path, int, dict], T],
+                id_of: Callable[[T], str], unit: str = "line") -> list[T]:
+    """``parse(path, n, obj)`` of every (n, obj) record, in order; a repeated id is a `BatchInputError` naming
+    where it came first (``unit``: line, or row of a parquet file)."""
+    rows: list[T] = []
+    first: dict[str, int] = {}
+    for n, obj in records:
+        row = parse(path, n, obj)
+        if (row_id := id_of(row)) in first:
+            raise BatchInputError(f"{path}:{n}: duplicate id {row_id!r} (first on {unit} {first[row_id]})")
+        first[row_id] = n
+        rows.append(row)
+    return rows
+
+
+def parse_id(obj: dict, where: str) -> str:
+    """The row's id: a non-empty string, or an integer read as one."""
+    row_id = obj.get("id")
+    if isinstance(row_id, int) and not isinstance(row_id, bool):
+        row_id = str(row_id)
+    if not isinstance(row_id, str) or not row_id:
+        raise BatchInputError(f"{where}: 'id' must be a non-empty string or an integer, got {row_id!r}")
+    return row_id
 
 
 def parse_item(path: Path, n: int, obj: dict, task_name: str) -> Item:
@@ -151,15 +181,12 @@ def parse_item(path: Path, n: int, obj: dict, task_name: str) -> Item:
         takes = sorted(name for name, task in TASKS.items() if task.media == other[0])
         raise BatchInputError(f"{where}: a row with {other[0]!r}; --task {task_name} takes {media_key!r} rows "
                               f"({other[0]!r} rows are for --task {' / '.join(takes)})")
-    row_id = obj.get("id")
-    if isinstance(row_id, int) and not isinstance(row_id, bool):
-        row_id = str(row_id)
-    if not isinstance(row_id, str) or not row_id:
-        raise BatchInputError(f"{where}: 'id' must be a non-empty string or an integer, got {row_id!r}")
+    row_id = parse_id(obj, where)
     where = f"{where} (id {row_id!r})"
-    expected = ["id", media_key, *(["question"] if media_key != "audio" else []), "answers",
+    answer_keys = list(PAIR) if task_name == "preference" else ["answers"]
+    expected = ["id", media_key, *(["question"] if media_key != "audio" else []), *answer_keys,
                 *(["options"] if task_name == "video_mc" else [])]
-    if "answers" not in obj:
+    if "answers" not in obj and task_name != "preference":
         hint = " (found 'answer': name the list 'answers')" if "answer" in obj else ""
         raise BatchInputError(f"{where}: no 'answers': every row of a task file needs its ground-truth "
                               f"answers{hint}")
@@ -170,7 +197,7 @@ def parse_item(path: Path, n: int, obj: dict, task_name: str) -> Item:
                               f"{', '.join(expected)})")
     batch_row = {k: obj[k] for k in (media_key, "question") if k in obj}
     row = parse_row(path, n, {"id": row_id, **batch_row}, media_key)
-    answers = _strings(obj, "answers", where)
+    answers = _pair(obj, where) if task_name == "preference" else _strings(obj, "answers", where)
     options = _strings(obj, "options", where) if task_name == "video_mc" else ()
     if options:
         row = replace(row, question=mc_prompt(row.question, options))
@@ -184,6 +211,18 @@ def _strings(obj: dict, key: str, where: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
         raise BatchInputError(f"{where}: {key!r} must be a non-empty list of strings, got {value!r}")
     return tuple(value)
+
+
+def _pair(obj: dict, where: str) -> tuple[str, str]:
+    """(chosen, rejected): two non-empty strings, different once stripped."""
+    for key in PAIR:
+        if not isinstance(obj[key], str) or not obj[key].strip():
+            raise BatchInputError(f"{where}: {key!r} must be a non-empty string, got {obj[key]!r}")
+    chosen, rejected = (obj[key].strip() for key in PAIR)
+    if chosen == rejected:
+        raise BatchInputError(f"{where}: 'chosen' and 'rejected' are the same answer ({chosen[:60]!r}): a "
+                              f"preference pair needs two different answers")
+    return chosen, rejected
 
 
 def _check_answers(task_name: str, item: Item) -> None:
@@ -203,29 +242,39 @@ def _check_answers(task_name: str, item: Item) -> None:
 
 
 def load_model(checkpoint: Path, task_name: str, lm: str | None):
-    """The export for ``task_name``, in eval mode; `CheckpointError` naming what it is when it is another kind."""
+    """The export for ``task_name``, in eval mode; `CheckpointError` naming what it is when it is another kind,
+    or a reward model for a task that is not preference (or the reverse)."""
     from adapters.model_io import load_checkpoint
     from speech.model_io import load_speech_checkpoint
 
     speech = TASKS[task_name].media == "audio"
     try:
-        return load_speech_checkpoint(checkpoint) if speech else load_checkpoint(checkpoint, lm_path=lm).eval()
+        model = load_speech_checkpoint(checkpoint) if speech else load_checkpoint(checkpoint, lm_path=lm).eval()
     except ExportFormatError as e:
         if e.found_kind is None:
             raise
         want = "a speech model" if speech else "an image/video model"
         raise CheckpointError(f"{checkpoint}: --task {task_name} needs {want}, and this export (format "
                               f"{export_format(e.found_kind)!r}) is {EXPORT_USES[e.found_kind]}") from None
+    if not speech and model.cfg.reward_head != (task_name == "preference"):
+        if task_name == "preference":
+            raise CheckpointError(f"{checkpoint}: --task preference needs a reward model (an export with a reward "
+                                  f"head, trained with kind: reward), and this one has none")
+        raise CheckpointError(f"{checkpoint} is a reward model (it scores answers, it writes none): evaluate it "
+                              f"with --task preference")
+    return model
 
 
 class BatchedAnswers:
     """``answer(row)`` for `write_predictions`: the first time a row is asked for, its whole batch is decoded.
     ``answers`` keeps every answer by id."""
 
-    def __init__(self, batches: list[list[Row]], decode: Callable[[list[Row]], list[str]]):
+    def __init__(self, batches: list[list[Row]], decode: Callable[[list[Row]], list[str]],
+                 details: dict[str, dict] | None = None):
         self.batch_of = {row.id: batch for batch in batches for row in batch}
         self.decode = decode
         self.answers: dict[str, str] = {}
+        self.details = {} if details is None else details  # by id: more scores.jsonl fields (decode fills them)
 
     def __call__(self, row: Row) -> str:
         if row.id not in self.answers:
@@ -291,6 +340,35 @@ def multimodal_answers(model, tok: Tokenizer, items: list[Item], args) -> Batche
     return BatchedAnswers(_chunks(by_length, args.batch_size), decode)
 
 
+def preference_answers(model, tok: Tokenizer, items: list[Item], args) -> BatchedAnswers:
+    """The reward model's verdict per row: "chosen" when it scores the chosen answer above the rejected one, else
+    "rejected"; both rewards go to ``details``. A row that cannot fit the model's context is refused up front."""
+    prompts, pairs = {}, {}
+    for item in items:
+        prompts[item.row.id] = encode_dialog(tok, [Message("user", item.row.question, n_images=1)])
+        pairs[item.row.id] = list(item.answers)
+        longest = max(len(answer_row(tok, prompts[item.row.id], a)) for a in item.answers)
+        if longest > model.cfg.lm.max_seq_len:
+            raise BatchInputError(f"{item.row.where}: the prompt and the longer answer take {longest} tokens, more "
+                                  f"than the reward model's max_seq_len ({model.cfg.lm.max_seq_len})")
+    tiling = TilingConfig(tile_size=model.cfg.vision.tile_size, max_tiles=model.cfg.vision.max_tiles)
+    details: dict[str, dict] = {}
+
+    def decode(rows: list[Row]) -> list[str]:
+        out = []
+        for row in rows:
+            try:
+                tiled = tile_image(load_image(row.media), tiling)
+            except ImageLoadError as e:
+                raise BatchInputError(f"{row.where}: {e}") from None
+            chosen, rejected = score_answers(model, tok, prompts[row.id], [tiled], pairs[row.id])
+            details[row.id] = {"reward_chosen": chosen, "reward_rejected": rejected}
+            out.append(PAIR[0] if chosen > rejected else PAIR[1])
+        return out
+
+    return BatchedAnswers(_chunks([item.row for item in items], args.batch_size), decode, details)
+
+
 def speech_answers(model, tok: Tokenizer, items: list[Item], args) -> BatchedAnswers:
     """Greedy transcripts of the speech model: each audio cut into the pieces scripts.demo_asr cuts, up to
     --batch-size pieces per `speech_decode` call, a row's piece texts joined by spaces."""
@@ -331,11 +409,14 @@ def speech_answers(model, tok: Tokenizer, items: list[Item], args) -> BatchedAns
 # ---------------------------------------------------------------------------------------------- scoring
 
 
-def score_items(task_name: str, items: list[Item], predictions: dict[str, str]) -> tuple[dict, list[dict]]:
-    """(metrics.json's score fields, one {"id", "score", ...} per row in input order)."""
+def score_items(task_name: str, items: list[Item], predictions: dict[str, str],
+                details: dict[str, dict] | None = None) -> tuple[dict, list[dict]]:
+    """(metrics.json's score fields, one {"id", "score", ...} per row in input order; ``details`` adds fields)."""
     task = TASKS[task_name]
+    details = details or {}
     if task.score is not None:
-        rows = [{"id": item.row.id, "score": task.score(predictions[item.row.id], item)} for item in items]
+        rows = [{"id": item.row.id, "score": task.score(predictions[item.row.id], item), **details.get(item.row.id, {})}
+                for item in items]
         return {"score": sum(r["score"] for r in rows) / len(rows)}, rows
     refs = [item.answers[0] for item in items]
     hyps = [predictions[item.row.id] for item in items]
@@ -347,7 +428,8 @@ def score_items(task_name: str, items: list[Item], predictions: dict[str, str]) 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="our export (image/video model, or speech for asr)")
+    p.add_argument("--checkpoint", required=True,
+                   help="our export (image/video model, speech for asr, a reward model for preference)")
     p.add_argument("--task", required=True, choices=sorted(TASKS))
     p.add_argument("--data", required=True, help="the task file: JSONL or .parquet (see above)")
     p.add_argument("--out", required=True, help="folder for predictions.jsonl, scores.jsonl, metrics.json")
@@ -370,7 +452,12 @@ def main(argv: list[str] | None = None) -> int:
         items = read_items(args.data, args.task)
         model = load_model(Path(args.checkpoint), args.task, args.lm)
         tok = Tokenizer(find_tokenizer(Path(args.checkpoint), None))
-        answers = (speech_answers if media == "audio" else multimodal_answers)(model, tok, items, args)
+        if media == "audio":
+            answers = speech_answers(model, tok, items, args)
+        elif args.task == "preference":
+            answers = preference_answers(model, tok, items, args)
+        else:
+            answers = multimodal_answers(model, tok, items, args)
     except (BatchInputError, CheckpointError, TokenizerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -379,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     status = write_predictions([item.row for item in items], answers, out / PREDICTIONS, (), "evaluate")
     if status:
         return status
-    summary, rows = score_items(args.task, items, answers.answers)
+    summary, rows = score_items(args.task, items, answers.answers, answers.details)
     metrics = {"task": args.task, "metric": TASKS[args.task].metric, "score": summary.pop("score"), "n": len(items),
                "checkpoint": str(args.checkpoint), "data": str(args.data), **summary}
     texts = {SCORES: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
