@@ -20,7 +20,7 @@ class RoadError(RuntimeError):
 @dataclass(frozen=True)
 class Stage:
     seconds: float
-    summary: dict | None  # the command's JSON summary (last stdout line), None when it prints none
+    summary: dict | None  # the command's JSON summary (last stdout line), None when that is not JSON
 
 
 def run_stage(module: str, main: Callable[[list[str]], int], argv: list[str]) -> Stage:
@@ -33,7 +33,11 @@ def run_stage(module: str, main: Callable[[list[str]], int], argv: list[str]) ->
         raise RoadError(f"python -m scripts.{module} {' '.join(argv)} exited with status {status} (its "
                         "message is on stderr above)")
     lines = out.getvalue().strip().splitlines()
-    return Stage(time.perf_counter() - t, json.loads(lines[-1]) if lines else None)
+    try:
+        summary = json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:  # a command that ends with a line of text (scripts.evaluate), not JSON
+        summary = None
+    return Stage(time.perf_counter() - t, summary)
 
 
 def export_untrained(config: Path, overrides: list[str], out: Path) -> Path:

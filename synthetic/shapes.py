@@ -47,9 +47,13 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int,
         draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=fill)
 
 
-def render_scene(rng: random.Random, width: int = 56, height: int = 56) -> tuple[Image.Image, dict[str, str]]:
-    """1-3 shapes of one kind and colour, all in the left or right half, on a light noisy background."""
-    colour, shape, side = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(SIDES)
+def render_scene(rng: random.Random, width: int = 56, height: int = 56, colour: str | None = None,
+                 shape: str | None = None) -> tuple[Image.Image, dict[str, str]]:
+    """1-3 shapes of one kind and colour, all in the left or right half, on a light noisy background.
+    ``colour`` / ``shape`` fix those facts (drawn from ``rng`` otherwise)."""
+    colour = colour or rng.choice(list(COLOURS))
+    shape = shape or rng.choice(SHAPES)
+    side = rng.choice(SIDES)
     count = rng.randint(1, 3)
     bg = tuple(rng.randint(200, 255) for _ in range(3))
     img = Image.new("RGB", (width, height), bg)

