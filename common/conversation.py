@@ -8,6 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 IMAGE_PLACEHOLDER = "<|image|>"
+VIDEO_PLACEHOLDER = "<|video|>"
+PLACEHOLDERS = (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER)
 CONVERSATION_ROLES = ("system", "user", "assistant")
 
 
@@ -17,8 +19,8 @@ class ConversationError(ValueError):
 
 def check_conversation(turns: Any) -> list[tuple[str, str]]:
     """``turns`` checked -> its (role, content) pairs: an optional leading system turn, then user and assistant
-    alternating from user to a non-empty assistant answer; contents are strings; ``<|image|>`` in user turns
-    only. Anything else is a `ConversationError` naming the field."""
+    alternating from user to a non-empty assistant answer; contents are strings; ``<|image|>`` and
+    ``<|video|>`` in user turns only. Anything else is a `ConversationError` naming the field."""
     if not isinstance(turns, list) or not turns:
         what = "an empty list" if isinstance(turns, list) else "missing" if turns is None else type(turns).__name__
         raise ConversationError(f"conversations is {what}: the sample has no 'conversations' list (a non-empty list "
@@ -39,9 +41,10 @@ def check_conversation(turns: Any) -> list[tuple[str, str]]:
         if role != expected:
             raise ConversationError(f"{field}.role is {role!r} where {expected!r} belongs (roles out of order: an "
                                     "optional leading system turn, then user and assistant alternating from user)")
-        if role != "user" and IMAGE_PLACEHOLDER in content:
-            raise ConversationError(f"{field}.content: {IMAGE_PLACEHOLDER} in the {role} turn (images go in user "
-                                    "turns)")
+        for placeholder in PLACEHOLDERS:
+            if role != "user" and placeholder in content:
+                raise ConversationError(f"{field}.content: {placeholder} in the {role} turn (images and videos go "
+                                        "in user turns)")
         if role == "assistant" and not content.strip():
             raise ConversationError(f"{field}.content: an empty assistant turn, nothing to learn")
         out.append((role, content))

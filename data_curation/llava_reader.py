@@ -173,13 +173,14 @@ def image_paths(image: Any) -> list[str]:
 
 def place_images(turns: list[dict[str, str]], n_images: int) -> list[dict[str, str]]:
     """``turns`` with one ``<|image|>`` per image: as they are when they hold ``n_images`` placeholders; when they
-    hold none, ``<|image|>\\n`` per image at the start of the first user turn (LLaVA's convention). Any other
-    count is a `ConversationError`."""
+    hold none, at the start of the first user turn followed by a newline (LLaVA's convention), next to each other
+    so that the question sees every image (consecutive image tokens share their text span, as in Mllama). Any
+    other count is a `ConversationError`."""
     n = sum(t["content"].count(IMAGE_PLACEHOLDER) for t in turns)
     if n == 0 and n_images:
         first = next(i for i, t in enumerate(turns) if t["role"] == "user")  # check_conversation: there is one
         turns = [*turns]
-        turns[first] = {**turns[first], "content": f"{IMAGE_PLACEHOLDER}\n" * n_images + turns[first]["content"]}
+        turns[first] = {**turns[first], "content": IMAGE_PLACEHOLDER * n_images + "\n" + turns[first]["content"]}
     elif n != n_images:
         raise ConversationError(f"conversations hold {n} {LLAVA_PLACEHOLDER} placeholder(s) but image names "
                                 f"{n_images} file(s); each image needs one placeholder, in order")

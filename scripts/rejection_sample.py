@@ -65,7 +65,8 @@ from media.image import ImageLoadError, load_image
 from scripts._batch import PROGRESS_MIN_ROWS, BatchInputError, parse_row
 from scripts.demo_vqa import find_tokenizer, load_export, positive_int, temperature, top_p
 from scripts.evaluate import parse_id, read_unique
-from training.data import IMAGE_EXTS, IMAGE_PLACEHOLDER
+from common.conversation import IMAGE_PLACEHOLDER
+from training.data import IMAGE_EXTS
 from vision.tiling import TiledImage, TilingConfig, TilingError, collate_tiled, tile_image
 
 KEYS = ("id", "image", "question", "answers")

@@ -77,7 +77,8 @@ class DataConfig:
         ``answer`` as the assistant turn (image, video, text); "dialog" = key.json meta ``messages`` (text);
         "conversation" = key.json meta ``conversations`` (system / user / assistant turns, ``<|image|>``
         placeholders in user turns for the sample's images key.0.jpg, key.1.jpg, ... in order; text-only
-        conversations mix in; loss on every assistant turn; image kind, data-parallel mode);
+        conversations mix in; loss on every assistant turn; data-parallel mode); for the video kind ``<|video|>``
+        placeholders and key.0.mp4, key.1.mp4, ...;
         "preference" = key.json meta ``conversations`` (the prompt, ending with a user turn) with ``chosen``,
         ``rejected`` and optionally ``edited`` answers (``reward`` and ``dpo`` kinds, `training.preference`).
         Speech always uses its chat format, ``prompt`` as the system turn, default ASR. Which formats a

@@ -41,7 +41,8 @@ from adapters.chat import (IGNORE_INDEX, Message, encode_header, encode_training
                            video_input_id)
 from adapters.multimodal import ImageBatch
 from adapters.tokenizer import Tokenizer
-from common.conversation import IMAGE_PLACEHOLDER, ConversationError, check_conversation
+from common.conversation import (IMAGE_PLACEHOLDER, PLACEHOLDERS, VIDEO_PLACEHOLDER, ConversationError,
+                                 check_conversation)
 from media.image import ImageLoadError, load_image_bytes
 from media.tar import ShardError, read_tar
 from vision.tiling import TiledImage, TilingConfig, TilingError, collate_tiled, tile_image
@@ -248,40 +249,56 @@ def conversation_messages(raw: RawSample) -> list[Message]:
     return [Message(role, content) for role, content in turns]
 
 
-def sample_images(raw: RawSample) -> list[str]:
-    """Member names of the sample's images in order: ``key.0.jpg``, ``key.1.png``, ... (a lone ``key.jpg`` is
-    image 0). Two members for one index, or a gap in the numbering, is a `BadSampleError`."""
+def sample_media(raw: RawSample, exts: tuple[str, ...] = IMAGE_EXTS, what: str = "image") -> list[str]:
+    """Member names of the sample's images (or videos, with ``VIDEO_EXTS``) in order: ``key.0.jpg``,
+    ``key.1.png``, ... (a lone ``key.jpg`` is image 0). Two members for one index, or a gap in the numbering,
+    is a `BadSampleError`."""
     found: dict[int, list[str]] = {}
     for name in raw.members:
         stem, _, ext = name.rpartition(".")
-        if ext in IMAGE_EXTS and (not stem or stem.isdigit()):  # "jpg" (stem "") or "0.jpg", "1.png", ...
+        if ext in exts and (not stem or stem.isdigit()):  # "jpg" (stem "") or "0.jpg", "1.png", ...
             found.setdefault(int(stem or 0), []).append(name)
     for index, names in sorted(found.items()):
         if len(names) > 1:
-            raise BadSampleError(f"{raw.shard}: sample {raw.key}: members {sorted(names)} are all image {index}")
+            raise BadSampleError(f"{raw.shard}: sample {raw.key}: members {sorted(names)} are all {what} {index}")
     if sorted(found) != list(range(len(found))):
         missing = min(set(range(len(found))) - set(found))
-        raise BadSampleError(f"{raw.shard}: sample {raw.key}: image {missing} (key.{missing}.jpg / png / ...) is "
-                             f"missing but later images are there (has {sorted(raw.members)})")
+        raise BadSampleError(f"{raw.shard}: sample {raw.key}: {what} {missing} (key.{missing}.{exts[0]} / ...) is "
+                             f"missing but later {what}s are there (has {sorted(raw.members)})")
     return [found[i][0] for i in range(len(found))]
 
 
-def encode_conversation(tok: Tokenizer, messages: list[Message]) -> tuple[list[int], list[int]]:
+def encode_conversation(tok: Tokenizer, messages: list[Message], placeholder: str = IMAGE_PLACEHOLDER
+                        ) -> tuple[list[int], list[int]]:
     """(tokens, labels): the Llama 3 chat format of `adapters.chat.encode_training_example` with each
-    ``<|image|>`` placeholder of a user turn replaced by the image token where it stands; labels on every
-    assistant turn's content and its ``<|eot_id|>`` only."""
-    image_id = image_input_id(tok)
+    ``placeholder`` (``<|image|>``, or ``<|video|>``) of a user turn replaced by its media token where it
+    stands; labels on every assistant turn's content and its ``<|eot_id|>`` only."""
+    media_id = video_input_id(tok) if placeholder == VIDEO_PLACEHOLDER else image_input_id(tok)
     tokens, labels = [tok.bos_id], [IGNORE_INDEX]
     for m in messages:
-        first, *rest = m.content.strip().split(IMAGE_PLACEHOLDER)
+        first, *rest = m.content.strip().split(placeholder)
         body = tok.encode(first)
         for text in rest:
-            body += [image_id, *tok.encode(text)]
+            body += [media_id, *tok.encode(text)]
         header = encode_header(tok, m.role)
         tokens += [*header, *body, tok.eot_id]
         labels += [IGNORE_INDEX] * len(header)
         labels += [*body, tok.eot_id] if m.role == "assistant" else [IGNORE_INDEX] * (len(body) + 1)
     return tokens, labels
+
+
+def check_placeholders(raw: RawSample, messages: list[Message], names: list[str], placeholder: str,
+                       what: str) -> None:
+    """One ``placeholder`` per media member, and no placeholder of the other kind (a `BadSampleError`)."""
+    n = sum(m.content.count(placeholder) for m in messages)
+    if n != len(names):
+        raise BadSampleError(f"{raw.shard}: sample {raw.key}.json: conversations hold {n} {placeholder} "
+                             f"placeholder(s) but the sample has {len(names)} {what}(s) {names}; each {what} needs "
+                             "one placeholder, in order")
+    other = next(p for p in PLACEHOLDERS if p != placeholder)
+    if any(other in m.content for m in messages):
+        raise BadSampleError(f"{raw.shard}: sample {raw.key}.json: a {other} placeholder in a {what} conversation "
+                             f"(this kind's conversations hold {what}s only)")
 
 
 class ImageConversationCodec:
@@ -296,12 +313,8 @@ class ImageConversationCodec:
 
     def decode(self, raw: RawSample) -> Example:
         messages = conversation_messages(raw)
-        names = sample_images(raw)
-        n_placeholders = sum(m.content.count(IMAGE_PLACEHOLDER) for m in messages)
-        if n_placeholders != len(names):
-            raise BadSampleError(f"{raw.shard}: sample {raw.key}.json: conversations hold {n_placeholders} "
-                                 f"{IMAGE_PLACEHOLDER} placeholder(s) but the sample has {len(names)} image(s) "
-                                 f"{names}; each image needs one placeholder, in order")
+        names = sample_media(raw)
+        check_placeholders(raw, messages, names, IMAGE_PLACEHOLDER, "image")
         tokens, labels = encode_conversation(self.tok, messages)
         return Example(tokens, labels, [tile_member(raw, name, self.tiling) for name in names], raw)
 
@@ -327,19 +340,23 @@ class VideoCaptionCodec:
         self.tiling, self.reader = video_tiling(tile_size), VideoReader(timeout_s=None)
 
     def decode(self, raw: RawSample) -> Example:
-        from vision.frames import tile_frames
-        from media.video import VideoReadError
-
         ext = next((e for e in VIDEO_EXTS if e in raw.members), None)
         if ext is None:
             raise BadSampleError(f"{raw.shard}: sample {raw.key} has no video (has {sorted(raw.members)})")
+        tokens, labels = encode_sample(self.tok, video_input_id(self.tok), raw, self.fmt, self.prompt)
+        return Example(tokens, labels, self.tiled(raw, ext), raw)
+
+    def tiled(self, raw: RawSample, member: str):
+        """The sample's video member ``key.<member>``: ``num_frames`` frames, tiled (a `BadSampleError`
+        naming it when it does not decode)."""
+        from media.video import VideoReadError
+        from vision.frames import tile_frames
+
         try:
-            frames = self.reader.sample(raw.members[ext], self.num_frames, name=f"{raw.shard}:{raw.key}.{ext}")
-            tiled = tile_frames(frames, self.tiling)
+            frames = self.reader.sample(raw.members[member], self.num_frames, name=f"{raw.shard}:{raw.key}.{member}")
+            return tile_frames(frames, self.tiling)
         except (VideoReadError, TilingError) as e:
             raise BadSampleError(f"{raw.shard}: sample {raw.key}: {e}") from e
-        tokens, labels = encode_sample(self.tok, video_input_id(self.tok), raw, self.fmt, self.prompt)
-        return Example(tokens, labels, tiled, raw)
 
     def collate(self, examples: list[Example]) -> dict:
         return self.collate_rows([[e] for e in examples])
@@ -349,6 +366,35 @@ class VideoCaptionCodec:
         from vision.frames import collate_videos
 
         return {"videos": VideoBatch.from_collated(collate_videos([[e.media for e in row] for row in rows])).trimmed()}
+
+
+class VideoConversationCodec:
+    """key.json meta ``conversations`` + key.0.mp4, key.1.mp4, ... -> a multi-turn chat example whose ``<|video|>``
+    placeholders stand for the sample's videos in order (``data.format: conversation``, video kind): each video
+    ``num_frames`` uniform frames, as `VideoCaptionCodec` reads them; text-only conversations mix in."""
+
+    def __init__(self, tok: Tokenizer, tile_size: int, num_frames: int):
+        self.tok, self.frames = tok, VideoCaptionCodec(tok, tile_size, num_frames)
+
+    def decode(self, raw: RawSample) -> Example:
+        messages = conversation_messages(raw)
+        names = sample_media(raw, VIDEO_EXTS, "video")
+        check_placeholders(raw, messages, names, VIDEO_PLACEHOLDER, "video")
+        tokens, labels = encode_conversation(self.tok, messages, VIDEO_PLACEHOLDER)
+        return Example(tokens, labels, [self.frames.tiled(raw, name) for name in names], raw)
+
+    def collate(self, examples: list[Example]) -> dict:
+        return self.collate_rows([[e] for e in examples])
+
+    def collate_rows(self, rows: list[list[Example]]) -> dict:
+        """-> ``videos``: a `VideoBatch` (B, V, ...), V the most videos of any row; none for an all-text batch."""
+        from adapters.video_adapter import VideoBatch
+        from vision.frames import collate_videos
+
+        videos = [[video for e in row for video in e.media] for row in rows]
+        if not any(videos):
+            return {}
+        return {"videos": VideoBatch.from_collated(collate_videos(videos)).trimmed()}
 
 
 class SpeechCodec:

@@ -41,8 +41,8 @@ from adapters.multimodal import ImageBatch, MultimodalLlama, build_multimodal
 from adapters.task import shift_targets
 from adapters.tokenizer import Tokenizer
 from common.conversation import IMAGE_PLACEHOLDER, ConversationError, check_conversation
-from training.data import (BadSampleError, Example, RawSample, encode_conversation, sample_images, sample_meta,
-                           tile_member)
+from training.data import (BadSampleError, Example, RawSample, check_placeholders, encode_conversation, sample_media,
+                           sample_meta, tile_member)
 from vision.tiling import TilingConfig, collate_tiled
 
 if TYPE_CHECKING:
@@ -111,18 +111,14 @@ class PreferenceCodec:
     def decode(self, raw: RawSample) -> Example:
         meta = sample_meta(raw, "preference")
         answers = preference_answers(raw, meta)
-        names = sample_images(raw)
+        names = sample_media(raw)
         rows = []
         for _, answer in answers:
             messages = preference_prompt(raw, meta, answer)
             tokens, labels = encode_conversation(self.tok, messages)
             n_prompt = len(encode_conversation(self.tok, messages[:-1])[0]) + len(encode_header(self.tok, "assistant"))
             rows.append((tokens, answer_only(labels, n_prompt, self.mask_eot)))
-        n_placeholders = sum(m.content.count(IMAGE_PLACEHOLDER) for m in messages)
-        if n_placeholders != len(names):
-            raise BadSampleError(f"{raw.shard}: sample {raw.key}.json: conversations hold {n_placeholders} "
-                                 f"{IMAGE_PLACEHOLDER} placeholder(s) but the sample has {len(names)} image(s) "
-                                 f"{names}; each image needs one placeholder, in order")
+        check_placeholders(raw, messages, names, IMAGE_PLACEHOLDER, "image")
         images = [tile_member(raw, name, self.tiling) for name in names]
         (tokens, labels), *extra = rows
         return Example(tokens, labels, images, raw, extra_rows=extra)

@@ -134,8 +134,10 @@ def image_codec(cfg: "RunConfig", tok: "Tokenizer", model: nn.Module) -> "Codec"
 
 
 def video_codec(cfg: "RunConfig", tok: "Tokenizer", model: nn.Module) -> "Codec":
-    from training.data import VideoCaptionCodec
+    from training.data import VideoCaptionCodec, VideoConversationCodec
 
+    if cfg.data.format == "conversation":  # multi-turn, <|video|> placeholders for key.0.mp4, key.1.mp4, ...
+        return VideoConversationCodec(tok, model.cfg.vision.tile_size, cfg.model.num_frames)
     return VideoCaptionCodec(tok, model.cfg.vision.tile_size, cfg.model.num_frames, cfg.data.format,
                              cfg.data.prompt)
 
@@ -255,7 +257,8 @@ SPECS: dict[str, TrainSpec] = {
                        export_multimodal, formats=("caption", "chat", "qa", "conversation"), pack_rows=True,
                        swap_lm=True, tensor_parallel=True, pipeline=True),
     "video": TrainSpec("video", build_video_model, image_text_task, video_codec, multimodal_param_groups,
-                       export_multimodal, formats=("caption", "chat", "qa"), pack_rows=True, swap_lm=True),
+                       export_multimodal, formats=("caption", "chat", "qa", "conversation"), pack_rows=True,
+                       swap_lm=True),
     "speech": TrainSpec("speech", build_speech_model, task_of(SpeechTask), speech_codec, speech_param_groups,
                         export_speech, formats=("caption", "chat"), swap_lm=True),
     "text": _text_spec(),

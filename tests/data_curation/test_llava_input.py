@@ -24,7 +24,7 @@ from scripts import build_shards as build_shards_cli
 from tests.data_curation.test_shards import _statuses
 from tests.data_curation.test_shards import _tar_members as _members
 from tests.tiny import build_tiny_tokenizer
-from training.data import ImageConversationCodec, ShardStream, sample_images
+from training.data import ImageConversationCodec, ShardStream, sample_media
 from vision.clip import build_clip, open_clip_model_cfg
 from vision.encoder import vision_config
 from vision.tiling import TilingConfig
@@ -200,7 +200,7 @@ def test_members_and_key_json_follow_the_trainers_conversation_layout(built, dat
     key, _ = found["unplaced"]  # LLaVA's convention: the images open the first human turn
     turns = json.loads(members[f"{key}.json"])["meta"]["conversations"]
     assert turns[0] == {"role": "system", "content": "Answer in full sentences."}
-    assert turns[1] == {"role": "user", "content": f"<|image|>\n<|image|>\n{ASK2}"}
+    assert turns[1] == {"role": "user", "content": f"<|image|><|image|>\n{ASK2}"}
     png = Image.open(io.BytesIO(members[f"{key}.1.jpg"]))
     assert png.format == "JPEG" and png.size == (160, 120)  # the PNG is re-encoded
 
@@ -217,7 +217,7 @@ def test_the_shards_decode_through_the_trainers_conversation_codec(built, tmp_pa
     for rid, (_, _, n_images) in GOOD.items():
         raw = raws[found[rid][0]]
         ex = codec.decode(raw)
-        assert len(ex.media) == len(sample_images(raw)) == n_images, rid
+        assert len(ex.media) == len(sample_media(raw)) == n_images, rid
         assert ex.tokens.count(image_input_id(tok)) == n_images, rid
 
 
@@ -270,7 +270,7 @@ def test_a_json_file_that_is_not_a_list_of_records_is_an_error_naming_it(dataset
 def test_the_shared_conversation_checker_and_image_placement():
     turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     assert check_conversation(turns) == [("user", "Hi"), ("assistant", "Hello")]
-    assert place_images(turns, 2)[0]["content"] == "<|image|>\n<|image|>\nHi" and turns[0]["content"] == "Hi"
+    assert place_images(turns, 2)[0]["content"] == "<|image|><|image|>\nHi" and turns[0]["content"] == "Hi"
     with pytest.raises(ConversationError, match=r"conversations\[1\].content: <\|image\|> in the assistant turn"):
         check_conversation([turns[0], {"role": "assistant", "content": "<|image|>"}])
     with pytest.raises(ConversationError, match="no 'conversations' list"):

@@ -135,7 +135,7 @@ BAD = {
     "unplaced": (TEXT_ONLY, {"jpg": jpeg(COLORS["red"])}, r"0 <\|image\|> placeholder\(s\) but the sample has 1"),
     "gap": (turns(("user", COMPARE), ("assistant", "first")),
             {"0.jpg": jpeg(COLORS["red"]), "2.jpg": jpeg(COLORS["red"])},
-            r"image 1 \(key.1.jpg / png / ...\) is missing"),
+            r"image 1 \(key.1.jpg / ...\) is missing but later images"),
     "twice": (turns(("user", "<|image|>What?"), ("assistant", "red")), {"jpg": jpeg(COLORS["red"]),
               "0.png": jpeg(COLORS["red"])}, r"members \['0.png', 'jpg'\] are all image 0"),
     "order": (turns(("assistant", "hi"), ("user", "What?")), None,
@@ -212,3 +212,62 @@ def test_micro_batches_of_text_only_conversations_train_too(tok, tmp_path):
         write(tmp_path / f"conv_{s:05d}.tar", [sample(f"t{s}{i}", TEXT_ONLY) for i in range(4)])
     result = train(conversation_run(tok, tmp_path, steps=2))
     assert sorted(result.losses) == [1, 2] and all(torch.isfinite(torch.tensor(list(result.losses.values()))))
+
+
+def mp4(shift: int = 0) -> bytes:
+    """8 frames of a moving bar, MPEG-4 part 2 (built into PyAV's FFmpeg)."""
+    import io
+
+    import av
+    import numpy as np
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for i in range(8):
+            frame = np.zeros((32, 32, 3), np.uint8)
+            frame[:, (4 * i + shift) % 24 : (4 * i + shift) % 24 + 8] = 255
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return buf.getvalue()
+
+
+def test_video_conversations_put_each_video_where_its_placeholder_is(tok, tmp_path):
+    from adapters.chat import video_input_id
+    from training.data import VideoConversationCodec
+    from tests.tiny import tiny_video_config
+    from adapters.multimodal import build_multimodal
+
+    ask = "Does the bar in <|video|> move like the one in <|video|>?"
+    chat = turns(("user", ask), ("assistant", "first"), ("user", "What color is the other one?"), ("assistant", "blue"))
+    shard = write(tmp_path / "vid_00000.tar", [
+        sample("two", chat, {"0.mp4": mp4(), "1.mp4": mp4(8)}), sample("text", TEXT_ONLY),
+        sample("toofew", turns(("user", ask), ("assistant", "first")), {"mp4": mp4()}),
+        sample("image", turns(("user", "<|image|>What?"), ("assistant", "red")), {"jpg": jpeg(COLORS["red"])})])
+    codec = VideoConversationCodec(tok, tile_size=56, num_frames=4)
+    found = raws(shard)
+    ex = codec.decode(found["two"])
+    vid = video_input_id(tok)
+    assert ex.tokens.count(vid) == 2 and len(ex.media) == 2 and ex.media[0].num_frames == 4
+    a, b, rest = ask.split("<|video|>")
+    body = tok.encode(a) + [vid] + tok.encode(b) + [vid] + tok.encode(rest)
+    assert any(ex.tokens[i : i + len(body)] == body for i in range(len(ex.tokens)))
+    assert labelled(ex) == tok.encode("first") + [tok.eot_id] + tok.encode("blue") + [tok.eot_id]
+    with pytest.raises(BadSampleError, match=r"2 <\|video\|> placeholder\(s\) but the sample has 1 video"):
+        codec.decode(found["toofew"])
+    with pytest.raises(BadSampleError, match=r"a <\|image\|> placeholder in a video conversation"):
+        codec.decode(found["image"])
+    text = codec.decode(found["text"])
+    assert codec.collate([text]) == {}  # an all-text micro-batch: no video tensors, the task ties the loss
+    batch = codec.collate([ex, text])["videos"]
+    assert batch.video_mask.tolist() == [[True, True], [False, False]]
+    model = build_multimodal(tiny_video_config(tok, num_frames=4))
+    mb = TrainBatches(ShardStream([shard], shuffle_buffer=1), codec, tok.pad_id, 128, 1024, 2, on_error="count")
+    first = next(mb)
+    out = ImageTextTask(model)(first.tokens, first.labels, **first.media)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and first.media["videos"].video_mask.any()
+    grads = [p.grad for n, p in model.named_parameters() if n.startswith("video.") and p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)  # the videos reach the loss through the video adapter
+    assert load_run_config(None, ["kind=video", "data.format=conversation"]).data.format == "conversation"
