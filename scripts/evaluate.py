@@ -1,6 +1,6 @@
 """Score an export on a benchmark's local task file with the benchmark's own metric.
 
-    python -m scripts.evaluate --checkpoint EXPORT --task T --data FILE --out DIR [--max-new-tokens 64]
+    python -m scripts.evaluate --checkpoint EXPORT --task T --data FILE|SHARDS --out DIR [--max-new-tokens 64]
         [--batch-size 8] [--lm DIR] [--frames N]
 
 Tasks (metrics: common.vqa_metrics, and common.metrics for WER / CER; every score is a fraction, not a %):
@@ -21,8 +21,11 @@ rows hold the annotators' answers (10 in the benchmarks, at least 2); asr rows h
 "Repeat after me in English:") and "answers": [the reference transcript]. preference rows hold no "answers" but
 "chosen" and "rejected": two different non-empty answers to the question about the image. Integer ids are read
 as strings. The checkpoint is a reward model for --task preference, and not one for any other task.
+--data SHARDS: webdataset shards as the shard builders write them (a ``.tar`` path, glob or brace pattern; several
+space-separated): one row per sample, its key the id, ``question`` and ``answers`` (or one ``answer``; video_mc
+also ``options``) from key.json's ``meta``, its image / video / audio member extracted into DIR/shard_media/.
 Every row is checked (keys, answers, media files present) before the model loads; a problem is one line
-naming the file, line (parquet: row number) and id, and exit status 2.
+naming the file, line (parquet: row number; shards: sample number) and id, and exit status 2.
 
 Decoding is greedy. --batch-size rows are decoded together: image and video rows are grouped by prompt length
 (and tile count), so no row sees padding it would not see alone: its answer is scripts.demo_vqa's /
@@ -62,7 +65,7 @@ from common.export import ExportFormatError, export_format, write_atomic
 from common.jsonl import read_jsonl
 from common.metrics import cer, normalize_text, wer
 from common.vqa_metrics import OPTION_LETTERS, anls, mc_accuracy, relaxed_accuracy, vqa_accuracy
-from media.audio import MAX_SECONDS, SAMPLE_RATE, AudioReadError
+from media.audio import AUDIO_EXTS, MAX_SECONDS, SAMPLE_RATE, AudioReadError
 from media.image import ImageLoadError, load_image
 from media.video import VideoReader, VideoReadError
 from scripts._batch import MEDIA_KEYS, BatchInputError, Row, parse_row, write_predictions
@@ -70,6 +73,7 @@ from scripts.demo_asr import max_piece_samples, read_pieces
 from scripts.demo_video import StillImageError, read_clip, video_model_problem
 from scripts.demo_vqa import EXPORT_USES, find_tokenizer, positive_int
 from speech.adapter import asr_prompt, encode_speech_dialog, speech_decode
+from training.data import IMAGE_EXTS, VIDEO_EXTS
 from vision.frames import collate_videos, tile_frames, video_tiling
 from vision.tiling import TilingConfig, collate_tiled, tile_image
 
@@ -134,11 +138,63 @@ def read_records(path: Path) -> Iterator[tuple[int, dict]]:
         yield n, {k: v for k, v in record.items() if v is not None}
 
 
-def read_items(path: str | Path, task_name: str) -> list[Item]:
-    """Every row of the task file, checked (see the module docstring); raises `BatchInputError`."""
-    path = Path(path)
-    items = read_unique(path, read_records(path), lambda p, n, obj: parse_item(p, n, obj, task_name),
-                        lambda item: item.row.id, "row" if path.suffix.lower() == ".parquet" else "line")
+SHARD_MEDIA = "shard_media"  # DIR/shard_media/: the media of --data shards, extracted for the answering code
+
+
+def is_shards(data: str) -> bool:
+    """--data names webdataset shards: a ``.tar`` path, glob or brace pattern (several: space-separated)."""
+    return all(part.endswith(".tar") for part in data.split())
+
+
+def read_shard_records(data: str, task_name: str, media_dir: Path) -> Iterator[tuple[Path, int, dict]]:
+    """(shard, n, row) from webdataset shards (the shard builders' samples): id = the key, ``question`` and
+    ``answers`` (or one ``answer``) from key.json's ``meta``, the media member extracted into ``media_dir``;
+    ``n`` counts the samples of the shard from 1."""
+    from media.tar import ShardError, expand_shards, read_tar
+
+    media_key = TASKS[task_name].media
+    exts = {"image": IMAGE_EXTS, "video": VIDEO_EXTS, "audio": AUDIO_EXTS}[media_key]
+    try:
+        for shard in expand_shards(data.split(), BatchInputError):
+            for n, (key, members) in enumerate(read_tar(shard), 1):
+                where = f"{shard}: sample {key}"
+                try:
+                    meta = json.loads(members["json"])["meta"] if "json" in members else {}
+                except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+                    raise BatchInputError(f"{where}.json: no readable 'meta' object ({e})") from None
+                ext = next((e for e in exts if e in members), None)
+                if ext is None:
+                    raise BatchInputError(f"{where}: no {media_key} member (has {sorted(members)})")
+                media = media_dir / shard.stem / f"{key}.{ext}"
+                media.parent.mkdir(parents=True, exist_ok=True)
+                media.write_bytes(members[ext])
+                answers = meta.get("answers", [meta["answer"]] if "answer" in meta else None)
+                row = {"id": key, media_key: str(media.resolve()), "answers": answers,
+                       **({"question": meta["question"]} if "question" in meta else {}),
+                       **({"options": meta["options"]} if "options" in meta else {})}
+                yield shard, n, {k: v for k, v in row.items() if v is not None}
+    except ShardError as e:
+        raise BatchInputError(str(e)) from None
+
+
+def read_items(path: str | Path, task_name: str, media_dir: Path | None = None) -> list[Item]:
+    """Every row of the task file (or of the shards, their media extracted into ``media_dir``), checked (see
+    the module docstring); raises `BatchInputError`."""
+    if is_shards(str(path)):
+        if media_dir is None:
+            raise BatchInputError(f"{path}: reading shards needs a folder for their media (media_dir)")
+        rows = list(read_shard_records(str(path), task_name, media_dir))
+        items = [parse_item(shard, n, obj, task_name) for shard, n, obj in rows]
+        seen: dict[str, str] = {}
+        for item in items:
+            if item.row.id in seen:
+                raise BatchInputError(f"{item.row.where}: duplicate id (key) {item.row.id!r}, first at "
+                                      f"{seen[item.row.id]}")
+            seen[item.row.id] = item.row.where
+    else:
+        path = Path(path)
+        items = read_unique(path, read_records(path), lambda p, n, obj: parse_item(p, n, obj, task_name),
+                            lambda item: item.row.id, "row" if path.suffix.lower() == ".parquet" else "line")
     if not items:
         raise BatchInputError(f"{path}: no rows")
     if task_name == "asr" and not any(normalize_text(item.answers[0]).split() for item in items):
@@ -449,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--out {out} is a file; name a folder")
 
     try:
-        items = read_items(args.data, args.task)
+        items = read_items(args.data, args.task, out / SHARD_MEDIA)
         model = load_model(Path(args.checkpoint), args.task, args.lm)
         tok = Tokenizer(find_tokenizer(Path(args.checkpoint), None))
         if media == "audio":

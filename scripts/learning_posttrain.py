@@ -91,7 +91,8 @@ def conversation_accuracy(rows: list[dict], answers: dict[str, str]) -> dict:
     """Exact match (normalised) overall and per kind."""
     right: dict[str, list[bool]] = {}
     for row in rows:
-        right.setdefault(row["kind"], []).append(normalize_answer(answers[row["id"]]) == normalize_answer(row["answer"]))
+        hit = normalize_answer(answers[row["id"]]) == normalize_answer(row["answer"])
+        right.setdefault(row["kind"], []).append(hit)
     flat = [r for rs in right.values() for r in rs]
     return {"accuracy": sum(flat) / len(flat), "by_kind": {k: sum(v) / len(v) for k, v in right.items()}}
 
@@ -190,7 +191,8 @@ def run_posttrain_road(work: str | Path, seed: int = 0, progress: bool = True) -
         "reward_pairwise_accuracy": rm_metrics["score"],
         "reward_heldout_pairs": rm_metrics["n"],
         "dpo": attributes,
-        "hallucination_drop": attributes["before_dpo"]["hallucination_rate"] - attributes["after_dpo"]["hallucination_rate"],
+        "hallucination_drop": (attributes["before_dpo"]["hallucination_rate"]
+                               - attributes["after_dpo"]["hallucination_rate"]),
         "exports": {"sft": {k: str(v) for k, v in sft.items()}, "average": str(averaged),
                     "reward": reward.summary["export"], "early": early.summary["export"], "dpo": dpo.summary["export"]},
         "seconds": {k: round(v, 1) for k, v in seconds.items()} | {"total": round(sum(seconds.values()), 1)},

@@ -409,9 +409,9 @@ class SpeechCodec:
 
     def decode(self, raw: RawSample) -> Example:
         from speech.adapter import encode_speech_training_example
-        from media.audio import AudioReadError, load_audio
+        from media.audio import AUDIO_EXTS, AudioReadError, load_audio
 
-        ext = next((e for e in ("flac", "wav", "ogg", "mp3") if e in raw.members), None)
+        ext = next((e for e in AUDIO_EXTS if e in raw.members), None)
         if ext is None:
             raise BadSampleError(f"{raw.shard}: sample {raw.key} has no audio (has {sorted(raw.members)})")
         try:

@@ -318,3 +318,33 @@ def test_out_must_be_a_folder(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--checkpoint", "c", "--task", "vqav2", "--data", "d", "--out", str(tmp_path / "file")])
     assert e.value.code == 2 and "is a file; name a folder" in capsys.readouterr().err
+
+
+def test_shards_are_a_task_file_too(tmp_path):
+    """--data SHARDS: the shard builders' qa samples (key.json meta question / answer(s) + key.jpg) read as rows,
+    the images extracted under DIR/shard_media; a sample without answers is named by shard and key."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    def jpg(color):
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 24), color).save(buf, format="JPEG")
+        return buf.getvalue()
+
+    shard = tmp_path / "qa_00000.tar"
+    with wds.TarWriter(str(shard)) as w:
+        w.write({"__key__": "a", "jpg": jpg("red"), "json": {"meta": {"question": "Colour?", "answer": "red"}}})
+        meta = {"question": "Colour?", "answers": ["blue"] * 3}
+        w.write({"__key__": "b", "png": jpg("blue"), "json": {"meta": meta}})
+    items = evaluate.read_items(str(tmp_path / "qa_*.tar"), "docvqa", tmp_path / "out" / "shard_media")
+    assert [(i.row.id, i.row.question, i.answers) for i in items] == [("a", "Colour?", ("red",)),
+                                                                      ("b", "Colour?", ("blue",) * 3)]
+    assert items[0].row.media.read_bytes() == jpg("red") and items[0].row.media.parent.name == "qa_00000"
+    with wds.TarWriter(str(tmp_path / "bad_00000.tar")) as w:
+        w.write({"__key__": "c", "jpg": jpg("red"), "json": {"meta": {"question": "Colour?"}}})
+    with pytest.raises(evaluate.BatchInputError, match=r"bad_00000.tar:1 \(id 'c'\): no 'answers'"):
+        evaluate.read_items(str(tmp_path / "bad_00000.tar"), "docvqa", tmp_path / "m")
+    with pytest.raises(evaluate.BatchInputError, match=r"nothing.tar"):
+        evaluate.read_items(str(tmp_path / "nothing.tar"), "docvqa", tmp_path / "m")
