@@ -1,6 +1,6 @@
 """The chat conversation layout the data stages share: ``[{"role", "content"}, ...]`` turns with ``<|image|>``
 placeholders in user turns. One checker, so the shard builder refuses exactly what the trainer's
-``data.format: conversation`` would (``training.data.conversation_messages`` calls it on every sample).
+``data.format: conversation`` would (``training.codecs.conversation_messages`` calls it on every sample).
 """
 
 from __future__ import annotations

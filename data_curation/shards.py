@@ -406,7 +406,7 @@ def write_shard(out: Path, work: Path, index: int, decisions: dict[str, tuple[st
 
 def image_members(images: list[bytes]) -> dict[str, bytes]:
     """A conversation record's images as tar members: none; one as ``key.jpg``; several as ``key.0.jpg``,
-    ``key.1.jpg``, ... in order (``training.data.sample_media`` reads both)."""
+    ``key.1.jpg``, ... in order (``training.codecs.sample_media`` reads both)."""
     if len(images) == 1:
         return {"jpg": images[0]}
     return {f"{k}.jpg": b for k, b in enumerate(images)}

@@ -73,7 +73,7 @@ from scripts.demo_asr import max_piece_samples, read_pieces
 from scripts.demo_video import StillImageError, read_clip, video_model_problem
 from scripts.demo_vqa import EXPORT_USES, find_tokenizer, positive_int
 from speech.adapter import asr_prompt, encode_speech_dialog, speech_decode
-from training.data import IMAGE_EXTS, VIDEO_EXTS
+from training.codecs import IMAGE_EXTS, VIDEO_EXTS
 from vision.frames import collate_videos, tile_frames, video_tiling
 from vision.tiling import TilingConfig, collate_tiled, tile_image
 

@@ -62,7 +62,7 @@ def conversation_answers(export: Path, rows: list[dict], root: Path, max_new_tok
     from adapters.multimodal import ImageBatch
     from adapters.tokenizer import Tokenizer
     from media.image import load_image
-    from training.data import encode_conversation
+    from training.codecs import encode_conversation
     from vision.tiling import TilingConfig, collate_tiled, tile_image
 
     model = load_checkpoint(export).eval()

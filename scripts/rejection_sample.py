@@ -66,7 +66,7 @@ from scripts._batch import PROGRESS_MIN_ROWS, BatchInputError, parse_row
 from scripts.demo_vqa import find_tokenizer, load_export, positive_int, temperature, top_p
 from scripts.evaluate import parse_id, read_unique
 from common.conversation import IMAGE_PLACEHOLDER
-from training.data import IMAGE_EXTS
+from training.codecs import IMAGE_EXTS
 from vision.tiling import TiledImage, TilingConfig, TilingError, collate_tiled, tile_image
 
 KEYS = ("id", "image", "question", "answers")
@@ -279,7 +279,7 @@ def image_member(path: Path) -> tuple[str, bytes]:
 
 
 def sft_sample(key: str, prompt: Prompt, kept: Kept, checker: str, image: tuple[str, bytes] | None) -> dict:
-    """One kept answer in the trainer's conversation format (training.data.ImageConversationCodec)."""
+    """One kept answer in the trainer's conversation format (training.codecs.ImageConversationCodec)."""
     content = (IMAGE_PLACEHOLDER if image else "") + prompt.question
     meta = {"conversations": [{"role": "user", "content": content},
                               {"role": "assistant", "content": kept.sample.text}],

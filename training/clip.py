@@ -31,7 +31,8 @@ from torch import Tensor, nn
 
 from common.config import CheckpointError
 from common.export import CONFIG, WEIGHTS, read_export_meta, write_export
-from training.data import IMAGE_EXTS, BadSampleError, Example, RawSample, sample_text
+from training.codecs import IMAGE_EXTS, sample_text
+from training.data import BadSampleError, Example, RawSample
 
 if TYPE_CHECKING:
     from training.config import RunConfig

@@ -41,8 +41,9 @@ from adapters.multimodal import ImageBatch, MultimodalLlama, build_multimodal
 from adapters.task import shift_targets
 from adapters.tokenizer import Tokenizer
 from common.conversation import IMAGE_PLACEHOLDER, ConversationError, check_conversation
-from training.data import (BadSampleError, Example, RawSample, check_placeholders, encode_conversation, sample_media,
-                           sample_meta, tile_member)
+from training.codecs import (check_placeholders, encode_conversation, sample_media, sample_meta,
+                             tile_member)
+from training.data import BadSampleError, Example, RawSample
 from vision.tiling import TilingConfig, collate_tiled
 
 if TYPE_CHECKING:

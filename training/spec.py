@@ -123,7 +123,7 @@ def _check_vocab(cfg: "RunConfig", tok: "Tokenizer", vocab_size: int) -> None:
 
 
 def image_codec(cfg: "RunConfig", tok: "Tokenizer", model: nn.Module) -> "Codec":
-    from training.data import ImageCaptionCodec, ImageConversationCodec
+    from training.codecs import ImageCaptionCodec, ImageConversationCodec
     from vision.tiling import TilingConfig
 
     v = model.cfg.vision
@@ -134,7 +134,7 @@ def image_codec(cfg: "RunConfig", tok: "Tokenizer", model: nn.Module) -> "Codec"
 
 
 def video_codec(cfg: "RunConfig", tok: "Tokenizer", model: nn.Module) -> "Codec":
-    from training.data import VideoCaptionCodec, VideoConversationCodec
+    from training.codecs import VideoCaptionCodec, VideoConversationCodec
 
     if cfg.data.format == "conversation":  # multi-turn, <|video|> placeholders for key.0.mp4, key.1.mp4, ...
         return VideoConversationCodec(tok, model.cfg.vision.tile_size, cfg.model.num_frames)
@@ -210,7 +210,7 @@ class SpeechTask(nn.Module):
 
 
 def speech_codec(cfg: "RunConfig", tok: "Tokenizer", model: nn.Module) -> "Codec":
-    from training.data import SpeechCodec
+    from training.codecs import SpeechCodec
 
     return SpeechCodec(tok, model.cfg.features.sample_rate, cfg.data.prompt)
 

@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 from adapters.chat import IGNORE_INDEX, ROLES, Message, encode_training_example
 from adapters.task import shift_targets
-from training.data import BadSampleError, Example, RawSample, qa_fields, sample_meta
+from training.codecs import qa_fields, sample_meta
+from training.data import BadSampleError, Example, RawSample
 
 if TYPE_CHECKING:
     from adapters.tokenizer import Tokenizer

@@ -24,7 +24,8 @@ from scripts import build_shards as build_shards_cli
 from tests.data_curation.test_shards import _statuses
 from tests.data_curation.test_shards import _tar_members as _members
 from tests.tiny import build_tiny_tokenizer
-from training.data import ImageConversationCodec, ShardStream, sample_media
+from training.codecs import ImageConversationCodec, sample_media
+from training.data import ShardStream
 from vision.clip import build_clip, open_clip_model_cfg
 from vision.encoder import vision_config
 from vision.tiling import TilingConfig

@@ -268,7 +268,7 @@ def test_our_exports_are_asked_with_trimmed_tiles_as_they_were_trained(assets, t
     import torch
 
     from adapters.model_io import load_checkpoint
-    from training.data import ImageCaptionCodec
+    from training.codecs import ImageCaptionCodec
     from vision.tiling import TilingConfig
 
     from PIL import Image

@@ -21,7 +21,8 @@ from scripts.demo_vqa import load_export
 from tests.scripts.test_demo_vqa import read_jsonl, write_jsonl
 from tests.scripts.test_evaluate import open_gates
 from tests.tiny import build_tiny_tokenizer, build_tiny_vqa_model
-from training.data import ImageConversationCodec, ShardStream
+from training.codecs import ImageConversationCodec
+from training.data import ShardStream
 from vision.tiling import collate_tiled, tile_image
 
 SAMPLING = ["--n", "8", "--temperature", "1.5", "--max-new-tokens", "3"]

@@ -11,7 +11,8 @@ import webdataset as wds
 from adapters.chat import IGNORE_INDEX, Message, encode_header, encode_training_example, image_input_id
 from adapters.task import ImageTextTask
 from training.config import TrainConfigError, load_run_config
-from training.data import BadSampleError, ImageConversationCodec, ShardStream, TrainBatches
+from training.codecs import ImageConversationCodec
+from training.data import BadSampleError, ShardStream, TrainBatches
 from training.trainer import train
 from tests.tiny import build_tiny_tokenizer, build_tiny_vqa_model
 from tests.training.test_data import COLORS, jpeg
@@ -235,7 +236,7 @@ def mp4(shift: int = 0) -> bytes:
 
 def test_video_conversations_put_each_video_where_its_placeholder_is(tok, tmp_path):
     from adapters.chat import video_input_id
-    from training.data import VideoConversationCodec
+    from training.codecs import VideoConversationCodec
     from tests.tiny import tiny_video_config
     from adapters.multimodal import build_multimodal
 

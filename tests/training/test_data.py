@@ -12,7 +12,8 @@ from PIL import Image
 from adapters.chat import IGNORE_INDEX
 from training.config import TrainConfigError, load_deepspeed_config, load_run_config, resolve_deepspeed
 from media.tar import ShardError, expand_shards
-from training.data import BadSampleError, ImageCaptionCodec, ShardStream, TrainBatches, RawSample, encode_sample
+from training.codecs import ImageCaptionCodec, encode_sample
+from training.data import BadSampleError, ShardStream, TrainBatches, RawSample
 from tests.tiny import build_tiny_tokenizer
 from vision.tiling import TilingConfig
 

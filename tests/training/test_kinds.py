@@ -16,7 +16,8 @@ from adapters.tokenizer import Tokenizer
 from media.tar import expand_shards
 from scripts import train as train_script
 from training.config import TrainConfigError, load_run_config
-from training.data import BadSampleError, ImageCaptionCodec, RawSample, ShardStream, TrainBatches
+from training.codecs import ImageCaptionCodec
+from training.data import BadSampleError, RawSample, ShardStream, TrainBatches
 from training.spec import SPECS, TrainError
 from training.text_lm import TextCodec
 from training.trainer import build_model, train
