@@ -58,6 +58,7 @@ from adapters.generation import GenerationLengthError, SamplingConfig, check_len
 from adapters.multimodal import ImageBatch, MultimodalLlama
 from adapters.reward import score_answers
 from adapters.tokenizer import Tokenizer, TokenizerError
+from common.conversation import IMAGE_PLACEHOLDER
 from common.export import write_atomic
 from common.jsonl import read_jsonl
 from common.vqa_metrics import vqa_accuracy, vqa_normalize
@@ -65,7 +66,6 @@ from media.image import ImageLoadError, load_image
 from scripts._batch import PROGRESS_MIN_ROWS, BatchInputError, parse_row
 from scripts.demo_vqa import find_tokenizer, load_export, positive_int, temperature, top_p
 from scripts.evaluate import parse_id, read_unique
-from common.conversation import IMAGE_PLACEHOLDER
 from training.codecs import IMAGE_EXTS
 from vision.tiling import TiledImage, TilingConfig, TilingError, collate_tiled, tile_image
 
