@@ -107,7 +107,10 @@ def test_lmms_eval_cli_answers_as_evaluate_and_scores_choices_by_likelihood(imag
                                                                  other[r["id"]]], "label": 0} for r in ex["rows"]]
     write_jsonl(ex["data"] / "task.jsonl", docs)
     out = tmp_path / "results"
-    env = {**os.environ, **OFFLINE, "HF_HOME": str(tmp_path / "hf")}
+    # Without the launcher variables an earlier in-process training run left behind (training.trainer sets RANK,
+    # WORLD_SIZE, MASTER_ADDR / MASTER_PORT for its one-rank group): lmms-eval's Accelerator would try to join it.
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {**{k: v for k, v in os.environ.items() if k not in launcher}, **OFFLINE, "HF_HOME": str(tmp_path / "hf")}
     cmd = [sys.executable, "-m", "lmms_eval", "--model", "llama3_mm",
            "--model_args", f"checkpoint={ex['ckpt']},device=cpu", "--tasks", "tiny_vqa,tiny_vqa_mc",
            "--include_path", str(TASKS), "--batch_size", "3", "--output_path", str(out), "--log_samples"]

@@ -139,5 +139,5 @@ def test_swap_lm_needs_an_export_and_an_lm_and_a_kind_that_has_one():
     for extra in (["model.lm=x"], ["model.init_from=x"], ["kind=text", "data.format=qa", "model.lm=x",
                                                           "model.init_from=x"]):
         with pytest.raises(TrainConfigError, match=r"model.swap_lm: needs model.init_from .* \['image', 'video', "
-                                                   r"'speech'\] only"):
+                                                   r"'speech', 'reward', 'dpo'\] only"):
             load_run_config(None, ["model.swap_lm=true", *extra])
