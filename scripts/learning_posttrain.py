@@ -33,11 +33,12 @@ from pathlib import Path
 import torch
 
 from scripts import average_checkpoints, build_shards, evaluate
-from scripts._road import (Stage, offline_curation, rooted_overrides, run_stage, set_args,
+from scripts._road import (RoadError, Stage, offline_curation, rooted_overrides, run_stage, set_args,
                            shown_path, train_stage)
 from scripts.learning_image import CURATION, IMAGE_RUN, RUN_CONFIGS, answer, run_image_road
 from synthetic.posttrain import ATTRIBUTES, write_posttrain
 from synthetic.score import normalize_answer, read_rows
+from synthetic.tasks import SyntheticTaskError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 POST_CONFIGS = {"sft": CONFIGS / "run_image_sft_synthetic.yaml", "reward": CONFIGS / "run_reward_synthetic.yaml",
@@ -129,7 +130,10 @@ def run_posttrain_road(work: str | Path, seed: int = 0, progress: bool = True) -
         seconds["image_road"] = run_image_road(work, seed, progress)["seconds"]["total"]
     data = work / DATA
     t = time.perf_counter()
-    made = write_posttrain(data, N_SFT, N_PREFERENCE, N_TEST, seed)
+    try:
+        made = write_posttrain(data, N_SFT, N_PREFERENCE, N_TEST, seed)
+    except SyntheticTaskError as e:
+        raise RoadError(f"post-training data: {e}") from None
     seconds["make_synthetic"] = time.perf_counter() - t
     curation = offline_curation(CURATION, data / "curation_synthetic_offline.yaml")
     sft_shards = run_stage("build_shards", build_shards.main, [made["sft"], str(work / SFT_SHARDS), "--config",

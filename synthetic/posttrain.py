@@ -30,6 +30,7 @@ import random
 from pathlib import Path
 
 from synthetic.shapes import COLOURS, QUESTIONS, SHAPES, caption, render_scene
+from synthetic.tasks import SyntheticTaskError
 
 ATTRIBUTES = {"colour": tuple(COLOURS), "shape": SHAPES}  # the attributes a rejected answer gets wrong
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
@@ -130,11 +131,15 @@ def _write_test(n: int, seed: int, out: Path) -> int:
 
 
 def write_posttrain(out: str | Path, n_sft: int, n_pref: int, n_test: int, seed: int) -> dict:
-    """Write the sets under ``out`` (see the module docstring); returns their paths and counts."""
+    """Write the sets under ``out`` (see the module docstring); returns their paths and counts. Bad counts or an
+    ``out`` already holding a set: `SyntheticTaskError`, before anything is written."""
     out = Path(out)
+    for name, value, low in (("n_sft", n_sft, 1), ("n_pref", n_pref, 1), ("n_test", n_test, 1), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise SyntheticTaskError(f"{name}: {value!r} is not a whole number >= {low}")
     for sub in ("sft", "preference", "test"):
         if (out / sub).exists() and any((out / sub).iterdir()):
-            raise FileExistsError(f"{out / sub} already exists and is not empty: remove it or choose another OUT")
+            raise SyntheticTaskError(f"{out / sub} already exists and is not empty: remove it or choose another OUT")
     _write_conversations(n_sft, 3 * seed, out / "sft")
     _write_preference(n_pref, 3 * seed + 1, out / "preference")
     n_multi = _write_test(n_test, 3 * seed + 2, out / "test")

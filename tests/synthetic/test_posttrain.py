@@ -11,6 +11,7 @@ from PIL import Image
 
 from synthetic.posttrain import ATTRIBUTES, write_posttrain
 from synthetic.shapes import QUESTIONS
+from synthetic.tasks import SyntheticTaskError
 
 
 def rows(path) -> list[dict]:
@@ -42,8 +43,11 @@ def test_sets_are_balanced_checked_and_reproducible(tmp_path):
     again = write_posttrain(tmp_path / "b", n_sft=40, n_pref=20, n_test=10, seed=3)
     files = lambda root: {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
     assert files(tmp_path / "a") == files(tmp_path / "b") and again["n_sft"] == 40
-    with pytest.raises(FileExistsError, match="already exists and is not empty"):
+    with pytest.raises(SyntheticTaskError, match="already exists and is not empty"):
         write_posttrain(tmp_path / "a", n_sft=1, n_pref=1, n_test=1, seed=0)
+    with pytest.raises(SyntheticTaskError, match="n_test: 0 is not a whole number >= 1"):
+        write_posttrain(tmp_path / "c", n_sft=1, n_pref=1, n_test=0, seed=0)
+    assert not (tmp_path / "c").exists()  # refused before anything is written
 
 
 def test_the_two_image_answers_follow_from_the_scenes(tmp_path):
