@@ -6,8 +6,8 @@ Starts from the image road's outputs under ``work_dir`` (scripts/learning_image.
 is missing): the frozen text LM, the tokenizer and the pre-trained image export. Then, every stage an entry
 point's ``main(argv)``:
 
-1. ``synthetic.posttrain.write_posttrain``: two-image conversations (LLaVA layout), preference scenes, and the
-   held-out sets;
+1. ``synthetic.posttrain.write_posttrain``: two-image conversations with single-image ones mixed in (LLaVA
+   layout), preference scenes, and the held-out sets;
 2. ``build_shards`` of the LLaVA JSON (conversation shards) and of the preference folder (preference shards);
 3. ``train`` SFT (configs/run_image_sft_synthetic.yaml) from the image export, seeds S and S + 1, then
    ``average_checkpoints`` of the two; each, the average and the pre-trained image model answer the held-out

@@ -3,13 +3,16 @@
     write_posttrain("out/posttrain", n_sft=600, n_pref=600, n_test=100, seed=0)
 
 writes
-* ``OUT/sft/conversations.json`` + ``OUT/sft/images/``: two-image conversations in the LLaVA layout
-  (``{"id", "image": [two paths], "conversations": [{"from": "human"|"gpt", "value"}]}``) that
-  ``scripts.build_shards`` converts: the first human turn shows two scenes (``<image><image>``: adjacent, so
-  the text after them sees both) of different colours and shapes; the first question names one scene's colour
-  and asks its shape ("What shape are the red ones?"), the follow-up names the other scene's shape and asks
-  its colour ("And what colour are the circles?"), the scenes in random order: questions about two images at
-  once, which a model trained on single images never saw (picking one of the two scenes at random: 1/2);
+* ``OUT/sft/conversations.json`` + ``OUT/sft/images/``: conversations in the LLaVA layout
+  (``{"id", "image": path or [paths], "conversations": [{"from": "human"|"gpt", "value"}]}``) that
+  ``scripts.build_shards`` converts. Even records are two-image conversations: the first human turn shows two
+  scenes (``<image><image>``: adjacent, so the text after them sees both) of different colours and shapes; the
+  first question names one scene's colour and asks its shape ("What shape are the red ones?"), the follow-up
+  names the other scene's shape and asks its colour ("And what colour are the circles?"), the scenes in random
+  order: questions about two images at once, which a model trained on single images never saw (picking one of
+  the two scenes at random: 1/2). Odd records are single-image conversations, two of the image-vqa task's
+  questions about one scene: the skills the pre-trained model has, mixed in as the paper's SFT mix keeps its
+  single-image sources, so that fine-tuning on the new skill does not wear the old ones down;
 * ``OUT/preference/``: scenes with sidecars in the preference format (``conversations`` = the user turn
   ``<|image|>`` + a colour or shape question, ``chosen`` = the true attribute, ``rejected`` = another one:
   the paper's perturbed answers with a wrong attribute), a folder input of ``scripts.build_shards``;
@@ -70,15 +73,22 @@ def _save_pair(images: list, i: int, out: Path) -> list[str]:
     return paths
 
 
+def _single(rng: random.Random) -> tuple[list, list[str], list[str]]:
+    """One scene and two different image-vqa questions about it -> (images, user turns, answers)."""
+    img, facts = render_scene(rng)
+    kinds = rng.sample(sorted(QUESTIONS), 2)
+    return [img], [QUESTIONS[k][0] for k in kinds], [facts[k] for k in kinds]
+
+
 def _write_conversations(n: int, seed: int, out: Path) -> None:
     rng = random.Random(seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
     records = []
     for i in range(n):
-        images, questions, answers = _pair(rng)
+        images, questions, answers = _pair(rng) if i % 2 == 0 else _single(rng)
         paths = _save_pair(images, i, out)
-        records.append({"id": f"{i:05d}", "image": paths, "conversations": [
-            {"from": "human", "value": f"<image><image>{questions[0]}"}, {"from": "gpt", "value": answers[0]},
+        records.append({"id": f"{i:05d}", "image": paths if len(paths) > 1 else paths[0], "conversations": [
+            {"from": "human", "value": "<image>" * len(paths) + questions[0]}, {"from": "gpt", "value": answers[0]},
             {"from": "human", "value": questions[1]}, {"from": "gpt", "value": answers[1]}]})
     (out / "conversations.json").write_text(json.dumps(records, indent=1))
 

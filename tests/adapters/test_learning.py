@@ -45,7 +45,8 @@ def test_post_training_on_the_same_road(image_road, capsys, road_threads):
     m = json.loads(capsys.readouterr().out)
     assert "image_road" not in m["seconds"]  # the image road's export was reused
     one = m["single_image_accuracy"]
-    assert min(one.values()) >= 0.8  # SFT keeps most of the single-image skills, and so does the average
+    # SFT (with single-image conversations in its mix) keeps the single-image skills, and so does the average
+    assert min(one.values()) >= 0.9
     # Not asserted, because not met on this tiny road (README): two-image questions stay at chance; the average
     # of the two SFT seeds is sometimes better, sometimes worse than the better seed (+0.055, +0.020, -0.055); the
     # reward model's held-out pairwise accuracy (0.52-0.66) depends on when it leaves its log-2 plateau. The road

@@ -22,12 +22,23 @@ def test_sets_are_balanced_checked_and_reproducible(tmp_path):
     made = write_posttrain(tmp_path / "a", n_sft=40, n_pref=20, n_test=10, seed=3)
     records = json.loads(Path(made["sft"]).read_text())
     assert len(records) == 40
-    for r in records:
+    two, one = records[0::2], records[1::2]  # two-image conversations, single-image ones mixed in
+    for r in two:
         assert len(r["image"]) == 2 and all((tmp_path / "a" / "sft" / p).is_file() for p in r["image"])
         turns = r["conversations"]
         assert [t["from"] for t in turns] == ["human", "gpt", "human", "gpt"]
         assert turns[0]["value"].startswith("<image><image>")  # adjacent: the question sees both images
         assert turns[1]["value"] in ATTRIBUTES["shape"] and turns[3]["value"] in ATTRIBUTES["colour"]
+    asked = Counter()
+    for r in one:
+        assert isinstance(r["image"], str) and (tmp_path / "a" / "sft" / r["image"]).is_file()
+        turns = r["conversations"]
+        assert turns[0]["value"].startswith("<image>") and turns[0]["value"].count("<image>") == 1
+        kinds = [next(k for k, (q, _) in QUESTIONS.items() if q == turns[j]["value"].removeprefix("<image>"))
+                 for j in (0, 2)]
+        assert kinds[0] != kinds[1] and all(turns[j + 1]["value"] in QUESTIONS[k][1] for j, k in zip((0, 2), kinds))
+        asked.update(kinds)
+    assert set(asked) == set(QUESTIONS)  # every single-image skill is rehearsed
     pref = sorted((tmp_path / "a" / "preference").glob("*.json"))
     assert len(pref) == 20
     for p in pref:
@@ -60,7 +71,7 @@ def test_the_two_image_answers_follow_from_the_scenes(tmp_path):
         found = []
         for path in m["images"]:
             img = Image.open(Path(made["multi_image"]).parent / path).convert("RGB")
-            found.append(next(name for name, rgb in COLOURS.items() if rgb in set(img.getdata())))
+            found.append(next(name for name, rgb in COLOURS.items() if rgb in {c for _, c in img.getcolors(1 << 16)}))
         assert found[0] != found[1]
         if m["kind"] == "colour_of_shape":
             assert m["answer"] in found and m["conversation"][1]["content"] in ATTRIBUTES["shape"]
