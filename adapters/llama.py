@@ -160,21 +160,25 @@ class TransformerBlock(nn.Module):
 
 
 def build_attention_mask(
-    T: int, start_pos: int = 0, doc_ids: Tensor | None = None, device=None
+    T: int, start_pos: int = 0, doc_ids: Tensor | None = None, device=None, key_valid: Tensor | None = None
 ) -> Tensor | None:
     """Boolean attention mask (B|1, 1, T, start_pos+T), True = may attend; None = plain causal prefill,
     or one new token over a cache (it sees every cached position: nothing to mask).
 
     ``doc_ids`` (B, T) marks packed documents: a token sees only earlier tokens of its own document
     (the Llama 3 document mask). With a cache (start_pos > 0) the new tokens see the whole prefix.
+    ``key_valid`` (B, start_pos+T) bool marks real tokens of padded generation rows: padding keys are masked
+    for every query, and a padding query sees itself only (a row with no key would turn softmax into NaN).
     """
-    if doc_ids is None and (start_pos == 0 or T == 1):
+    if doc_ids is None and key_valid is None and (start_pos == 0 or T == 1):
         return None  # SDPA's is_causal path (prefill) or no mask (one decoding step)
-    if doc_ids is not None and start_pos:
+    if doc_ids is not None and (start_pos or key_valid is not None):
         raise ValueError("document masks are for packed training sequences, not cached decoding")
     q_pos = torch.arange(start_pos, start_pos + T, device=device)
     k_pos = torch.arange(start_pos + T, device=device)
     mask = (k_pos[None, :] <= q_pos[:, None])[None, None]
+    if key_valid is not None:
+        return (mask & key_valid[:, None, None, :]) | (k_pos[None, :] == q_pos[:, None])
     if doc_ids is not None:
         same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
         mask = mask & same_doc[:, None]

@@ -257,6 +257,7 @@ class MultimodalLlama(nn.Module):
         cache: list[KVCache] | None = None,
         return_hidden: bool = False,
         doc_ids: Tensor | None = None,
+        key_valid: Tensor | None = None,
     ) -> Tensor:
         """tokens (B, T) -> logits (B, T, vocab) fp32.
 
@@ -264,7 +265,9 @@ class MultimodalLlama(nn.Module):
         same for videos. For cached decoding pass ``context`` / ``video_context`` (from ``vision_context``
         / ``video_context`` on the prompt) and ``start_pos``. ``doc_ids`` (B, T) marks packed training
         documents: each attends only to its own text (document mask, RoPE positions restarting at 0) and
-        its own images / videos, so a packed row computes what its documents would alone.
+        its own images / videos, so a packed row computes what its documents would alone. ``key_valid``
+        (B, start_pos + T) bool marks the real tokens of left-padded generation rows (`adapters.generation`):
+        padding keys are masked; RoPE scores are relative, so a row shifted right computes what it would alone.
         """
         if doc_ids is not None and (start_pos or cache is not None):
             raise ValueError("doc_ids are for packed training rows, not cached decoding")
@@ -275,7 +278,7 @@ class MultimodalLlama(nn.Module):
         T = tokens.shape[1]
         h = self.embed(tokens)
         rope = self.lm.rope(T, start_pos, document_positions(doc_ids) if doc_ids is not None else None)
-        mask = build_attention_mask(T, start_pos, doc_ids, device=tokens.device)
+        mask = build_attention_mask(T, start_pos, doc_ids, tokens.device, key_valid)
         xmask = row_mask = None
         if context is not None:
             xmask, row_mask = context.masks(T, decoding=start_pos > 0)
