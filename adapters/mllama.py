@@ -126,10 +126,11 @@ def _vision_config_from_hf(vis: dict, source: str) -> VisionEncoderConfig:
         taps=taps,
         n_global_layers=vis["num_global_layers"],
     )
-    # The open_clip ViT-H-14 tower when the sizes are the release's, else a tower built from the fields.
+    # The open_clip ViT-H-14 tower when the sizes are the release's, else a tower built from the fields;
+    # without attention biases either way (Mllama's have none: no parameters, nothing trains them).
     vit_h = vision_encoder.vision_config("vit_h14", tile_size=fields["tile_size"])
     cfg = replace(vit_h, **fields)
-    return cfg if cfg == vit_h else replace(cfg, open_clip_model=None)
+    return replace(cfg, attn_bias=False, open_clip_model=cfg.open_clip_model if cfg == vit_h else None)
 
 
 def mllama_config_from_hf(config: dict, source: str = "config.json") -> MultimodalConfig:
@@ -214,7 +215,9 @@ class _From:
 
 
 def _zeros(shape: tuple[int, ...]) -> Callable[[list[Tensor]], Tensor]:
-    """Attention biases the release does not have (our open_clip blocks do): zeros, in the sibling's dtype."""
+    """Attention biases the release does not have, as an ``attn_bias=True`` tower reads them: zeros in the
+    sibling's dtype. Our loaders build ``attn_bias=False`` towers, which ask for none; the HF writer checks an
+    ``attn_bias=True`` model's biases against these zeros."""
     return lambda parts: parts[0].new_zeros(shape)
 
 

@@ -71,9 +71,10 @@ def _to_meta(key: str, value: Tensor) -> dict[str, Tensor]:
         m = _BLOCK_RE.match(vkey)
         if key == "vision.conv1.weight":
             return {_META_VISION + "conv1._linear.weight": value.flatten(1)}
-        if m is not None and m.group(3) in ("attn.in_proj_bias", "attn.out_proj.bias"):
+        if m is not None and m.group(3) in ("attn.in_proj_bias", "attn.out_proj.bias"):  # attn_bias=True only
             if value.any():
-                raise CheckpointError(f"{key}: non-zero attention bias; Meta's layout has none")
+                raise CheckpointError(f"{key}: non-zero attention bias; Meta's layout has none (train with "
+                                      f"vision.attn_bias: false)")
             return {}
         if m is not None:
             blk = f"{_META_VISION}{m.group(1)}.resblocks.{m.group(2)}."
@@ -138,7 +139,8 @@ def mllama_config_from_meta(
     """Our ``MultimodalConfig`` from a Llama 3.2 Vision params.json.
 
     ``vision_config``: the encoder sizes, which params.json cannot carry; default: the released
-    ViT-H/14 at ``vision_chunk_size``. Its tile size and tile count must match params.json.
+    ViT-H/14 at ``vision_chunk_size``. Its tile size and tile count must match params.json; its ``attn_bias``
+    is set False, the layout's (Meta's vision attention has no biases).
     """
     missing = [k for k in ("vision_chunk_size", "vision_max_num_chunks", "vision_num_cross_attention_layers")
                if k not in params]
@@ -146,7 +148,7 @@ def mllama_config_from_meta(
         raise CheckpointError(f"{source}: missing {missing}; not a Llama 3.2 Vision checkpoint")
     lm = config_from_meta_params(params, source)
     tile_size, max_tiles = params["vision_chunk_size"], params["vision_max_num_chunks"]
-    vision = vision_config or vision_encoder.vision_config("vit_h14", tile_size=tile_size)
+    vision = replace(vision_config or vision_encoder.vision_config("vit_h14", tile_size=tile_size), attn_bias=False)
     if (vision.tile_size, vision.max_tiles) != (tile_size, max_tiles):
         raise CheckpointError(f"{source}: vision_chunk_size/vision_max_num_chunks {tile_size}/{max_tiles} "
                               f"disagree with the vision config's tile_size/max_tiles "

@@ -49,6 +49,9 @@ class ModelConfig:
         `speech.conformer` preset); read by that kind only.
     tile_size / max_tiles: per-tile resolution; stage 2 raises ``tile_size`` (position tables are
         interpolated when ``init_from`` was trained at another size, see `training.trainer`).
+    attn_bias: whether the vision blocks have attention biases (`vision.encoder.VisionEncoderConfig`): None =
+        the preset's (open_clip's layout, true) or ``init_from``'s; false builds them without (the Mllama layout,
+        what `scripts.export_hf` can write). An ``init_from`` export of the other layout is refused.
     """
 
     preset: str = "tiny"
@@ -60,6 +63,7 @@ class ModelConfig:
     encoder_from: str | None = None
     tile_size: int | None = None  # None: the preset's (or init_from's)
     max_tiles: int | None = None
+    attn_bias: bool | None = None
     train_vision: bool = True
     num_frames: int = 16  # video: frames sampled per clip ("pre-training uses 16 frames", sec. 7.3)
     seed: int = 0  # initialisation of the new layers (and of a random LM)

@@ -84,11 +84,15 @@ def build_multimodal_model(cfg: "RunConfig", tok: "Tokenizer") -> nn.Module:
         points_at_lm = read_multimodal_meta(m.init_from).get("lm_path")
         lm_path = m.lm if (points_at_lm or m.swap_lm) and m.lm else None
         model = load_checkpoint(m.init_from, lm_path=lm_path, swap_lm=m.swap_lm)
+        if m.attn_bias is not None and m.attn_bias != model.cfg.vision.attn_bias:
+            raise TrainError(f"model.attn_bias: {m.attn_bias} but model.init_from {m.init_from} was built with "
+                             f"vision.attn_bias {model.cfg.vision.attn_bias}; drop the key to keep the export's")
         if m.tile_size is not None:
             model = with_tile_size(model, m.tile_size)  # stage 2: anneal at a higher per-tile resolution
     else:
         mcfg = multimodal_config(m.preset, train_vision=m.train_vision)
-        vision = {k: v for k, v in (("tile_size", m.tile_size), ("max_tiles", m.max_tiles)) if v is not None}
+        vision = {k: v for k, v in (("tile_size", m.tile_size), ("max_tiles", m.max_tiles),
+                                    ("attn_bias", m.attn_bias)) if v is not None}
         if m.encoder_from:
             from training.clip import encoder_weights
 

@@ -30,6 +30,8 @@ def open_clip_model_cfg(vision: VisionEncoderConfig, text: ClipTextTower = ClipT
     if vision.open_clip_model is not None:
         raise ValueError(f"build_clip makes custom small towers; {vision.open_clip_model!r} has its own "
                          "pretrained tags (set VisionEncoderConfig.pretrained instead)")
+    if not vision.attn_bias:
+        raise ValueError("open_clip's CLIP towers have attention biases; build_clip needs attn_bias=True")
     return {
         "embed_dim": vision.width,
         "vision_cfg": {"width": vision.width, "layers": vision.layers, "head_width": vision.width // vision.heads,

@@ -53,6 +53,10 @@ class VisionEncoderConfig:
     pretrained: an open_clip pretrained tag (downloaded by open_clip) or a local checkpoint path
         (state dict of a full open_clip CLIP model or of its visual tower); None = random init.
     taps: 0-based indices of the blocks whose *input* is tapped (see ``VisionEncoder``).
+    attn_bias: attention biases in every block (``attn.in_proj_bias``, ``attn.out_proj.bias``), as open_clip
+        builds them; False builds the blocks without them, the layout of Meta's and HF's Mllama towers
+        (loaded from those checkpoints so; an HF export needs it or all-zero biases). A ``pretrained``
+        backbone with non-zero biases cannot be loaded with False.
     """
 
     open_clip_model: str | None = "ViT-H-14"
@@ -67,6 +71,7 @@ class VisionEncoderConfig:
     taps: tuple[int, ...] = (3, 7, 15, 23, 30)
     n_global_layers: int = 8
     pad_to_multiple: int = 8
+    attn_bias: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "taps", tuple(int(t) for t in self.taps))  # YAML gives lists
@@ -172,7 +177,19 @@ def build_backbone(cfg: VisionEncoderConfig) -> VisionTransformer:
         if cfg.pretrained is not None:
             load_backbone_checkpoint(tower, cfg.pretrained)
     _check_backbone(tower, cfg)
+    if not cfg.attn_bias and cfg.pretrained is not None:
+        _check_zero_attn_biases(tower, cfg.pretrained)
     return tower
+
+
+def _check_zero_attn_biases(tower: VisionTransformer, source: str) -> None:
+    """Loaded weights whose attention biases ``attn_bias=False`` would drop must be zero (as in Mllama's)."""
+    for i, blk in enumerate(tower.transformer.resblocks):
+        for name in ("attn.in_proj_bias", "attn.out_proj.bias"):
+            bias = blk.get_parameter(name)
+            if bias.device.type != "meta" and bias.any():
+                raise ValueError(f"pretrained {source!r}: transformer.resblocks.{i}.{name} is non-zero, and "
+                                 f"attn_bias=False builds no attention biases (keep attn_bias true for this tower)")
 
 
 def _check_backbone(tower: nn.Module, cfg: VisionEncoderConfig) -> None:
@@ -226,14 +243,14 @@ class VisionEncoder(nn.Module):
         self.transformer = backbone.transformer
         self.ln_post = backbone.ln_post
         for blk in self.transformer.resblocks:
-            use_masked_attention(blk)  # per-image (B, 1, L, L) masks; same parameters
+            use_masked_attention(blk, cfg.attn_bias)  # per-image (B, 1, L, L) masks; same parameters
 
         T, N, D = cfg.max_tiles, cfg.n_tokens, cfg.width
         self.pre_tile_pos_embed = TilePositionEmbedding(T, D)
         self.post_tile_pos_embed = TilePositionEmbedding(T, D)
         self.gated_positional_embedding = nn.Parameter(D**-0.5 * torch.randn(T, T, N, D))
         self.gated_positional_embedding_gate = nn.Parameter(torch.zeros(1))
-        self.global_transformer = GatedTransformer(D, cfg.n_global_layers, cfg.heads, cfg.mlp_ratio)
+        self.global_transformer = GatedTransformer(D, cfg.n_global_layers, cfg.heads, cfg.mlp_ratio, cfg.attn_bias)
 
     def forward(self, tiles: Tensor, layout: Tensor, tile_mask: Tensor) -> Tensor:
         """tiles: (B, T, 3, S, S) with T <= max_tiles and S = tile_size; layout: (B, 2) long

@@ -4,7 +4,8 @@ per-image attention mask, and the gated "global" self-attention blocks (Llama 3 
 Parameter names follow Meta's released vision encoder (``models/llama3/multimodal/model.py``), and
 the blocks reuse open_clip's ``ResidualAttentionBlock`` layout (``ln_1``, ``attn.in_proj_weight``,
 ``attn.out_proj``, ``ln_2``, ``mlp.c_fc``, ``mlp.c_proj``), so checkpoints map one to one (Meta's
-``wq/wk/wv`` are concatenated into ``in_proj_weight``; Meta has no attention biases, load zeros).
+``wq/wk/wv`` are concatenated into ``in_proj_weight``). open_clip's attention has biases, Meta's and HF's
+have none: ``attn_bias=False`` builds the blocks without them (``in_proj_bias`` None, ``out_proj`` bias-free).
 """
 
 from __future__ import annotations
@@ -92,11 +93,12 @@ class MaskedSelfAttention(nn.MultiheadAttention):
         return self.out_proj(out.transpose(1, 2).reshape(B, L, D)), None
 
 
-def use_masked_attention(block: ResidualAttentionBlock) -> None:
+def use_masked_attention(block: ResidualAttentionBlock, bias: bool = True) -> None:
     """Swap an open_clip block's attention for ``MaskedSelfAttention``, sharing its parameters.
 
     The block keeps its own forward (so module hooks, activation checkpointing and ZeRO-3/FSDP
-    wrapping see ordinary module calls); parameter names are unchanged.
+    wrapping see ordinary module calls); parameter names are unchanged. ``bias=False`` drops the
+    attention biases (``in_proj_bias``, ``out_proj.bias``) as parameters: the Mllama layout.
     """
     old = block.attn
     if not old._qkv_same_embed_dim or not old.batch_first:
@@ -105,6 +107,9 @@ def use_masked_attention(block: ResidualAttentionBlock) -> None:
     new = MaskedSelfAttention(old.embed_dim, old.num_heads, dropout=old.dropout, batch_first=True,
                               device="meta")
     new.in_proj_weight, new.in_proj_bias, new.out_proj = old.in_proj_weight, old.in_proj_bias, old.out_proj
+    if not bias:
+        new.in_proj_bias = None  # F.linear and nn.Linear take a None bias
+        new.out_proj.bias = None
     block.attn = new
 
 
@@ -115,10 +120,10 @@ class GatedResidualAttentionBlock(ResidualAttentionBlock):
     (Meta ``ImageTransformerBlock(gated=True)``; HF initialises the gates to pi/4 instead).
     """
 
-    def __init__(self, d_model: int, n_head: int, mlp_ratio: float = 4.0):
+    def __init__(self, d_model: int, n_head: int, mlp_ratio: float = 4.0, attn_bias: bool = True):
         # Exact GELU and LayerNorm(eps 1e-5) as released.
         super().__init__(d_model, n_head, mlp_ratio, act_layer=nn.GELU, norm_layer=LayerNorm)
-        use_masked_attention(self)
+        use_masked_attention(self, attn_bias)
         self.gate_attn = nn.Parameter(torch.zeros(1))
         self.gate_ffn = nn.Parameter(torch.zeros(1))
 
@@ -130,11 +135,11 @@ class GatedResidualAttentionBlock(ResidualAttentionBlock):
 class GatedTransformer(nn.Module):
     """The ``global_transformer``: a stack of gated blocks run over all tiles of an image at once."""
 
-    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float = 4.0, attn_bias: bool = True):
         super().__init__()
         self.grad_checkpointing = False
         self.resblocks = nn.ModuleList(
-            [GatedResidualAttentionBlock(width, heads, mlp_ratio) for _ in range(layers)]
+            [GatedResidualAttentionBlock(width, heads, mlp_ratio, attn_bias) for _ in range(layers)]
         )
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,8 @@ from tests.hf_reference import precompute_tile_table  # noqa: E402
 from adapters.mllama import grid_to_tile_table, load_mllama, mllama_config_from_hf, tile_table_to_grid  # noqa: E402
 from adapters.mllama_meta import load_meta_vision, mllama_config_from_meta, save_meta_vision  # noqa: E402
 from adapters.model_io import load_multimodal_checkpoint  # noqa: E402
-from adapters.multimodal import ImageBatch, multimodal_config  # noqa: E402
+from adapters.multimodal import ImageBatch, MultimodalConfig, build_multimodal, multimodal_config  # noqa: E402
+from vision.encoder import vision_config
 from vision.tiling import CLIP_MEAN, CLIP_STD, TilingConfig, collate_tiled, tile_image  # noqa: E402
 
 V = 300  # text vocab; <|image|> enters as id V = first learnable row (128256 in the release)
@@ -230,17 +232,46 @@ def test_release_configs_map_to_our_presets():
     text = dict(rope_scaling=rope, max_position_embeddings=131072)  # MllamaTextConfig defaults are 11B's
     hf_11b = MllamaConfig(text_config=text, vision_config=dict(image_size=560)).to_dict()
     assert hf_11b["text_config"]["cross_attention_layers"] == [3, 8, 13, 18, 23, 28, 33, 38]
-    assert mllama_config_from_hf(hf_11b) == multimodal_config("11B")
+    assert mllama_config_from_hf(hf_11b) == _no_attn_bias(multimodal_config("11B"))
     text_90b = dict(text, hidden_size=8192, num_hidden_layers=100, num_attention_heads=64,
                     intermediate_size=28672, cross_attention_layers=list(range(3, 100, 5)))
     hf_90b = MllamaConfig(text_config=text_90b, vision_config=dict(image_size=560)).to_dict()
-    assert mllama_config_from_hf(hf_90b) == multimodal_config("90B")
+    assert mllama_config_from_hf(hf_90b) == _no_attn_bias(multimodal_config("90B"))
     meta_11b = dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024,
                     ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True,
                     vision_chunk_size=560, vision_max_num_chunks=4, vision_num_cross_attention_layers=8)
-    assert mllama_config_from_meta(meta_11b) == multimodal_config("11B")
+    assert mllama_config_from_meta(meta_11b) == _no_attn_bias(multimodal_config("11B"))
+    # A vision config passed for the sizes gets the layout's attn_bias: Meta's tower has no attention biases.
+    assert mllama_config_from_meta(meta_11b, vision_config("vit_h14", tile_size=560)).vision.attn_bias is False
     base = mllama_config_from_meta(dict(meta_11b, vision_chunk_size=448))  # the base 11B uses 448 px tiles
     assert base.vision.tile_size == 448 and base.vision.n_tokens == 1025
+
+
+def _no_attn_bias(cfg: MultimodalConfig) -> MultimodalConfig:
+    """A preset as our Mllama loaders build it: the open_clip tower's shape without attention biases."""
+    return replace(cfg, vision=replace(cfg.vision, attn_bias=False))
+
+
+def test_loaded_vision_tower_has_no_attention_biases_and_the_same_logits(hf, ours, tmp_path):
+    """No bias parameters (nothing can train them); the forward is that of the zero biases loaded before."""
+    blocks = [*ours.vision.transformer.resblocks, *ours.vision.global_transformer.resblocks]
+    assert ours.cfg.vision.attn_bias is False and len(blocks) == 4 + 2
+    assert all(b.attn.in_proj_bias is None and b.attn.out_proj.bias is None for b in blocks)
+    assert not [k for k in ours.state_dict() if k.endswith(("attn.in_proj_bias", "attn.out_proj.bias"))]
+    before = build_multimodal(replace(ours.cfg, vision=replace(ours.cfg.vision, attn_bias=True)), ours.lm).eval()
+    missing, unexpected = before.load_state_dict(ours.state_dict(), strict=False)
+    assert not unexpected and len(missing) == 2 * len(blocks)  # the biases, zeros as the loader gave them
+    with torch.no_grad():
+        for key in missing:
+            before.get_parameter(key).zero_()
+    tokens, images, hf_inputs = _case(*CASES["two_images"])
+    with torch.no_grad():
+        out = ours(tokens, images)
+        torch.testing.assert_close(out, before(tokens, images), atol=1e-6, rtol=0)
+        assert (out - hf[0](**hf_inputs).logits).abs().max() <= TOL
+    loaded_meta = load_meta_vision(save_meta_vision(ours, tmp_path / "meta"),
+                                   vision_config=replace(ours.cfg.vision, attn_bias=True))
+    assert loaded_meta.cfg == ours.cfg and loaded_meta.state_dict().keys() == ours.state_dict().keys()
 
 
 def _write_hf(path: Path, src: Path, sd: dict[str, torch.Tensor], config: dict | None = None) -> Path:

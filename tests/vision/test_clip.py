@@ -27,3 +27,8 @@ def test_the_encoder_loads_the_clip_visual_tower(tmp_path):
 def test_an_open_clip_preset_is_refused():
     with pytest.raises(ValueError, match="ViT-H-14"):
         build_clip(vision_config("vit_h14"))
+
+
+def test_a_tower_without_attention_biases_is_refused():
+    with pytest.raises(ValueError, match="attn_bias=True"):
+        build_clip(replace(vision_config("tiny"), attn_bias=False))

@@ -334,3 +334,48 @@ def test_config_is_strict():
         build_vision_encoder(vision_config("vit_h14", width=1024))  # disagrees with open_clip's ViT-H-14
     with pytest.raises(RuntimeError, match="not a known tag"):  # open_clip rejects it before building
         build_vision_encoder(vision_config("vit_h14", pretrained="no-such-tag"))
+
+
+# ---------------------------------------------------------------------------------------------
+# 8: attention biases (open_clip's blocks have them, Mllama's have none)
+
+ATTN_BIASES = ("attn.in_proj_bias", "attn.out_proj.bias")
+
+
+def test_attn_bias_false_has_no_bias_parameters_and_equals_zero_biases():
+    torch.manual_seed(0)
+    plain = build_vision_encoder(vision_config("tiny", attn_bias=False)).eval()
+    _randomize_gates(plain)
+    blocks = [*plain.transformer.resblocks, *plain.global_transformer.resblocks]
+    assert all(b.attn.in_proj_bias is None and b.attn.out_proj.bias is None for b in blocks)
+    assert not any(k.endswith(ATTN_BIASES) for k in plain.state_dict())
+
+    biased = build_vision_encoder(TINY).eval()
+    missing, unexpected = biased.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and len(missing) == 2 * len(blocks) and all(k.endswith(ATTN_BIASES) for k in missing)
+    assert biased.num_params() - plain.num_params() == len(blocks) * 4 * D  # 3 D (q, k, v) + D (out)
+    with torch.no_grad():
+        for k in missing:
+            biased.get_parameter(k).zero_()
+    tiles, layout, tile_mask = _inputs(LAYOUTS)
+    with torch.no_grad():
+        out = plain(tiles, layout, tile_mask)
+        torch.testing.assert_close(out, biased(tiles, layout, tile_mask), atol=1e-6, rtol=0)
+        biased.global_transformer.resblocks[0].attn.out_proj.bias.fill_(0.5)  # the biases are live there
+        assert not torch.allclose(out, biased(tiles, layout, tile_mask), atol=1e-3)
+    plain.train()
+    plain(tiles, layout, tile_mask).square().mean().backward()
+    assert all(p.grad is not None for p in plain.parameters())  # nothing dangling where the biases were
+
+
+def test_attn_bias_false_refuses_a_pretrained_tower_with_biases(tower_ckpt, tmp_path):
+    tower, path = tower_ckpt  # biases ~ N(0, 0.1)
+    with pytest.raises(ValueError, match=r"transformer\.resblocks\.0\.attn\.in_proj_bias is non-zero"):
+        build_vision_encoder(vision_config("tiny", pretrained=path, attn_bias=False))
+    sd = {k: (torch.zeros_like(v) if k.endswith(ATTN_BIASES) else v) for k, v in tower.state_dict().items()}
+    torch.save(sd, tmp_path / "zero_bias.pt")
+    model = build_vision_encoder(vision_config("tiny", pretrained=str(tmp_path / "zero_bias.pt"), attn_bias=False))
+    ours = model.transformer.state_dict()
+    assert {f"transformer.{k}" for k in ours} == {k for k in sd if k.startswith("transformer.")} - {
+        k for k in sd if k.endswith(ATTN_BIASES)}
+    assert all(torch.equal(v, sd[f"transformer.{k}"]) for k, v in ours.items())
