@@ -17,7 +17,16 @@ compared too (as a sanity check of the benchmark, not a goal). Measured, fp32, m
    encoding included in the time, only generated tokens counted), ratio ours / HF, goal >= 1.5;
 3. text-only batch forward: our multimodal model without images vs the bare ``Llama`` (``model.lm``),
    ratio goal <= 1.05;
-4. memory: each measurement once more in its own spawned process, peak RSS growth of one (cold) call.
+4. memory: each measurement once more in its own spawned process, peak RSS growth of one (cold) call;
+5. roofline of decoding (``--no-roofline`` skips it), in fp32 and bf16, batch 1 and 2: the bytes one decoding
+   step must read (every weight it touches: the LM's layers, norms and output matrix, one embedding row per
+   row of the batch, the cross-attention blocks' query / output / feed-forward weights; plus the self-attention
+   KV cache at its mean length over the generation and the cached vision K/V of every cross-attention block),
+   divided by this machine's memory bandwidth measured in the same run (``torch`` copy of a buffer far larger
+   than the caches, bytes read + written, best of several), is the fastest a step can be; the measured step is
+   the time of ``max_new_tokens`` decoding steps without prefill (a run of N new tokens minus a run of 1, both
+   medians), for ours and for HF in the same dtype. Reported: the bound, each step time as a multiple of it
+   (goal <= 1.2 for ours), and ours / HF tokens per second (goal >= 1.5 where the bound allows).
 """
 
 from __future__ import annotations
@@ -222,11 +231,11 @@ def train_step_hf(model, x) -> Callable[[], float]:
     return run
 
 
-def decode_ours(model, x) -> Callable[[], torch.Tensor]:
+def decode_ours(model, x, new_tokens: int = MAX_NEW_TOKENS) -> Callable[[], torch.Tensor]:
     from adapters.generation import SamplingConfig, generate
 
     model.eval()
-    sampling = SamplingConfig(max_new_tokens=MAX_NEW_TOKENS)
+    sampling = SamplingConfig(max_new_tokens=new_tokens)
 
     def run() -> torch.Tensor:
         return torch.stack(list(generate(model, x["tokens"], x["images"], sampling, stop_ids=())), dim=1)
@@ -234,13 +243,12 @@ def decode_ours(model, x) -> Callable[[], torch.Tensor]:
     return run
 
 
-def decode_hf(model, x) -> Callable[[], torch.Tensor]:
+def decode_hf(model, x, new_tokens: int = MAX_NEW_TOKENS) -> Callable[[], torch.Tensor]:
     model.eval()
 
     def run() -> torch.Tensor:
         with torch.inference_mode():
-            out = model.generate(**x["hf"], do_sample=False, max_new_tokens=MAX_NEW_TOKENS,
-                                 min_new_tokens=MAX_NEW_TOKENS)
+            out = model.generate(**x["hf"], do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
         return out[:, TEXT_LEN:]
 
     return run
@@ -275,6 +283,100 @@ MEASUREMENTS: dict[str, tuple[str, Callable]] = {
     "text_multimodal": ("ours", text_multimodal),
     "text_bare_llama": ("ours", text_bare_llama),
 }
+
+
+# ----------------------------------------------------------------------------------------------
+# Roofline of one decoding step
+
+ROOFLINE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+ROOFLINE_BATCHES = (1, 2)
+ROOFLINE_GOAL = 1.2  # ours' step time / the bandwidth bound
+BANDWIDTH_BYTES = 512 << 20  # far above the L3 cache (32 MiB on the machine of the README's figures)
+
+
+def copy_bandwidth(nbytes: int = BANDWIDTH_BYTES, repeats: int = 7) -> dict:
+    """Memory bandwidth of this machine as torch sees it: ``dst.copy_(src)`` of ``nbytes``, counted as the bytes
+    read plus the bytes written (STREAM's "copy" convention), best of ``repeats`` after one warm-up."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = min(_timed(lambda: dst.copy_(src))[0] for _ in range(repeats))
+    return {"bytes_per_s": 2 * nbytes / best, "gb_per_s": _r(2 * nbytes / best / 1e9, 2), "buffer_mib": nbytes >> 20,
+            "method": "torch copy_ of one float32 buffer into another, (read + write) bytes / best time",
+            "threads": torch.get_num_threads()}
+
+
+def _decode_weight_names(model) -> list[str]:
+    """Our parameters one decoding step reads: everything of the frozen LM (the embedding table apart, of which
+    it reads one row per batch row) and of the cross-attention blocks but their K/V projections and key norm
+    (those run once per image, on the prompt); not the vision encoder, the projector or the learnable image
+    rows (tests/scripts/test_bench_model_roofline.py checks this list against a dispatch trace of one step)."""
+    tied = model.lm.cfg.tie_embeddings  # the output matrix is the embedding table: read whole every step
+    names = [f"lm.{n}" for n, _ in model.lm.named_parameters() if tied or not n.startswith("tok_embeddings.")]
+    names += [f"cross_attention_layers.{n}" for n, _ in model.cross_attention_layers.named_parameters()
+              if n.split(".")[-2] not in ("wk", "wv", "k_norm")]
+    return names
+
+
+def decode_step_bytes(model, batch: int, prompt_len: int, new_tokens: int, vision_tokens: int) -> dict:
+    """Bytes one greedy decoding step reads (weights + KV cache at its mean length + cached vision K/V)."""
+    params = dict(model.named_parameters())
+    names = _decode_weight_names(model)
+    weights = sum(params[n].numel() * params[n].element_size() for n in names)
+    emb = model.lm.tok_embeddings.weight
+    if not model.lm.cfg.tie_embeddings:
+        weights += batch * emb.shape[1] * emb.element_size()
+    lm = model.cfg.lm
+    item = emb.element_size()
+    mean_len = prompt_len + (new_tokens - 1) / 2  # positions the step attends to, averaged over the generation
+    kv = lm.n_layers * 2 * batch * lm.n_kv_heads * lm.head_dim * mean_len * item
+    vision_kv = len(model.cross_attention_layers) * 2 * batch * lm.n_kv_heads * lm.head_dim * vision_tokens * item
+    total = weights + kv + vision_kv
+    return {"weights": int(weights), "kv_cache_mean": int(kv), "vision_kv": int(vision_kv), "total": int(total)}
+
+
+def _batch_slice(x: dict, batch: int, dtype: torch.dtype) -> dict:
+    from adapters.multimodal import ImageBatch
+
+    im = x["images"]
+    images = ImageBatch(im.tiles[:batch].to(dtype), im.layouts[:batch], im.tile_mask[:batch], im.image_mask[:batch])
+    hf = {k: (v[:batch].to(dtype) if v.is_floating_point() else v[:batch]) for k, v in x["hf"].items()}
+    return dict(x, tokens=x["tokens"][:batch], images=images, hf=hf)
+
+
+def measure_roofline(path: Path, repeats: int, warmup: int, log: Callable[[str], None]) -> dict:
+    """Section 5 of the module docstring."""
+    bw = copy_bandwidth()
+    out: dict = {"bandwidth": bw, "goal": f"ours step_s / bound_s <= {ROOFLINE_GOAL}", "new_tokens": MAX_NEW_TOKENS,
+                 "prompt_len": TEXT_LEN, "cases": {}}
+    n_vis = config_summary()["vision"]["vision_tokens_per_image"]
+    for dname, dtype in ROOFLINE_DTYPES.items():
+        ours = load_ours(path).to(dtype).eval()
+        hf = load_hf(path).to(dtype).eval()
+        full = make_inputs()
+        for batch in ROOFLINE_BATCHES:
+            log(f"roofline: {dname}, batch {batch}")
+            x = _batch_slice(full, batch, dtype)
+            fns = [decode_ours(ours, x), decode_ours(ours, x, 1), decode_hf(hf, x), decode_hf(hf, x, 1)]
+            times, _ = time_interleaved(fns, repeats, warmup)
+            med = [statistics.median(t) for t in times]
+            steps = MAX_NEW_TOKENS - 1
+            ours_step, hf_step = (med[0] - med[1]) / steps, (med[2] - med[3]) / steps
+            nbytes = decode_step_bytes(ours, batch, TEXT_LEN, MAX_NEW_TOKENS, n_vis)
+            bound = nbytes["total"] / bw["bytes_per_s"]
+            out["cases"][f"{dname}_batch{batch}"] = {
+                "bytes_per_step": nbytes, "bound_step_s": _r(bound, 6),
+                "ours_step_s": _r(ours_step, 6), "hf_step_s": _r(hf_step, 6),
+                "ours_over_bound": _r(ours_step / bound, 3), "hf_over_bound": _r(hf_step / bound, 3),
+                "goal_met": bool(ours_step / bound <= ROOFLINE_GOAL),
+                "ours_tokens_per_s": _r(batch / ours_step, 1), "hf_tokens_per_s": _r(batch / hf_step, 1),
+                "bound_tokens_per_s": _r(batch / bound, 1), "ours_over_hf_tokens_per_s": _r(hf_step / ours_step, 3),
+                **_spread(*times),
+            }
+        del ours, hf
+        gc.collect()
+    out["goal_met"] = all(c["goal_met"] for c in out["cases"].values())
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -401,7 +503,8 @@ def measure_memory(path: Path, log: Callable[[str], None]) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def run_benchmark(repeats: int, warmup: int, memory: bool, log: Callable[[str], None]) -> dict:
+def run_benchmark(repeats: int, warmup: int, memory: bool, log: Callable[[str], None],
+                  roofline: bool = True) -> dict:
     import transformers
 
     torch.manual_seed(0)
@@ -491,6 +594,11 @@ def run_benchmark(repeats: int, warmup: int, memory: bool, log: Callable[[str], 
         del hf, ours, x
         gc.collect()
 
+        # 5. roofline of decoding
+        if roofline:
+            log("roofline of decoding")
+            result["roofline"] = measure_roofline(path, repeats, warmup, log)
+
         # 4. memory
         if memory:
             result["memory"] = {
@@ -524,6 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads for the timings (default: leave torch's default)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-measurement memory subprocesses")
+    p.add_argument("--no-roofline", action="store_true", help="skip the decoding roofline (fp32 and bf16)")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
         p.error("--repeats must be >= 1, --warmup >= 0 and --threads >= 1")
@@ -533,12 +642,16 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[bench_model] {msg}", file=sys.stderr, flush=True)
 
-    result = run_benchmark(args.repeats, args.warmup, not args.no_memory, log)
+    result = run_benchmark(args.repeats, args.warmup, not args.no_memory, log, not args.no_roofline)
     if not args.json:
         for name in GOALS:
             r = result[name]
             log(f"{name}: ratio {r['ratio']} ({r['ratio_is']}), goal {r['goal']}: "
                 f"{'met' if r['goal_met'] else 'MISSED'}")
+        if "roofline" in result:
+            for case, r in result["roofline"]["cases"].items():
+                log(f"roofline {case}: ours {r['ours_over_bound']}x the bound, HF {r['hf_over_bound']}x, "
+                    f"ours / HF tokens/s {r['ours_over_hf_tokens_per_s']}")
     print(json.dumps(result, indent=None if args.json else 2))
     return 0
 
