@@ -6,7 +6,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from adapters.generation import SamplingConfig, generate
 from adapters.multimodal import ImageBatch
-from scripts.bench_model import _decode_weight_names, copy_bandwidth, decode_step_bytes
+from scripts.bench_model import _decode_weight_names, memory_bandwidth, decode_step_bytes
 from tests.tiny import build_tiny_tokenizer, build_tiny_vqa_model
 from vision.tiling import TilingConfig, collate_tiled, tile_image
 
@@ -52,6 +52,6 @@ def test_decode_bytes_are_the_parameters_one_step_reads(tmp_path):
     assert nbytes["total"] == nbytes["weights"] + nbytes["kv_cache_mean"] + nbytes["vision_kv"]
 
 
-def test_copy_bandwidth_is_measured():
-    bw = copy_bandwidth(nbytes=8 << 20, repeats=2)
-    assert bw["bytes_per_s"] > 0 and bw["buffer_mib"] == 8
+def test_memory_bandwidth_is_measured():
+    bw = memory_bandwidth(nbytes=8 << 20, repeats=2)
+    assert bw["bytes_per_s"] > 0 and bw["copy_gb_per_s"] > 0 and bw["buffer_mib"] == 8
