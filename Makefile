@@ -4,13 +4,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-video demo-speech test install clean system-deps
+.PHONY: demo demo-video demo-speech web-demo test install clean system-deps
 
 # Debian programs the tests and demos run: Tesseract (OCR filter), espeak-ng (synthetic speech), ffmpeg and
-# ffprobe (test clips, bench_video). Installed when running as root, else checked; tests/system_deps.py names
-# the same programs, and a test whose program is missing fails with the install command.
-SYSTEM_PACKAGES := tesseract-ocr tesseract-ocr-eng espeak-ng ffmpeg
-SYSTEM_PROGRAMS := tesseract espeak-ng ffmpeg ffprobe
+# ffprobe (test clips, bench_video), chromium and chromedriver (the web demo's browser test). Installed when
+# running as root, else checked; tests/system_deps.py names the same programs, and a test whose program is
+# missing fails with the install command.
+SYSTEM_PACKAGES := tesseract-ocr tesseract-ocr-eng espeak-ng ffmpeg chromium chromium-driver
+SYSTEM_PROGRAMS := tesseract espeak-ng ffmpeg ffprobe chromium chromedriver
 
 system-deps:
 	@missing=""; for p in $(SYSTEM_PROGRAMS); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -66,6 +67,16 @@ demo-speech: $(STAMP) system-deps
 	$(PY) -m scripts.demo_asr --checkpoint runs/synthetic/speech/export \
 		--audio out/synthetic/spoken-digits/test/00000.wav
 	head -n 1 out/synthetic/spoken-digits/test/answers.jsonl
+
+# The web demo (gradio) on the image road's export, made first when missing (as `make demo` makes it); serves
+# http://127.0.0.1:7860 until stopped (HOST / PORT override).
+IMAGE_EXPORT := runs/synthetic/image_qa/export
+HOST ?= 127.0.0.1
+PORT ?= 7860
+
+web-demo: $(STAMP) system-deps
+	test -f $(IMAGE_EXPORT)/config.json || $(PY) -m scripts.bench_learning image --work-dir .
+	$(PY) -m scripts.web_demo --checkpoint $(IMAGE_EXPORT) --host $(HOST) --port $(PORT)
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q

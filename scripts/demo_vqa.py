@@ -1,7 +1,7 @@
 """Ask a question about an image; the answer streams to stdout. Or answer a file of questions.
 
     python -m scripts.demo_vqa --image PATH --question TEXT (--checkpoint DIR [--lm DIR] | --mllama DIR)
-        [--tokenizer tokenizer.model] [--max-new-tokens 64] [--temperature 0] [--top-p 0.9]
+        [--tokenizer tokenizer.model] [--max-new-tokens 64] [--temperature 0] [--top-p 0.9] [--top-k 0]
     python -m scripts.demo_vqa --questions FILE.jsonl --out PREDICTIONS.jsonl (--checkpoint DIR | ...) [...]
 
 --checkpoint: a directory written by our training (config.json + model.safetensors + tokenizer.model).
@@ -31,14 +31,14 @@ import torch
 
 from adapters.chat import Message, encode_dialog
 from adapters.checkpoint import CheckpointError
-from adapters.generation import GenerationLengthError, SamplingConfig, check_length, generate, stream_text
+from adapters.generation import GenerationLengthError, SamplingConfig, check_length, stream
 from adapters.multimodal import ImageBatch, MultimodalLlama
 from adapters.tokenizer import Tokenizer, TokenizerError
 from common.export import ExportFormatError, export_format
 from media.image import ImageLoadError, load_image
 from scripts._batch import (BatchInputError, add_batch_args, check_batch_args, read_questions,
                             write_predictions)
-from vision.tiling import TilingConfig, collate_tiled, tile_image
+from vision.tiling import TiledImage, TilingConfig, collate_tiled, tile_image
 
 
 def find_tokenizer(model_dir: Path, explicit: str | None) -> Path:
@@ -77,6 +77,17 @@ def top_p(text: str) -> float:
     return value
 
 
+def top_k(text: str) -> int:
+    """argparse type: how many most likely tokens sampling keeps, >= 0 (0 = all)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = off), got {value}")
+    return value
+
+
 def _float(text: str) -> float:
     try:
         return float(text)
@@ -89,6 +100,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--temperature", type=temperature, default=0.0)
     p.add_argument("--top-p", type=top_p, default=0.9)
+    p.add_argument("--top-k", type=top_k, default=0, help="keep the K most likely tokens when sampling (0 = off)")
     p.add_argument("--seed", type=int, default=None)
 
 
@@ -138,10 +150,14 @@ def image_input(model: MultimodalLlama, path: str | Path, padded: bool) -> Image
     tiles attend to the padding tiles in the encoder). Our own exports were trained on trimmed batches
     (`training.data`), where a one-tile image is one tile: asking them with padding slots changes what the
     encoder sees (on the synthetic road, 0.66 held-out accuracy instead of 1.0 for the same weights)."""
-    vcfg = model.cfg.vision
-    tiled = tile_image(load_image(path), TilingConfig(tile_size=vcfg.tile_size, max_tiles=vcfg.max_tiles))
-    batch = ImageBatch.from_collated(collate_tiled([[tiled]]))
+    batch = ImageBatch.from_collated(collate_tiled([[tiled_image(model, path)]]))
     return batch if padded else batch.trimmed()
+
+
+def tiled_image(model: MultimodalLlama, path: str | Path) -> TiledImage:
+    """The image at ``path`` tiled for ``model``'s vision encoder; `ImageLoadError` when it cannot be read."""
+    vcfg = model.cfg.vision
+    return tile_image(load_image(path), TilingConfig(tile_size=vcfg.tile_size, max_tiles=vcfg.max_tiles))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,17 +199,18 @@ def ask(model: MultimodalLlama, tok: Tokenizer, args, question: str, image: str 
     return answer_pieces(model, tok, message, args, images=images)
 
 
-def answer_pieces(model, tok: Tokenizer, message: Message, args, images=None, videos=None) -> Iterator[str]:
-    """The answer to one user message as text pieces, as they are generated (sampling from ``args``).
+def answer_pieces(model, tok: Tokenizer, message: Message | list[Message], args, images=None,
+                  videos=None) -> Iterator[str]:
+    """The answer to one user message (or to the last of a conversation's messages, each with its media
+    placeholders) as text pieces, as they are generated (sampling from ``args``).
     `GenerationLengthError` (raised before any decoding) when the answer cannot fit the context."""
-    prompt = torch.tensor([encode_dialog(tok, [message])])
+    prompt = torch.tensor([encode_dialog(tok, [message] if isinstance(message, Message) else message)])
     try:
         check_length(prompt.shape[1], args.max_new_tokens, model.cfg.lm.max_seq_len)
     except GenerationLengthError as e:
         raise GenerationLengthError(f"--max-new-tokens: {e}") from None
-    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    ids = (int(t[0]) for t in generate(model, prompt, images, sampling, tok.stop_ids, videos=videos))
-    return stream_text(tok, ids, tok.stop_ids)
+    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed, args.top_k)
+    return (pieces[0] for pieces in stream(model, tok, prompt, sampling, images, videos) if pieces[0])
 
 
 def print_stream(pieces: Iterable[str]) -> int:

@@ -17,6 +17,8 @@ DEBIAN_PACKAGES = {
     "ffprobe": "ffmpeg",
     "tesseract": "tesseract-ocr tesseract-ocr-eng",
     "espeak-ng": "espeak-ng",
+    "chromium": "chromium",
+    "chromedriver": "chromium-driver",
 }
 
 

@@ -37,6 +37,8 @@ def run(ckpt, *extra):
     ("--top-p", "0", "argument --top-p: must be in (0, 1], got 0"),
     ("--top-p", "1.5", "argument --top-p: must be in (0, 1], got 1.5"),
     ("--top-p", "nan", "argument --top-p: must be in (0, 1], got nan"),
+    ("--top-k", "-1", "argument --top-k: must be >= 0 (0 = off), got -1"),
+    ("--top-k", "2.5", "argument --top-k: expected an integer, got '2.5'"),
 ])
 def test_bad_sampling_arguments_exit_2_with_one_line(assets, capsys, flag, value, message):
     with pytest.raises(SystemExit) as e:
