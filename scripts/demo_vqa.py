@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -50,49 +50,46 @@ def find_tokenizer(model_dir: Path, explicit: str | None) -> Path:
     raise TokenizerError(f"{model_dir}: no tokenizer.model (tried DIR and DIR/original); pass --tokenizer")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an int >= 1 (a bad value is one usage line and exit status 2)."""
+def _int(text: str, low: int, hint: str = "") -> int:
+    """``text`` as an int >= ``low``, else an argparse error (one usage line and exit status 2)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}{hint}, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    return _int(text, 1)
+
+
+def top_k(text: str) -> int:
+    """argparse type: how many most likely tokens sampling keeps, >= 0 (0 = all)."""
+    return _int(text, 0, " (0 = off)")
+
+
+def number(text: str, ok: Callable[[float], bool], rule: str, what: str = "a number") -> float:
+    """``text`` as a float for which ``ok`` holds, else an argparse error naming ``rule``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
     return value
 
 
 def temperature(text: str) -> float:
     """argparse type: a sampling temperature, >= 0 (0 = greedy)."""
-    value = _float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = greedy), got {text}")
-    return value
+    return number(text, lambda v: v >= 0, ">= 0 (0 = greedy)")
 
 
 def top_p(text: str) -> float:
     """argparse type: a nucleus mass in (0, 1]."""
-    value = _float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def top_k(text: str) -> int:
-    """argparse type: how many most likely tokens sampling keeps, >= 0 (0 = all)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = off), got {value}")
-    return value
-
-
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    return number(text, lambda v: 0 < v <= 1, "in (0, 1]")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

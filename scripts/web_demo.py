@@ -44,8 +44,8 @@ from media.image import ImageLoadError
 from media.video import VideoReader, VideoReadError
 from scripts.demo_asr import PROMPTS, load_speech_model, max_piece_samples, transcript
 from scripts.demo_video import StillImageError, read_clip, video_model_problem
-from scripts.demo_vqa import (add_sampling_args, answer_pieces, find_tokenizer, modality_error, positive_int,
-                              tiled_image)
+from scripts.demo_vqa import (add_sampling_args, answer_pieces, find_tokenizer, modality_error, number,
+                              positive_int, tiled_image)
 from speech.adapter import encode_speech_dialog
 from vision.frames import collate_videos, tile_frames, video_tiling
 from vision.tiling import TilingError, collate_tiled
@@ -218,13 +218,7 @@ def build_page(chat: ChatModel, title: str):
 
 def positive_mb(text: str) -> float:
     """argparse type: a size in MB, > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of MB, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
+    return number(text, lambda v: v > 0, "> 0", "a number of MB")
 
 
 def main(argv: list[str] | None = None) -> int:
