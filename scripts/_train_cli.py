@@ -48,6 +48,8 @@ def train_main(argv: list[str] | None, *, doc: str, name: str, kind: str | None)
                "last_step": last, "last_loss": result.losses.get(last) if last else None,
                "steps_per_s": result.steps_per_s, "tokens_per_s": result.tokens_per_s,
                "bad_samples": result.bad_samples}
+    if result.sources is not None:  # a data mix: each source's weight, samples delivered and realised share
+        summary["sources"] = result.sources
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:

@@ -50,3 +50,19 @@ def pad_examples(tok: Tokenizer, rows: list[tuple[list[int], list[int]]]) -> tup
     for i, (t, lab) in enumerate(rows):
         tokens[i, : len(t)], labels[i, : len(lab)] = torch.tensor(t), torch.tensor(lab)
     return tokens, labels
+
+
+def conversation_shards(shards: Path, tok_dir: Path, tile_size: int = 56, max_tiles: int = 2):
+    """(samples, key.json metas, tokenizer, codec) of the conversation shards under ``shards`` (in order): a tiny
+    tokenizer trained on their turns and the trainer's `ImageConversationCodec` to decode them."""
+    import json
+
+    from training.codecs import ImageConversationCodec
+    from training.data import ShardStream
+    from vision.tiling import TilingConfig
+
+    raws = [r for shard in sorted(Path(shards).glob("shard_*.tar")) for r in ShardStream([shard], shuffle_buffer=1).epoch(0)]
+    metas = [json.loads(r.members["json"])["meta"] for r in raws]
+    tok = build_tiny_tokenizer(tok_dir, texts=[t["content"].replace("<|image|>", "") for m in metas
+                                               for t in m["conversations"]])
+    return raws, metas, tok, ImageConversationCodec(tok, TilingConfig(tile_size=tile_size, max_tiles=max_tiles))

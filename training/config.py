@@ -8,7 +8,7 @@ Merged once at the entry point (CONVENTIONS 7) and written, resolved, into the r
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,10 +71,30 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class SourceConfig:
+    """One source of a data mix (``data.sources``): its shards, their sample format and its sampling weight.
+
+    shards / format: as ``data.shards`` / ``data.format`` of a one-source run.
+    weight: > 0; the next sample comes from this source with probability weight / (sum of the weights).
+    name: what the run's report calls it; "" = ``sources[i]``.
+    """
+
+    shards: str
+    weight: float
+    format: str = "caption"
+    name: str = ""
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Webdataset shards and how samples become micro-batches (see `training.data`).
 
     shards: a path, glob or brace pattern (``out/shards/shard_{00000..00003}.tar``).
+    sources: instead of ``shards`` / ``format``, a weighted mix of several shard sets, each with its own format
+        (`SourceConfig`; the annealing mix, Llama 3 sec. 7.1): every source an endless stream of its own, the
+        next sample drawn from source i with probability weight_i / sum (`training.data.MixStream`); the run
+        logs the realised per-source sample counts beside the weights. ``shards`` stays empty and ``format`` at
+        its default (a mix's formats are its sources').
     format: "caption" = ``<bos><|image|>caption<eos>`` (pre-training: loss on the caption and eos);
         "chat" = the Llama 3 chat format with ``prompt`` as the user turn and the text as the answer;
         "qa" = the chat format with each sample's own ``question`` (key.json meta) as the user turn and its
@@ -94,6 +114,7 @@ class DataConfig:
     """
 
     shards: str = ""
+    sources: tuple[SourceConfig, ...] | None = None
     format: str = "caption"
     prompt: str = ""  # chat: the user turn ("" = "Describe the image/video."); speech: the system prompt
     max_seq_len: int = 256  # longer texts are an error naming the sample, never truncated silently
@@ -104,6 +125,20 @@ class DataConfig:
     seed: int = 0
     on_error: str = "raise"  # "raise" or "count" (bad samples counted per shard and key in the log)
     crop_seconds: float = 60.0  # bestrq: longer clips are randomly cropped to this (sec. 8.1: 6,000 frames)
+
+    def source_list(self) -> list[SourceConfig]:
+        """The mix's sources, or the one source of ``shards`` / ``format`` (weight 1)."""
+        if self.sources is None:
+            return [SourceConfig(self.shards, 1.0, self.format)]
+        return list(self.sources)
+
+    def source_names(self) -> list[str]:
+        return [s.name or f"sources[{i}]" for i, s in enumerate(self.source_list())]
+
+    def for_source(self, i: int) -> "DataConfig":
+        """The one-source data config of source ``i`` (what its codec is built from)."""
+        s = self.source_list()[i]
+        return replace(self, shards=s.shards, format=s.format, sources=None)
 
 
 @dataclass(frozen=True)
@@ -173,10 +208,7 @@ class RunConfig:
             (self.parallel in PARALLEL, "parallel", f"{self.parallel!r} is not one of {PARALLEL}"),
             (self.parallel == "data" or spec.pipeline, "parallel",
              f"pipeline lays out the image model only, not kind {self.kind!r}"),
-            (self.data.format in spec.formats, "data.format",
-             f"{self.data.format!r} is not one of kind {self.kind}'s formats {spec.formats}"),
-            (self.data.format != "conversation" or self.parallel == "data", "data.format",
-             "conversation samples hold any number of images per row; pipeline stages take one image slot"),
+            *self._source_checks(spec),
             (self.data.on_error in ("raise", "count"), "data.on_error",
              f"{self.data.on_error!r} is not raise | count"),
             (self.data.max_rows >= 1 and self.data.max_tokens >= self.data.max_seq_len, "data.max_tokens",
@@ -202,6 +234,32 @@ class RunConfig:
         for ok, key, msg in checks:
             if not ok:
                 raise TrainConfigError(f"{key}: {msg}")
+
+    def _source_checks(self, spec) -> list[tuple[bool, str, str]]:
+        """(ok, key, message) of ``data.format``, or of every ``data.sources[i]`` of a mix."""
+        d = self.data
+        if d.sources is None:
+            where = [("data.format", d.format)]
+            checks = []
+        else:
+            where = [(f"data.sources[{i}].format", s.format) for i, s in enumerate(d.sources)]
+            names = d.source_names()
+            checks = [(not d.shards, "data.sources / data.shards", "give one: data.shards (one source) or "
+                       "data.sources (a weighted mix), not both"),
+                      (d.format == "caption", "data.sources / data.format", "each source has its own format "
+                       "(data.sources[i].format); drop data.format"),
+                      (len(d.sources) > 0, "data.sources", "an empty list; give at least one source"),
+                      *((s.weight > 0, f"data.sources[{i}].weight", f"{s.weight} must be > 0")
+                        for i, s in enumerate(d.sources)),
+                      *((bool(s.shards.strip()), f"data.sources[{i}].shards", "empty; give a path, glob or brace "
+                         "pattern") for i, s in enumerate(d.sources)),
+                      *((names.index(n) == i, f"data.sources[{i}].name", f"{n!r} names an earlier source too")
+                        for i, n in enumerate(names))]
+        for key, fmt in where:
+            checks += [(fmt in spec.formats, key, f"{fmt!r} is not one of kind {self.kind}'s formats {spec.formats}"),
+                       (fmt != "conversation" or self.parallel == "data", key, "conversation samples hold any "
+                        "number of images per row; pipeline stages take one image slot")]
+        return checks
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -11,6 +11,13 @@ sample held back because it did not fit counts as not delivered); resuming rebui
 and skips ``index`` raw samples without decoding them, so the next micro-batch equals the uninterrupted
 run's exactly. The skip re-reads those samples' bytes: cheap next to training on them.
 
+Mix. With several sources (``data.sources``, the annealing mix) `MixStream` interleaves one `ShardStream` per
+source (each as above, split across ranks the same way, with its own shuffle seed): draw ``n`` of a rank comes from
+source i with probability weight_i / sum, from uniforms fixed by ``(seed, rank, n)`` (webdataset's ``RandomMix``,
+NeMo's blended datasets). Its position is the draw count plus every source's ``(epoch, index)``, so a resumed run
+draws and reads exactly what the uninterrupted one would. Each sample goes through its own source's codec
+(`MixCodec`); `TrainBatches` counts the delivered samples per source.
+
 Packing. A micro-batch is filled greedily with whole samples, in stream order, while it holds at most
 ``max_rows`` rows and ``rows x longest row`` stays within ``max_tokens``: short captions give many rows
 (the paper's "short texts allow micro-batch 8 instead of 1"), long ones few. With ``pack_rows`` a row
@@ -54,16 +61,20 @@ class RawSample:
     members: dict[str, bytes]
     epoch: int
     index: int  # position in this rank's stream for the epoch
+    source: int = 0  # which source of a mix (`MixStream`) it came from
+    mix_position: dict | None = None  # a mix's position just before this sample (`MixStream.position`)
 
 
 class ShardStream:
     """Endless, shuffled, rank-split stream of raw samples with an exact (epoch, index) position."""
 
+    n_sources = 1
+
     def __init__(self, shards: list[Path], rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle_buffer: int = 64):
+                 shuffle_buffer: int = 64, where: str = "data.shards"):
         if len(shards) < world_size:
-            raise ShardError(f"data.shards: {len(shards)} shard(s) for {world_size} ranks; each rank needs >= 1")
-        self.shards, self.rank, self.world = list(shards), rank, world_size
+            raise ShardError(f"{where}: {len(shards)} shard(s) for {world_size} ranks; each rank needs >= 1")
+        self.shards, self.rank, self.world, self.where = list(shards), rank, world_size, where
         self.seed, self.buffer = seed, max(1, shuffle_buffer)
 
     def epoch_shards(self, epoch: int) -> list[Path]:
@@ -102,9 +113,71 @@ class ShardStream:
                 if sample.index >= skip:
                     yield sample
             if n == 0:
-                raise ShardError(f"data.shards: rank {self.rank}'s shards {self.epoch_shards(epoch)} "
+                raise ShardError(f"{self.where}: rank {self.rank}'s shards {self.epoch_shards(epoch)} "
                                  "hold no samples")
             epoch, skip = epoch + 1, 0
+
+    # The position protocol `TrainBatches` resumes through (`MixStream` has the same three methods).
+    def start(self) -> dict:
+        return {"epoch": 0, "index": 0}
+
+    def position(self, raw: RawSample, after: bool = False) -> dict:
+        """The position from which the stream yields ``raw`` first (``after``: the sample after it)."""
+        return {"epoch": raw.epoch, "index": raw.index + after}
+
+    def iterate_from(self, position: dict) -> Iterator[RawSample]:
+        return self.iterate(int(position["epoch"]), int(position["index"]))
+
+
+class MixStream:
+    """Endless weighted mix of ``streams`` (one `ShardStream` per source): draw ``n`` takes the next sample of
+    source i with probability ``weights[i] / sum(weights)``; the draws are fixed by ``(seed, rank, n)``, so a
+    resumed stream continues exactly (see the module docstring)."""
+
+    BLOCK = 1024  # draws per block of uniforms: resuming at draw n regenerates one block
+
+    def __init__(self, streams: list[ShardStream], weights: list[float], seed: int = 0, rank: int = 0):
+        if not streams or len(streams) != len(weights) or not all(w > 0 for w in weights):
+            raise ValueError(f"a mix needs >= 1 stream and a weight > 0 for each, got {len(streams)} and {weights}")
+        self.streams, self.seed, self.rank = list(streams), seed, rank
+        self.probs = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+        self._edges = np.cumsum(self.probs)[:-1]
+        self._block: tuple[int, np.ndarray] | None = None
+
+    @property
+    def n_sources(self) -> int:
+        return len(self.streams)
+
+    def choice(self, n: int) -> int:
+        """The source of draw ``n`` (the same for any resume: a function of seed, rank and n only)."""
+        b = n // self.BLOCK
+        if self._block is None or self._block[0] != b:
+            u = np.random.default_rng([self.seed, self.rank, b, 0x6D6978]).random(self.BLOCK)  # "mix"
+            self._block = (b, np.searchsorted(self._edges, u, side="right"))
+        return int(self._block[1][n % self.BLOCK])
+
+    def start(self) -> dict:
+        return {"draw": 0, "sources": [[0, 0] for _ in self.streams]}
+
+    def position(self, raw: RawSample, after: bool = False) -> dict:
+        before = raw.mix_position
+        if not after:
+            return before
+        sources = [list(p) for p in before["sources"]]
+        sources[raw.source] = [raw.epoch, raw.index + 1]
+        return {"draw": before["draw"] + 1, "sources": sources}
+
+    def iterate_from(self, position: dict) -> Iterator[RawSample]:
+        n = int(position["draw"])
+        at = [[int(e), int(i)] for e, i in position["sources"]]
+        its = [s.iterate(e, i) for s, (e, i) in zip(self.streams, at)]  # lazy: a source never drawn is never read
+        while True:
+            k = self.choice(n)
+            raw = next(its[k])
+            raw.source, raw.mix_position = k, {"draw": n, "sources": [list(p) for p in at]}
+            at[k] = [raw.epoch, raw.index + 1]
+            n += 1
+            yield raw
 
 
 @dataclass
@@ -135,6 +208,29 @@ class Codec(Protocol):
     def collate(self, examples: list[Example]) -> dict: ...
 
 
+class MixCodec:
+    """Each sample of a `MixStream` through its own source's codec; micro-batches collate through ``collator``
+    (one of ``codecs``). ``list_media[i]``: wrap source i's media in a one-item list, so a caption example (one
+    image) collates like a conversation example (a list of images) when the two mix."""
+
+    def __init__(self, codecs: list[Codec], collator: Codec, list_media: list[bool] | None = None):
+        self.codecs, self.collator = list(codecs), collator
+        self.list_media = list(list_media) if list_media is not None else [False] * len(self.codecs)
+
+    def decode(self, raw: RawSample) -> Example:
+        ex = self.codecs[raw.source].decode(raw)
+        if self.list_media[raw.source]:
+            ex.media = [ex.media]
+        return ex
+
+    def collate(self, examples: list[Example]) -> dict:
+        return self.collator.collate(examples)
+
+    @property
+    def collate_rows(self):
+        return self.collator.collate_rows  # AttributeError, as for a codec without it: no pack_rows
+
+
 @dataclass
 class MicroBatch:
     tokens: torch.Tensor  # (B, T) right-padded with pad_id
@@ -154,27 +250,30 @@ class TrainBatches:
     following micro-batches (see the module docstring).
     """
 
-    def __init__(self, stream: ShardStream, codec: Codec, pad_id: int, max_seq_len: int, max_tokens: int,
-                 max_rows: int, on_error: str = "raise", pack_rows: bool = False):
+    def __init__(self, stream: ShardStream | MixStream, codec: Codec, pad_id: int, max_seq_len: int,
+                 max_tokens: int, max_rows: int, on_error: str = "raise", pack_rows: bool = False):
         if pack_rows and not hasattr(codec, "collate_rows"):
             raise ValueError(f"data.pack_rows: {type(codec).__name__} cannot put several samples in one row")
         self.stream, self.codec, self.pad_id = stream, codec, pad_id
         self.max_seq_len, self.max_tokens, self.max_rows = max_seq_len, max_tokens, max_rows
         self.pack_rows = pack_rows
         self.on_error = on_error
-        self.position = (0, 0)  # first sample not yet delivered
+        self.position = stream.start()  # first sample not yet delivered
         self.bad: dict[str, list[str]] = {}  # shard -> keys of counted bad samples
         self.samples_delivered = 0
+        self.source_samples = [0] * stream.n_sources  # delivered samples per source of a mix
         self._it: Iterator[RawSample] | None = None
         self._pending: Example | None = None
 
     def state_dict(self) -> dict:
-        return {"epoch": self.position[0], "index": self.position[1], "samples_delivered": self.samples_delivered,
-                "bad": {k: list(v) for k, v in self.bad.items()}}
+        return {**self.position, "samples_delivered": self.samples_delivered,
+                "source_samples": list(self.source_samples), "bad": {k: list(v) for k, v in self.bad.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.position = (int(state["epoch"]), int(state["index"]))
+        self.position = {k: state[k] for k in self.stream.start()}
         self.samples_delivered = int(state["samples_delivered"])
+        # a one-source checkpoint written before per-source counts: all its samples are source 0's
+        self.source_samples = [int(n) for n in state.get("source_samples", [self.samples_delivered])]
         self.bad = {k: list(v) for k, v in state["bad"].items()}
         self._it, self._pending = None, None
 
@@ -184,7 +283,7 @@ class TrainBatches:
 
     def _next_example(self) -> Example:
         if self._it is None:
-            self._it = self.stream.iterate(*self.position)
+            self._it = self.stream.iterate_from(self.position)
         while True:
             raw = next(self._it)
             try:
@@ -227,9 +326,12 @@ class TrainBatches:
             self._pending = ex  # starts the next micro-batch
             break
         nxt = self._pending.source if self._pending is not None else None
-        last = rows[-1][-1].source
-        self.position = (nxt.epoch, nxt.index) if nxt is not None else (last.epoch, last.index + 1)
+        self.position = (self.stream.position(nxt) if nxt is not None
+                         else self.stream.position(rows[-1][-1].source, after=True))
         self.samples_delivered += sum(map(len, rows))
+        for row in rows:
+            for e in row:
+                self.source_samples[e.source.source] += 1
         return self._collate_rows(rows) if self.pack_rows else self._collate([r[0] for r in rows])
 
     def _collate_rows(self, rows: list[list[Example]]) -> MicroBatch:

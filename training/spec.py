@@ -63,6 +63,23 @@ def get_spec(kind: str) -> TrainSpec:
     return SPECS[kind]
 
 
+def build_data_codec(cfg: "RunConfig", tok: "Tokenizer | None", model: nn.Module) -> "Codec":
+    """The run's codec: the kind's for ``data.format``; for a mix (``data.sources``) a `MixCodec` of the kind's
+    codec for each source's format. Conversation codecs collate lists of images (videos) per sample: when
+    conversation sources mix with caption / chat / qa ones, those collate the batch and the others' single
+    image (video) is wrapped in a list, which collates the same."""
+    from training.data import MixCodec
+
+    spec = get_spec(cfg.kind)
+    if cfg.data.sources is None:
+        return spec.build_codec(cfg, tok, model)
+    formats = [s.format for s in cfg.data.sources]
+    codecs = [spec.build_codec(replace(cfg, data=cfg.data.for_source(i)), tok, model) for i in range(len(formats))]
+    if "conversation" in formats and len(set(formats)) > 1:
+        return MixCodec(codecs, codecs[formats.index("conversation")], [f != "conversation" for f in formats])
+    return MixCodec(codecs, codecs[0])
+
+
 # ------------------------------------------------------------------------------ image and video
 
 

@@ -28,6 +28,10 @@ entry, looked up once; the loop below is the same for all of them. The end of a 
 ``run_dir/export`` through the spec: an inference checkpoint (`adapters.model_io` / `speech.model_io` format,
 what ``scripts.demo_vqa --checkpoint`` loads), a Meta-layout LM (text) or an encoder (clip, bestrq).
 
+A data mix (``data.sources``) reads each source through its own codec (`training.spec.build_data_codec`) and
+reports the delivered samples per source, summed over the data-parallel ranks, beside the normalised weights:
+``losses.jsonl``'s ``sources`` field at every ``log_every`` step and the last, and `TrainResult.sources`.
+
 Without a launcher (no RANK / WORLD_SIZE in the environment) the process initialises a one-rank gloo
 group itself, so tests and CPU users run the same code directly.
 """
@@ -52,11 +56,11 @@ from torch import nn
 
 from adapters.tokenizer import Tokenizer
 from common.config import config_to_dict
-from media.tar import expand_shards
+from media.tar import ShardError, expand_shards
 from training.config import RunConfig, load_deepspeed_config, resolve_deepspeed, resume_changes, write_resolved
-from training.data import ShardStream, TrainBatches
+from training.data import MixStream, ShardStream, TrainBatches
 from training.optim import warmup_cosine
-from training.spec import TrainError, get_spec
+from training.spec import TrainError, build_data_codec, get_spec
 
 
 class RankStateError(TrainError):
@@ -98,13 +102,36 @@ def build_model(cfg: RunConfig, tok: Tokenizer | None) -> nn.Module:
     return get_spec(cfg.kind).build_model(cfg, tok)
 
 
+def source_shards(cfg: RunConfig) -> list[list[Path]]:
+    """`media.tar.expand_shards` of each source's patterns (``data.shards``, or every ``data.sources[i].shards``;
+    space-separated patterns), resolved before the model is built so a run config naming shards that do not
+    exist fails first, naming them (and the source)."""
+    if cfg.data.sources is None:
+        return [expand_shards(cfg.data.shards.split())]
+    out = []
+    for i, src in enumerate(cfg.data.sources):
+        try:
+            out.append(expand_shards(src.shards.split()))
+        except ShardError as e:
+            raise ShardError(f"data.sources[{i}].shards: {e}") from None
+    return out
+
+
 def build_batches(cfg: RunConfig, tok: Tokenizer | None, model: nn.Module, rank: int, world: int,
-                  shards: list[Path]) -> TrainBatches:
-    """``shards``: `media.tar.expand_shards` of ``data.shards`` (space-separated patterns), resolved before the
-    model is built so a run config naming shards that do not exist fails first, naming them."""
+                  shards: list[list[Path]] | list[Path]) -> TrainBatches:
+    """``shards``: `source_shards` (a flat list is the one source of ``data.shards``). A mix gets one
+    `ShardStream` per source, split across ranks like a single one, each shuffled with its own seed."""
     d = cfg.data
-    stream = ShardStream(shards, rank, world, d.seed, d.shuffle_buffer)
-    codec = get_spec(cfg.kind).build_codec(cfg, tok, model)
+    per_source = shards if shards and isinstance(shards[0], list) else [shards]
+    if d.sources is None:
+        stream = ShardStream(per_source[0], rank, world, d.seed, d.shuffle_buffer)
+    else:
+        seeds = np.random.SeedSequence(d.seed).spawn(len(per_source))
+        stream = MixStream([ShardStream(paths, rank, world, int(ss.generate_state(1)[0]), d.shuffle_buffer,
+                                        where=f"data.sources[{i}].shards")
+                            for i, (paths, ss) in enumerate(zip(per_source, seeds))],
+                           [s.weight for s in d.sources], d.seed, rank)
+    codec = build_data_codec(cfg, tok, model)
     return TrainBatches(stream, codec, tok.pad_id if tok is not None else 0, d.max_seq_len, d.max_tokens,
                         d.max_rows, d.on_error, pack_rows=d.pack_rows)
 
@@ -163,6 +190,8 @@ class TrainResult:
     steps_per_s: float | None = None
     tokens_per_s: float | None = None
     bad_samples: int = 0
+    # A data mix: source name -> {"weight": normalised, "samples": delivered over all ranks, "share": of all}
+    sources: dict[str, dict] | None = None
 
 
 def _rng_state() -> dict:
@@ -309,7 +338,7 @@ class DataParallelMode:
         return build_engine(cfg, model, ds, self.mpu)
 
     def batches(self, cfg: RunConfig, tok: Tokenizer | None, model: nn.Module, engine,
-                shards: list[Path]) -> TrainBatches:
+                shards: list[list[Path]]) -> TrainBatches:
         return build_batches(cfg, tok, model, self.dp_rank, self.dp_world, shards)  # one TP group: one stream
 
     def step(self, engine, batches: TrainBatches) -> StepStats:
@@ -336,6 +365,12 @@ class DataParallelMode:
         stats = stats.cpu() / self.tp  # the ranks of a tensor-parallel group share one batch: count it once
         means = dict(zip(names, (stats[: len(names)] / (gas * self.dp_world)).tolist()))
         return StepStats(means.pop("loss"), means, int(stats[-1]), int(stats[-2]), mb.keys)
+
+    def data_sum(self, engine, counts: list[int]) -> list[int]:
+        """Per-rank data counts summed over the data-parallel world (a tensor-parallel group's one stream once)."""
+        total = torch.tensor(counts, dtype=torch.float64, device=engine.device)
+        dist.all_reduce(total)
+        return [int(round(x)) for x in (total.cpu() / self.tp).tolist()]
 
     def trained_model(self, engine, model: nn.Module, cfg: RunConfig, tok: Tokenizer | None,
                       rank: int) -> nn.Module | None:
@@ -381,7 +416,7 @@ class PipelineMode:
         return build_pipeline_engine(cfg, model, ds)
 
     def batches(self, cfg: RunConfig, tok: Tokenizer | None, model: nn.Module, engine,
-                shards: list[Path]) -> TrainBatches:
+                shards: list[list[Path]]) -> TrainBatches:
         from training.pipeline import pipeline_batch
 
         micro = engine.train_micro_batch_size_per_gpu()
@@ -403,11 +438,16 @@ class PipelineMode:
     def step(self, engine, batches: TrainBatches) -> StepStats:
         self._counts = [0, 0]
         loss = float(engine.train_batch(self._feed))  # the mean over micro-batches and data-parallel ranks
-        # First and last stages both read every micro-batch: count the first stages' only.
-        counts = torch.tensor(self._counts if engine.is_first_stage() else [0, 0], dtype=torch.float64,
-                              device=engine.device)
-        dist.all_reduce(counts)
-        return StepStats(loss, {}, int(counts[0]), int(counts[1]), self._keys)
+        tokens, label_tokens = self.data_sum(engine, self._counts)
+        return StepStats(loss, {}, tokens, label_tokens, self._keys)
+
+    def data_sum(self, engine, counts: list[int]) -> list[int]:
+        """Per-rank data counts summed over the data-parallel world. First and last stages both read every
+        micro-batch (middle stages none): the first stages' counts only."""
+        total = torch.tensor(counts if engine.is_first_stage() else [0] * len(counts), dtype=torch.float64,
+                             device=engine.device)
+        dist.all_reduce(total)
+        return [int(x) for x in total.cpu().tolist()]
 
     def trained_model(self, engine, model: nn.Module, cfg: RunConfig, tok: Tokenizer | None,
                       rank: int) -> nn.Module | None:
@@ -434,7 +474,7 @@ def train(cfg: RunConfig, ds_config: dict | None = None) -> TrainResult:
     mode = MODES[cfg.parallel](cfg, world)
     ds = resolve_deepspeed(ds_config if ds_config is not None else load_deepspeed_config(cfg.deepspeed),
                            mode.dp_world, cfg.deepspeed)
-    shards = expand_shards(cfg.data.shards.split())  # before anything is built or written
+    shards = source_shards(cfg)  # before anything is built or written
     run_dir = Path(cfg.train.run_dir)
     resumed = open_run(cfg, ds, rank, world)
     tok = load_tokenizer(cfg)
@@ -489,14 +529,18 @@ def run_steps(cfg: RunConfig, ds: dict, mode, engine, sched, batches: TrainBatch
         clash = sorted(set(record) & set(s.metrics))
         if clash:
             raise TrainError(f"the task's metric {clash[0]!r} has the name of a losses.jsonl field")
+        logged = (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps
+        if logged and cfg.data.sources is not None:  # collective: every rank takes part
+            result.sources = record["sources"] = mix_report(cfg, mode.data_sum(engine, batches.source_samples))
         if rank == 0:
             bar.set_postfix(loss=f"{s.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{result.tokens_per_s:.0f}")
             with open(run_dir / "losses.jsonl", "a") as f:  # one line per step (past the resumed one)
                 f.write(json.dumps({**record, **s.metrics}) + "\n")
-            if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
+            if logged:
                 scalars = {"loss": s.loss, "lr": lr, "tokens_per_s": result.tokens_per_s,
                            "steps_per_s": result.steps_per_s, "label_tokens": s.label_tokens,
-                           "bad_samples": batches.n_bad, **s.metrics}
+                           "bad_samples": batches.n_bad, **s.metrics,
+                           **{f"share/{k}": v["share"] for k, v in (result.sources or {}).items()}}
                 for name, value in scalars.items():
                     writer.add_scalar(f"train/{name}", value, step + 1)
         if (step + 1) % cfg.train.save_every == 0 or step + 1 == cfg.train.steps:
@@ -507,6 +551,15 @@ def run_steps(cfg: RunConfig, ds: dict, mode, engine, sched, batches: TrainBatch
     if writer is not None:
         writer.close()
     return result
+
+
+def mix_report(cfg: RunConfig, counts: list[int]) -> dict[str, dict]:
+    """Source name -> its normalised weight, delivered ``samples`` (``counts``, over all ranks) and their
+    ``share`` of all delivered samples: the realised mix beside the asked one."""
+    weights = [s.weight for s in cfg.data.source_list()]
+    total = sum(counts)
+    return {name: {"weight": w / sum(weights), "samples": n, "share": n / total if total else 0.0}
+            for name, w, n in zip(cfg.data.source_names(), weights, counts)}
 
 
 def resume(engine, batches: TrainBatches, ckpt_dir: Path, tag: str, state: dict) -> None:

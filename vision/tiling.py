@@ -317,3 +317,50 @@ def collate_tiled(
         "tile_mask": tile_mask,
         "image_mask": image_mask,
     }
+
+
+def box_to_tiles(
+    box_xyxy: Sequence[float], width: int, height: int, cfg: TilingConfig
+) -> list[tuple[int, tuple[float, float, float, float]]]:
+    """Where a box of a width x height image lands after `tile_image`: [(tile_index, box in that tile)].
+
+    Boxes are (x1, y1, x2, y2) in pixel-edge coordinates (pixel i spans [i, i + 1); a box over the whole
+    image is (0, 0, width, height)). Follows `tile_image` step for step: the same `best_layout` and
+    `fit_size`, so the resize maps x -> x * new_w / width and y -> y * new_h / height; the padding is
+    bottom/right, so nothing shifts; then the row-major split. Each tile the box overlaps with positive
+    area gets the box clipped to it, in that tile's pixel coordinates (0..S), in tile-index order.
+    """
+    x1, y1, x2, y2 = (float(v) for v in box_xyxy)
+    if not (0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height):
+        raise TilingError(f"box: {tuple(box_xyxy)} is not a positive-area box inside the {width}x{height} image")
+    S = cfg.tile_size
+    rows, cols = best_layout(width, height, S, cfg.max_tiles)
+    new_w, new_h = fit_size(width, height, cols * S, rows * S, S)
+    sx, sy = new_w / width, new_h / height
+    rx1, ry1, rx2, ry2 = x1 * sx, y1 * sy, x2 * sx, y2 * sy
+    out = []
+    for row in range(rows):
+        for col in range(cols):
+            ox, oy = col * S, row * S
+            cx1, cy1 = max(rx1, ox), max(ry1, oy)
+            cx2, cy2 = min(rx2, ox + S), min(ry2, oy + S)
+            if cx2 > cx1 and cy2 > cy1:
+                out.append((row * cols + col, (cx1 - ox, cy1 - oy, cx2 - ox, cy2 - oy)))
+    return out
+
+
+def tile_box_to_image(
+    tile_index: int, box_xyxy: Sequence[float], width: int, height: int, cfg: TilingConfig
+) -> tuple[float, float, float, float]:
+    """`box_to_tiles`' inverse for one tile: a box in tile ``tile_index``'s pixel coordinates -> the same box
+    in the original width x height image (a model's box on one tile, mapped back). Parts over the padding
+    map past the image's right / bottom edge; clip them if the caller needs a box inside the image."""
+    S = cfg.tile_size
+    rows, cols = best_layout(width, height, S, cfg.max_tiles)
+    if not 0 <= tile_index < rows * cols:
+        raise TilingError(f"tile_index: {tile_index} is not one of the {rows * cols} tiles of layout {(rows, cols)}")
+    new_w, new_h = fit_size(width, height, cols * S, rows * S, S)
+    oy, ox = divmod(tile_index, cols)
+    x1, y1, x2, y2 = (float(v) for v in box_xyxy)
+    return ((x1 + ox * S) * width / new_w, (y1 + oy * S) * height / new_h,
+            (x2 + ox * S) * width / new_w, (y2 + oy * S) * height / new_h)

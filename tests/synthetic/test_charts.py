@@ -12,7 +12,7 @@ import yaml
 from PIL import Image
 
 from adapters.chat import IGNORE_INDEX, image_input_id
-from scripts import build_charts
+from scripts import _rendered, build_charts
 from synthetic.charts import (
     COLOURS,
     KINDS,
@@ -23,10 +23,7 @@ from synthetic.charts import (
     render_chart,
     write_chart_questions,
 )
-from tests.tiny import build_tiny_tokenizer
-from training.codecs import ImageConversationCodec
-from training.data import ShardStream
-from vision.tiling import TilingConfig
+from tests.tiny import conversation_shards
 
 
 def rows(path) -> list[dict]:
@@ -122,7 +119,7 @@ def test_bad_latex_is_a_chart_error_with_the_parsers_reason():
 def built(tmp_path_factory):
     """build_charts end to end: 10 samples of every kind, one equation line mathtext cannot parse."""
     tmp = tmp_path_factory.mktemp("charts")
-    cfg = yaml.safe_load(Path(build_charts.DEFAULT_CONFIG).read_text())
+    cfg = yaml.safe_load(Path(_rendered.DEFAULT_CONFIG).read_text())
     (tmp / "cfg.yaml").write_text(yaml.safe_dump({**cfg, "workers": 1}))  # the shipped config, in-process
     (tmp / "eq.txt").write_text("$\\frac{a}{b}$\n\n\\frac{1}{\n")
     args = [str(tmp / "out"), "--n", "10", "--seed", "4", "--equations", str(tmp / "eq.txt"),
@@ -146,12 +143,7 @@ def test_the_cli_writes_shards_the_conversation_codec_decodes(built, tmp_path, c
     assert report["by_kind"]["equation"] == {"ok": 1, "error": 1}
     assert Image.open(out / "preview.png").format == "PNG"
 
-    raws = [r for shard in sorted((out / "shards").glob("shard_*.tar"))
-            for r in ShardStream([shard], shuffle_buffer=1).epoch(0)]
-    metas = [json.loads(r.members["json"])["meta"] for r in raws]
-    texts = [t["content"].replace("<|image|>", "") for m in metas for t in m["conversations"]]
-    tok = build_tiny_tokenizer(tmp_path / "tok", texts=texts)
-    codec = ImageConversationCodec(tok, TilingConfig(tile_size=56, max_tiles=2))
+    raws, metas, tok, codec = conversation_shards(out / "shards", tmp_path / "tok")
     assert len(raws) == 9
     for raw, meta in zip(raws, metas):
         ex = codec.decode(raw)
