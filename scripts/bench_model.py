@@ -32,6 +32,7 @@ compared too (as a sanity check of the benchmark, not a goal). Measured, fp32, m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import multiprocessing as mp
@@ -647,7 +648,8 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[bench_model] {msg}", file=sys.stderr, flush=True)
 
-    result = run_benchmark(args.repeats, args.warmup, not args.no_memory, log, not args.no_roofline)
+    with contextlib.redirect_stdout(sys.stderr):  # what libraries print (DeepSpeed's accelerator line): not the JSON
+        result = run_benchmark(args.repeats, args.warmup, not args.no_memory, log, not args.no_roofline)
     if not args.json:
         for name in GOALS:
             r = result[name]
