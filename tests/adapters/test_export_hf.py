@@ -105,16 +105,21 @@ def test_transformers_gives_our_logits_and_greedy_tokens(exported, tok):
     assert (out - ref).abs().max().item() <= TOL
     assert (ref - ref_text).abs().max() > 1000 * TOL  # the image matters: the comparison is not vacuous
 
-    stops = hf.generation_config.eos_token_id
-    assert sorted(stops) == sorted(tok.stop_ids)
+    _same_greedy_tokens(model, hf, tokens, images, hf_inputs, tok)
+
+
+def _same_greedy_tokens(model, hf, tokens, images, hf_inputs, tok, n: int = 4) -> None:
+    """HF's ``generate`` and our decoding loop (`adapters.generation.generate`, KV cache and cached vision K/V)
+    give the same ``n`` greedy tokens; the exported stop ids are ours, and both run past them here so that all
+    ``n`` are compared (a trained model may well answer with a stop id first)."""
+    from adapters.generation import SamplingConfig, collect_ids, generate
+
+    assert sorted(hf.generation_config.eos_token_id) == sorted(tok.stop_ids)
     with torch.no_grad():
-        hf_ids = hf.generate(**hf_inputs, max_new_tokens=4, do_sample=False)[0, tokens.shape[1]:].tolist()
-    hf_ids = hf_ids[: next((i for i, t in enumerate(hf_ids) if t in stops), len(hf_ids))]
-    ours = tokens
-    with torch.no_grad():  # greedy by full forwards: our model alone, whatever the decoding loop does
-        for _ in range(4):
-            ours = torch.cat([ours, model(ours, images)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert ours[0, tokens.shape[1]:].tolist() == hf_ids and not set(hf_ids) & set(stops)
+        hf_ids = hf.generate(**hf_inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)[0, tokens.shape[1]:].tolist()
+    ours = collect_ids(generate(model, tokens, images, SamplingConfig(max_new_tokens=n)))
+    assert ours == [hf_ids] and len(hf_ids) == n
 
 
 def test_tokenizer_files(exported, tok):
@@ -256,6 +261,7 @@ def test_trained_attn_bias_false_model_exports_with_our_logits(trained):
         ref_text = hf(input_ids=tokens).logits
     assert (out - ref).abs().max().item() <= TOL
     assert (ref - ref_text).abs().max() > 1000 * TOL
+    _same_greedy_tokens(model, hf, tokens, images, hf_inputs, tok)
     loaded = load_mllama(hf_dir)
     assert loaded.cfg == replace(model.cfg, train_vision=loaded.cfg.train_vision)
     _check_round_trip(model, loaded)
