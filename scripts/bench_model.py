@@ -307,7 +307,8 @@ def memory_bandwidth(nbytes: int = BANDWIDTH_BYTES, repeats: int = 7) -> dict:
     for name, fn, moved in (("mv", lambda: torch.mv(w, v), nbytes), ("copy", lambda: dst.copy_(w), 2 * nbytes)):
         fn()
         best[name] = moved / min(_timed(fn)[0] for _ in range(repeats))
-    return {"bytes_per_s": best["mv"], "gb_per_s": _r(best["mv"] / 1e9, 2), "copy_gb_per_s": _r(best["copy"] / 1e9, 2),
+    return {"bytes_per_s": best["mv"], "gb_per_s": _r(best["mv"] / 1e9, 2), "copy_bytes_per_s": best["copy"],
+            "copy_gb_per_s": _r(best["copy"] / 1e9, 2),
             "buffer_mib": nbytes >> 20, "threads": torch.get_num_threads(),
             "method": "torch.mv of a float32 matrix (bytes read / best time); copy: copy_ (read + write bytes)"}
 
@@ -374,6 +375,7 @@ def measure_roofline(path: Path, repeats: int, warmup: int, log: Callable[[str],
                 "bytes_per_step": nbytes, "bound_step_s": _r(bound, 6),
                 "ours_step_s": _r(ours_step, 6), "hf_step_s": _r(hf_step, 6),
                 "ours_over_bound": _r(ours_step / bound, 3), "hf_over_bound": _r(hf_step / bound, 3),
+                "ours_over_copy_bound": _r(ours_step * bw["copy_bytes_per_s"] / nbytes["total"], 3),
                 "goal_met": bool(ours_step / bound <= ROOFLINE_GOAL),
                 "ours_tokens_per_s": _r(batch / ours_step, 1), "hf_tokens_per_s": _r(batch / hf_step, 1),
                 "bound_tokens_per_s": _r(batch / bound, 1), "ours_over_hf_tokens_per_s": _r(hf_step / ours_step, 3),
