@@ -8,8 +8,9 @@
 ``.close()``). Every start gets a fresh profile in a temporary folder (removed on close), flags that keep it
 offline and quiet (no sync, component updates, background networking or QUIC), and an emulated viewport of
 exactly ``width`` x ``height`` CSS pixels at scale 1, so screenshots and ``getBoundingClientRect`` share one
-pixel grid. http(s) and ws(s) requests are blocked: pages load from ``file://`` URLs. A missing program or
-driver library is a `BrowserError` naming what to install.
+pixel grid. http(s) and ws(s) requests are blocked (pages load from ``file://`` URLs) unless ``block_network``
+is false, as for a page served on localhost. A missing program or driver library is a `BrowserError` naming
+what to install.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ class Chromium:
     longer)."""
 
     def __init__(self, width: int, height: int, timeout_s: float = 30.0, chromium: str | None = None,
-                 chromedriver: str | None = None):
-        self.width, self.height, self.timeout_s = width, height, timeout_s
+                 chromedriver: str | None = None, block_network: bool = True):
+        self.width, self.height, self.timeout_s, self.block_network = width, height, timeout_s, block_network
         self.chromium = chromium or find_program("chromium")
         self.chromedriver = chromedriver or find_program("chromedriver")
         for path in (self.chromium, self.chromedriver):
@@ -87,8 +88,9 @@ class Chromium:
         driver.set_script_timeout(self.timeout_s)
         driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {"width": self.width, "height": self.height,
                                                                      "deviceScaleFactor": 1, "mobile": False})
-        driver.execute_cdp_cmd("Network.enable", {})
-        driver.execute_cdp_cmd("Network.setBlockedURLs", {"urls": list(BLOCKED_URLS)})
+        if self.block_network:
+            driver.execute_cdp_cmd("Network.enable", {})
+            driver.execute_cdp_cmd("Network.setBlockedURLs", {"urls": list(BLOCKED_URLS)})
         return driver
 
     @property
@@ -115,9 +117,9 @@ class Chromium:
 
 
 @contextmanager
-def headless_chromium(width: int, height: int, timeout_s: float = 30.0) -> Iterator[Any]:
+def headless_chromium(width: int, height: int, timeout_s: float = 30.0, block_network: bool = True) -> Iterator[Any]:
     """A started headless Chromium's Selenium driver with a ``width`` x ``height`` viewport, quit on exit."""
-    browser = Chromium(width, height, timeout_s)
+    browser = Chromium(width, height, timeout_s, block_network=block_network)
     try:
         yield browser.driver
     finally:

@@ -18,6 +18,7 @@ from adapters.chat import Message, encode_dialog, encode_header
 from adapters.llama import build_llama
 from adapters.model_io import save_checkpoint
 from adapters.multimodal import build_multimodal
+from common.browser import Chromium
 from media.audio import write_audio
 from scripts import demo_asr, demo_video, demo_vqa, web_demo
 from scripts.web_demo import ChatModel, Media, Turn, UploadError, conversation, read_media
@@ -26,7 +27,6 @@ from speech.model_io import save_speech_checkpoint
 from synthetic.motion import QUESTION as ASK_MOTION
 from synthetic.motion import make_motion_clips, motion_corpus_text
 from tests.speech.corpus import asr_corpus_text
-from tests.system_deps import require_binary
 from tests.tiny import build_tiny_tokenizer, build_tiny_vqa_model, tiny_asr_config, tiny_video_config
 from training.codecs import encode_conversation
 
@@ -177,19 +177,6 @@ def start_server(ckpt: Path, port: int, log: Path) -> subprocess.Popen:
     pytest.fail(f"web_demo did not answer on port {port} within 60 s:\n{log.read_text()}")
 
 
-def chromium(user_data_dir: str):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = require_binary("chromium")
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={user_data_dir}", "--window-size=1200,1000"):
-        options.add_argument(flag)
-    return webdriver.Chrome(service=Service(require_binary("chromedriver")), options=options)
-
-
 # Records every text the last bot message shows, as the page changes (polling from Python could miss a fast stream).
 RECORD = """
 window.__texts = [];
@@ -214,9 +201,10 @@ def test_browser_streams_the_cli_answer_and_survives_a_bad_file(export, capsys, 
     cli = normal(capsys.readouterr().out)
     assert len(cli) > 1
     port = free_port()
-    server, driver = start_server(export["ckpt"], port, tmp_path / "server.log"), None
+    server, browser = start_server(export["ckpt"], port, tmp_path / "server.log"), None
     try:
-        driver = chromium(str(tmp_path / "profile"))  # a fresh profile
+        browser = Chromium(1200, 1000, block_network=False)  # a fresh profile; the page is served on localhost
+        driver = browser.driver
         wait = WebDriverWait(driver, 30, poll_frequency=0.1)
         driver.get(f"http://127.0.0.1:{port}/")
 
@@ -257,8 +245,8 @@ def test_browser_streams_the_cli_answer_and_survives_a_bad_file(export, capsys, 
         ask(ASSET, QUESTION)
         wait.until(lambda d: last_bot() == cli)
     finally:
-        if driver is not None:
-            driver.quit()
+        if browser is not None:
+            browser.close()
         server.terminate()
         try:
             server.wait(timeout=10)
