@@ -20,8 +20,8 @@ point's ``main(argv)``:
    fraction of answers naming another colour or shape than the scene's) before and after DPO.
 
 Two-image questions are answered by greedy decoding of the export in this module (``conversation_answers``:
-the conversation prompt with each ``<|image|>`` where it stands, as the trainer encodes it), since the demo
-scripts take one image per question.
+the conversation prompt with each ``<|image|>`` where it stands, as the trainer encodes it, in ragged batches),
+since the demo scripts take one image per question.
 """
 
 from __future__ import annotations
@@ -33,8 +33,15 @@ from pathlib import Path
 import torch
 
 from scripts import average_checkpoints, build_shards, evaluate
-from scripts._road import (RoadError, Stage, offline_curation, rooted_overrides, run_stage, set_args,
-                           shown_path, train_stage)
+from scripts._road import (
+    RoadError,
+    Stage,
+    offline_curation,
+    rooted_overrides,
+    run_stage,
+    set_args,
+    shown_path,
+)
 from scripts.learning_image import CURATION, IMAGE_RUN, RUN_CONFIGS, answer, run_image_road
 from synthetic.posttrain import ATTRIBUTES, write_posttrain
 from synthetic.score import normalize_answer, read_rows
@@ -56,9 +63,9 @@ N_SFT, N_PREFERENCE, N_TEST = 800, 800, 100
 @torch.inference_mode()
 def conversation_answers(export: Path, rows: list[dict], root: Path, max_new_tokens: int = 4) -> dict[str, str]:
     """Greedy answers of ``export`` to held-out conversations ``{"id", "images", "conversation"}`` (images
-    relative to ``root``), rows of one prompt length decoded together."""
+    relative to ``root``), 32 rows at a time in ragged batches (`adapters.generation.stream`)."""
     from adapters.chat import Message, encode_header
-    from adapters.generation import SamplingConfig, collect_ids, generate, stream_text
+    from adapters.generation import SamplingConfig, stream
     from adapters.model_io import load_checkpoint
     from adapters.multimodal import ImageBatch
     from adapters.tokenizer import Tokenizer
@@ -69,22 +76,18 @@ def conversation_answers(export: Path, rows: list[dict], root: Path, max_new_tok
     model = load_checkpoint(export).eval()
     tok = Tokenizer(export / "tokenizer.model")
     tiling = TilingConfig(tile_size=model.cfg.vision.tile_size, max_tiles=model.cfg.vision.max_tiles)
-    groups: dict[int, list[tuple[str, list[int], list]]] = {}
-    for row in rows:
-        messages = [Message(t["role"], t["content"]) for t in row["conversation"]]
-        prompt = encode_conversation(tok, messages)[0] + encode_header(tok, "assistant")
-        images = [tile_image(load_image(root / p), tiling) for p in row["images"]]
-        groups.setdefault(len(prompt), []).append((row["id"], prompt, images))
-    answers = {}
     sampling = SamplingConfig(max_new_tokens=max_new_tokens)
-    for group in groups.values():
-        for start in range(0, len(group), 32):
-            chunk = group[start : start + 32]
-            images = ImageBatch.from_collated(collate_tiled([imgs for _, _, imgs in chunk])).trimmed()
-            prompt = torch.tensor([p for _, p, _ in chunk])
-            ids = collect_ids(generate(model, prompt, images, sampling, tok.stop_ids), tok.stop_ids)
-            for (rid, _, _), row_ids in zip(chunk, ids):
-                answers[rid] = "".join(stream_text(tok, row_ids, tok.stop_ids))
+    answers = {}
+    for start in range(0, len(rows), 32):
+        chunk = rows[start : start + 32]
+        prompts = [encode_conversation(tok, [Message(t["role"], t["content"]) for t in row["conversation"]])[0]
+                   + encode_header(tok, "assistant") for row in chunk]
+        images = ImageBatch.from_collated(collate_tiled([[tile_image(load_image(root / p), tiling)
+                                                          for p in row["images"]] for row in chunk])).trimmed()
+        texts = [""] * len(chunk)
+        for pieces in stream(model, tok, prompts, sampling, images=images):
+            texts = [t + piece for t, piece in zip(texts, pieces)]
+        answers.update((row["id"], text) for row, text in zip(chunk, texts))
     return answers
 
 
