@@ -52,10 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="of the written weights (default: as stored)")
     p.add_argument("--max-shard-size", type=_size, default="5GB", help="per safetensors file (default 5GB)")
     p.add_argument("--lm", default=None, help="the frozen LM of an export that does not hold it")
-    try:
-        args = p.parse_args(argv)
-    except SystemExit as e:  # --help (0) and bad arguments (2, one line): returned, as every other outcome
-        return int(e.code or 0)
+    args = p.parse_args(argv)  # --help exits 0, a bad argument 2 with one line (argparse's SystemExit)
 
     from adapters.mllama_export import HFExportWarning, check_out_dir, save_mllama_hf
     from adapters.model_io import load_checkpoint
