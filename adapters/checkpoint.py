@@ -175,27 +175,29 @@ _HF_TOP = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.wei
 _HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
-def hf_to_meta_state_dict(sd: dict[str, Tensor], cfg: LlamaConfig, source: str = "checkpoint") -> dict[str, Tensor]:
-    out: dict[str, Tensor] = {}
+def hf_key_map(keys, source: str = "checkpoint") -> dict[str, tuple[str, str | None]]:
+    """Meta name -> (HF key, the config field giving the head count whose q/k rows HF permuted, or None) for
+    HF ``keys``; derived buffers are skipped, an unknown key is a CheckpointError naming it."""
+    out: dict[str, tuple[str, str | None]] = {}
     unknown = []
-    for key, value in sd.items():
-        if key in _HF_TOP:
-            out[_HF_TOP[key]] = value
-            continue
+    for key in keys:
         m = _HF_LAYER_RE.match(key)
-        if m and m.group(2) in _HF_LAYER:
-            new = f"layers.{m.group(1)}.{_HF_LAYER[m.group(2)]}"
-            if new.endswith("attention.wq.weight"):
-                value = hf_to_meta_rope(value, cfg.n_heads)
-            elif new.endswith("attention.wk.weight"):
-                value = hf_to_meta_rope(value, cfg.n_kv_heads)
-            out[new] = value
-        elif key.endswith("rotary_emb.inv_freq"):
-            continue  # a derived buffer some old exports carry
-        else:
+        if key in _HF_TOP:
+            out[_HF_TOP[key]] = (key, None)
+        elif m and m.group(2) in _HF_LAYER:
+            rest = _HF_LAYER[m.group(2)]
+            heads = {"attention.wq.weight": "n_heads", "attention.wk.weight": "n_kv_heads"}.get(rest)
+            out[f"layers.{m.group(1)}.{rest}"] = (key, heads)
+        elif not key.endswith("rotary_emb.inv_freq"):  # a derived buffer some old exports carry
             unknown.append(key)
     if unknown:
         raise CheckpointError(f"{source}: unknown keys {unknown[:10]}{' ...' if len(unknown) > 10 else ''}")
+    return out
+
+
+def hf_to_meta_state_dict(sd: dict[str, Tensor], cfg: LlamaConfig, source: str = "checkpoint") -> dict[str, Tensor]:
+    out = {name: hf_to_meta_rope(sd[key], getattr(cfg, heads)) if heads else sd[key]
+           for name, (key, heads) in hf_key_map(sd, source).items()}
     if cfg.tie_embeddings:
         out.pop("output.weight", None)
     return out
@@ -235,23 +237,8 @@ def _meta_shard_dim(key: str) -> int | None:
     return 0
 
 
-def merge_meta_shards(shards: list[dict[str, Tensor]], files: list[Path]) -> dict[str, Tensor]:
-    """Concatenate model-parallel shards along the dimension each layer was split on."""
-    keys = set(shards[0])
-    for f, s in zip(files[1:], shards[1:]):
-        if set(s) != keys:
-            diff = sorted(keys.symmetric_difference(s))
-            raise CheckpointError(f"{f}: keys differ from {files[0].name}: {diff[:10]}")
-    merged = {}
-    for key in shards[0]:
-        dim = _meta_shard_dim(key)
-        parts = [s[key] for s in shards]
-        merged[key] = parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
-    return merged
-
-
 def split_meta_shards(sd: dict[str, Tensor], n_shards: int) -> list[dict[str, Tensor]]:
-    """The inverse of ``merge_meta_shards`` (used to write Meta-layout checkpoints)."""
+    """The inverse of `MetaShardFiles` reading every key (used to write Meta-layout checkpoints)."""
     shards: list[dict[str, Tensor]] = [{} for _ in range(n_shards)]
     for key, value in sd.items():
         dim = _meta_shard_dim(key)
@@ -264,19 +251,28 @@ def split_meta_shards(sd: dict[str, Tensor], n_shards: int) -> list[dict[str, Te
 
 
 # ----------------------------------------------------------------------------------------------
-# Reading files
+# Reading files. Nothing is read until asked for: keys, shapes and dtypes come from safetensors headers or
+# from memory-mapped ``weights_only`` pickles, and `parts` gives one tensor or one slice ``[start, stop)`` of
+# it along ``dim`` as views onto the mapped files (several, concatenated along a dim, where Meta's shards
+# split it); `join_parts` makes one tensor of them, copying each byte once at most (into ``out`` when given).
+# The whole-directory readers read every key through the same objects.
 
 
-def read_safetensors_file(f: Path) -> dict[str, Tensor]:
-    """One safetensors file; a missing or unreadable one is a CheckpointError naming it."""
-    from safetensors.torch import load_file
+def join_parts(parts: tuple[list[Tensor], int], out: Tensor | None = None) -> Tensor:
+    """``(views, dim)`` as one tensor: the single view itself, or their concatenation; into ``out`` when given."""
+    views, d = parts
+    if out is None:
+        return views[0] if len(views) == 1 else torch.cat(views, dim=d)
+    offset = 0
+    for v in views:
+        out.narrow(d, offset, v.shape[d]).copy_(v)
+        offset += v.shape[d]
+    return out
 
-    if not f.is_file():
-        raise CheckpointError(f"{f}: not found")
-    try:
-        return load_file(str(f))
-    except Exception as e:  # safetensors raises its own error types
-        raise CheckpointError(f"{f}: cannot read safetensors ({e})") from e
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def index_shard_names(index: Path) -> tuple[dict, list[str]]:
@@ -294,44 +290,59 @@ def index_shard_names(index: Path) -> tuple[dict, list[str]]:
     return weight_map, names
 
 
-def read_safetensors_dir(path: Path) -> dict[str, Tensor]:
-    """All tensors of an HF directory: a single ``*.safetensors`` file or an indexed set of shards."""
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        weight_map, files = index_shard_names(index)
-    else:
-        files = sorted(p.name for p in path.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{path}: no *.safetensors files")
-    sd: dict[str, Tensor] = {}
-    for name in files:
-        f = path / name
-        if not f.exists():
-            raise CheckpointError(f"{f}: listed in model.safetensors.index.json but missing")
-        part = read_safetensors_file(f)
-        dup = set(part) & set(sd)
-        if dup:
-            raise CheckpointError(f"{f}: keys already loaded from another shard: {sorted(dup)[:5]}")
-        sd.update(part)
-    if index.exists():
-        missing = set(weight_map) - set(sd)
-        if missing:
-            raise CheckpointError(f"{index}: keys in the index but in no shard: {sorted(missing)[:10]}")
-    return sd
+class SafetensorsFiles:
+    """The tensors of an HF directory (one ``*.safetensors`` file, or the shards its index names), opened
+    with ``safe_open``: a key listed twice, a listed file that is missing or unreadable, and an index key
+    in no shard are CheckpointErrors naming them."""
 
+    def __init__(self, path: Path):
+        from safetensors import safe_open
 
-def read_json(path: Path) -> dict:
-    """A JSON config file; a missing or malformed one is a CheckpointError naming it."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not found")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+        index = path / "model.safetensors.index.json"
+        if index.exists():
+            weight_map, files = index_shard_names(index)
+        else:
+            files = sorted(p.name for p in path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{path}: no *.safetensors files")
+        self._where: dict[str, Any] = {}  # key -> its file's open handle
+        for name in files:
+            f = path / name
+            if not f.is_file():
+                raise CheckpointError(f"{f}: listed in model.safetensors.index.json but missing")
+            try:
+                handle = safe_open(str(f), framework="pt")
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"{f}: cannot read safetensors ({e})") from e
+            dup = set(handle.keys()) & set(self._where)
+            if dup:
+                raise CheckpointError(f"{f}: keys already loaded from another shard: {sorted(dup)[:5]}")
+            self._where.update(dict.fromkeys(handle.keys(), handle))
+        if index.exists():
+            missing = set(weight_map) - set(self._where)
+            if missing:
+                raise CheckpointError(f"{index}: keys in the index but in no shard: {sorted(missing)[:10]}")
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._where[key].get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> torch.dtype:
+        return _SAFETENSORS_DTYPES[self._where[key].get_slice(key).get_dtype()]
+
+    def parts(self, key: str, dim: int | None = None, start: int = 0, stop: int = 0) -> tuple[list[Tensor], int]:
+        if dim is None:
+            return [self._where[key].get_tensor(key)], 0
+        part = self._where[key].get_slice(key)
+        index = [slice(None)] * len(part.get_shape())
+        index[dim] = slice(start, stop)
+        return [part[tuple(index)]], 0
 
 
 def load_meta_shards(path: Path) -> tuple[list[Path], list[dict[str, Tensor]]]:
-    """``consolidated.pth`` or ``consolidated.NN.pth`` files of a Meta directory, read with weights_only."""
+    """``consolidated.pth`` or ``consolidated.NN.pth`` files of a Meta directory, memory-mapped with weights_only."""
     files = sorted(path.glob("consolidated*.pth"))
     if not files:
         raise CheckpointError(f"{path}: no consolidated*.pth files next to params.json")
@@ -344,13 +355,68 @@ def load_meta_shards(path: Path) -> tuple[list[Path], list[dict[str, Tensor]]]:
     return files, shards
 
 
-def read_meta_dir(path: Path) -> tuple[dict, dict[str, Tensor]]:
-    """params.json and the merged ``consolidated*.pth`` shards of a Meta checkpoint directory."""
-    params = read_json(path / "params.json")
-    files, shards = load_meta_shards(path)
-    sd = merge_meta_shards(shards, files)
-    sd.pop("rope.freqs", None)  # derived RoPE table stored by some Meta checkpoints
-    return params, sd
+class MetaShardFiles:
+    """Meta's model-parallel ``consolidated.NN.pth`` shards (`load_meta_shards`): a key is its parts
+    concatenated along the dim its layer was split on (`_meta_shard_dim`; replicated keys are read from the
+    first shard), so a slice along that dim reads only the shards it overlaps. Shards with different key sets
+    are a CheckpointError."""
+
+    def __init__(self, path: Path):
+        self.files, self.shards = load_meta_shards(path)
+        keys = set(self.shards[0])
+        for f, s in zip(self.files[1:], self.shards[1:]):
+            if set(s) != keys:
+                diff = sorted(keys.symmetric_difference(s))
+                raise CheckpointError(f"{f}: keys differ from {self.files[0].name}: {diff[:10]}")
+
+    def keys(self) -> list[str]:
+        return list(self.shards[0])
+
+    def _split(self, key: str) -> int | None:
+        return None if len(self.shards) == 1 else _meta_shard_dim(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        shape, d = list(self.shards[0][key].shape), self._split(key)
+        if d is not None:
+            shape[d] = sum(s[key].shape[d] for s in self.shards)
+        return tuple(shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.shards[0][key].dtype
+
+    def parts(self, key: str, dim: int | None = None, start: int = 0, stop: int = 0) -> tuple[list[Tensor], int]:
+        d = self._split(key)
+        if d is None:
+            t = self.shards[0][key]
+            return [t if dim is None else t.narrow(dim, start, stop - start)], 0
+        parts, offset = [], 0
+        for s in self.shards:
+            part, n = s[key], s[key].shape[d]
+            if dim is None:
+                parts.append(part)
+            elif dim != d:
+                parts.append(part.narrow(dim, start, stop - start))
+            elif max(start, offset) < min(stop, offset + n):
+                lo, hi = max(start, offset), min(stop, offset + n)
+                parts.append(part.narrow(d, lo - offset, hi - lo))
+            offset += n
+        return parts, d
+
+
+def read_safetensors_dir(path: Path) -> dict[str, Tensor]:
+    """All tensors of an HF directory: a single ``*.safetensors`` file or an indexed set of shards."""
+    files = SafetensorsFiles(path)
+    return {key: join_parts(files.parts(key)) for key in files.keys()}
+
+
+def read_json(path: Path) -> dict:
+    """A JSON config file; a missing or malformed one is a CheckpointError naming it."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
 
 
 def detect_layout(path: Path) -> str:
@@ -359,6 +425,65 @@ def detect_layout(path: Path) -> str:
     if (path / "config.json").exists():
         return "hf"
     raise CheckpointError(f"{path}: neither params.json (Meta layout) nor config.json (HF layout) found")
+
+
+class LlamaCheckpoint:
+    """A Llama checkpoint directory in either layout, opened without reading its tensors, under the names
+    ``Llama.state_dict()`` uses. `cfg`, `keys`, `shape` and `dtype` cost no tensor read; `read` returns one
+    tensor, or its slice ``[start, stop)`` along ``dim``, in the stored dtype (bf16 stays bf16): a view onto
+    the mapped file where one is stored whole, or copied once into ``out`` when given. HF q/k rows are
+    un-permuted per head (`hf_to_meta_rope`), so a dim-0 slice reads the rows of the heads it covers only.
+    Every read is recorded in `reads` as ``(key, dim, start, stop)``."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: not a directory")
+        self.path, self.layout = path, detect_layout(path)
+        self.reads: list[tuple[str, int | None, int, int]] = []
+        self._source: dict[str, tuple[str, str | None]] = {}  # name -> (stored key, q/k head-count field)
+        if self.layout == "meta":
+            params = read_json(path / "params.json")
+            self._files: MetaShardFiles | SafetensorsFiles = MetaShardFiles(path)
+            self.cfg = config_from_meta_params(params, str(path / "params.json"))
+            # rope.freqs: the derived RoPE table some Meta checkpoints store
+            self._source = {k: (k, None) for k in self._files.keys() if k != "rope.freqs"}
+            return
+        self.cfg = config_from_hf(read_json(path / "config.json"), str(path / "config.json"))
+        self._files = SafetensorsFiles(path)
+        self._source = hf_key_map(self._files.keys(), str(path))
+        if self.cfg.tie_embeddings:  # stored anyway by some exports; the model holds one matrix
+            self._source.pop("output.weight", None)
+
+    def keys(self) -> list[str]:
+        return list(self._source)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._files.shape(self._source[key][0])
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._files.dtype(self._source[key][0])
+
+    def read(self, key: str, dim: int | None = None, start: int = 0, stop: int = 0,
+             out: Tensor | None = None) -> Tensor:
+        stored, heads = self._source[key]
+        if dim is not None:
+            shape = self.shape(key)
+            if not (0 <= dim < len(shape) and 0 <= start < stop <= shape[dim]):
+                raise CheckpointError(f"{self.path}: {key} of shape {shape} has no slice [{start}, {stop}) "
+                                      f"along dim {dim}")
+        self.reads.append((key, dim, start, stop))
+        if heads is None:
+            return join_parts(self._files.parts(stored, dim, start, stop), out)
+        n_heads = getattr(self.cfg, heads)
+        if dim != 0:
+            rows = hf_to_meta_rope(join_parts(self._files.parts(stored, dim, start, stop)), n_heads)
+        else:
+            hd = self.shape(key)[0] // n_heads
+            first, last = start // hd, -(-stop // hd)  # the whole heads covering [start, stop)
+            rows = hf_to_meta_rope(join_parts(self._files.parts(stored, 0, first * hd, last * hd)), last - first)
+            rows = rows[start - first * hd : stop - first * hd]
+        return rows if out is None else out.copy_(rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -426,16 +551,8 @@ def llama_from_state_dict(cfg: LlamaConfig, sd: dict[str, Tensor], source: str, 
 
 def load_llama(path: str | Path, dtype: torch.dtype | None = None) -> Llama:
     """Load a Llama 3 / 3.1 checkpoint directory in Meta's or HF's layout (detected from its files)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory")
-    if detect_layout(path) == "meta":
-        params, sd = read_meta_dir(path)
-        cfg = config_from_meta_params(params, str(path / "params.json"))
-        return llama_from_state_dict(cfg, sd, str(path), dtype)
-    cfg = config_from_hf(read_json(path / "config.json"), str(path / "config.json"))
-    sd = hf_to_meta_state_dict(read_safetensors_dir(path), cfg, str(path))
-    return llama_from_state_dict(cfg, sd, str(path), dtype)
+    ckpt = LlamaCheckpoint(path)
+    return llama_from_state_dict(ckpt.cfg, {k: ckpt.read(k) for k in ckpt.keys()}, str(ckpt.path), dtype)
 
 
 def save_meta_checkpoint(model: Llama, path: str | Path, n_shards: int = 1) -> Path:
@@ -464,4 +581,37 @@ def save_meta_checkpoint(model: Llama, path: str | Path, n_shards: int = 1) -> P
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     for i, shard in enumerate(split_meta_shards(sd, n_shards)):
         torch.save(shard, path / f"consolidated.{i:02d}.pth")
+    return path
+
+
+def save_hf_checkpoint(model: Llama, path: str | Path, n_files: int = 1) -> Path:
+    """Write ``config.json`` + safetensors in HF's layout (q/k rows permuted as transformers' converter
+    does); ``n_files`` > 1 spreads the tensors over ``model-0000k-of-0000n.safetensors`` with an index."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    config = {"model_type": "llama", "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers,
+              "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+              "intermediate_size": cfg.ffn_dim, "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps,
+              "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_seq_len,
+              "tie_word_embeddings": cfg.tie_embeddings,
+              "rope_scaling": None if cfg.rope_scaling is None else {"rope_type": "llama3",
+                                                                     **asdict(cfg.rope_scaling)}}
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        sd.pop("output.weight")  # one matrix, stored once
+    sd = {k: v.contiguous() for k, v in meta_to_hf_state_dict(sd, cfg).items()}
+    if n_files == 1:
+        save_file(sd, str(path / "model.safetensors"))
+        return path
+    names = [f"model-{i + 1:05d}-of-{n_files:05d}.safetensors" for i in range(n_files)]
+    weight_map = {key: names[i % n_files] for i, key in enumerate(sd)}
+    for name in names:
+        save_file({k: v for k, v in sd.items() if weight_map[k] == name}, str(path / name))
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=2))
     return path

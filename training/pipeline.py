@@ -20,7 +20,9 @@ engine negotiates them once): `pipeline_batch` pads to fixed ``seq_len`` / ``n_i
 The blocks reuse the model's own modules (no copies): building a pipeline from a ``MultimodalLlama``
 shares its parameters, so weights loaded into the model before ``build_pipeline_module`` are the
 pipeline's, and `pipeline_state_dict` maps them back to the model's names for export. DeepSpeed casts
-the stage-local parameters of that model to bf16 in place when the engine is created.
+the stage-local parameters of that model to bf16 in place when the engine is created. The trainer builds
+that model per rank (`training.loading`): the stage's LM layers and blocks are read, other stages' stay on
+the meta device, and ``PipelineModule`` keeps only the local stage's blocks.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ from deepspeed.utils import safe_get_full_fp32_param
 from torch import Tensor, nn
 
 from adapters.chat import IGNORE_INDEX
-from adapters.cross_attention import expand_vision_mask, text_image_mask
-from adapters.multimodal import ImageBatch, MultimodalLlama
+from adapters.cross_attention import expand_vision_mask, text_image_mask, xattn_schedule
+from adapters.multimodal import ImageBatch, MultimodalConfig, MultimodalLlama
 from adapters.task import build_param_groups, shift_targets
 from common.rope import rope_table
 
@@ -214,13 +216,18 @@ class MultimodalPipe(PipelineModule):
 def stage_layer_ids(model: MultimodalLlama, num_stages: int) -> list[list[int]]:
     """LM layer indices of each stage: consecutive groups (one cross-attention block each), split as
     evenly as possible; earlier stages take the extra group when ``num_stages`` does not divide them."""
-    schedule, n_layers = model.schedule, model.cfg.lm.n_layers
+    return config_stage_layer_ids(model.cfg, num_stages)
+
+
+def config_stage_layer_ids(cfg: MultimodalConfig, num_stages: int) -> list[list[int]]:
+    """`stage_layer_ids` from the config alone (a model built per rank needs it before it exists)."""
+    schedule, n_layers = xattn_schedule(cfg.lm.n_layers, cfg.xattn_every), cfg.lm.n_layers
     bounds = [-1, *schedule[:-1], n_layers - 1]  # the last group also takes any layers above the last block
     groups = [list(range(a + 1, b + 1)) for a, b in zip(bounds[:-1], bounds[1:])]
     if not 1 <= num_stages <= len(groups):
         raise PipelineConfigError(f"num_stages must be in [1, {len(groups)}] (one cross-attention block per "
                                   f"stage at least: {n_layers} LM layers, "
-                                  f"xattn_every={model.cfg.xattn_every}), got {num_stages}")
+                                  f"xattn_every={cfg.xattn_every}), got {num_stages}")
     per, extra = divmod(len(groups), num_stages)
     out, start = [], 0
     for s in range(num_stages):

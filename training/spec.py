@@ -27,9 +27,11 @@ from training.bestrq import bestrq_spec
 from training.preference import dpo_spec, reward_spec
 
 if TYPE_CHECKING:
+    from adapters.multimodal import MultimodalConfig
     from adapters.tokenizer import Tokenizer
     from training.config import RunConfig
     from training.data import Codec
+    from training.loading import RankLayout
 
 
 class TrainError(RuntimeError):
@@ -55,6 +57,9 @@ class TrainSpec:
     pipeline: bool = False
     # Called on the task after every optimizer step with the step number (1-based): DPO's reference refresh.
     after_step: Callable[["RunConfig", nn.Module, int], None] | None = None
+    # The model as one rank of a pipeline / tensor-parallel layout holds it (`training.loading`); None: the
+    # full build (`build_model`) on every rank.
+    build_rank_model: Callable[["RunConfig", "Tokenizer | None", "RankLayout"], nn.Module] | None = None
 
 
 def get_spec(kind: str) -> TrainSpec:
@@ -89,7 +94,7 @@ def build_multimodal_model(cfg: "RunConfig", tok: "Tokenizer") -> nn.Module:
     from adapters.checkpoint import load_llama
     from adapters.llama import build_llama
     from adapters.model_io import load_checkpoint, read_multimodal_meta
-    from adapters.multimodal import build_multimodal, multimodal_config
+    from adapters.multimodal import build_multimodal
     from training.resolution import with_tile_size
 
     m = cfg.model
@@ -107,18 +112,27 @@ def build_multimodal_model(cfg: "RunConfig", tok: "Tokenizer") -> nn.Module:
         if m.tile_size is not None:
             model = with_tile_size(model, m.tile_size)  # stage 2: anneal at a higher per-tile resolution
     else:
-        mcfg = multimodal_config(m.preset, train_vision=m.train_vision)
-        vision = {k: v for k, v in (("tile_size", m.tile_size), ("max_tiles", m.max_tiles),
-                                    ("attn_bias", m.attn_bias)) if v is not None}
-        if m.encoder_from:
-            from training.clip import encoder_weights
-
-            vision["pretrained"] = str(encoder_weights(m.encoder_from, mcfg.vision))
-        mcfg = replace(mcfg, vision=replace(mcfg.vision, **vision))
+        mcfg = fresh_multimodal_config(cfg)
         lm = load_llama(m.lm) if m.lm else build_llama(replace(mcfg.lm, vocab_size=tok.n_words))
         model = build_multimodal(replace(mcfg, lm=lm.cfg), lm)
-    _check_vocab(cfg, tok, model.lm.cfg.vocab_size)
+    check_vocab(cfg, tok, model.lm.cfg.vocab_size)
     return model
+
+
+def fresh_multimodal_config(cfg: "RunConfig") -> "MultimodalConfig":
+    """The image model's config from ``model.preset`` and the vision overrides (``cfg.lm`` still the preset's:
+    the caller puts the LM's in)."""
+    from adapters.multimodal import multimodal_config
+
+    m = cfg.model
+    mcfg = multimodal_config(m.preset, train_vision=m.train_vision)
+    vision = {k: v for k, v in (("tile_size", m.tile_size), ("max_tiles", m.max_tiles),
+                                ("attn_bias", m.attn_bias)) if v is not None}
+    if m.encoder_from:
+        from training.clip import encoder_weights
+
+        vision["pretrained"] = str(encoder_weights(m.encoder_from, mcfg.vision))
+    return replace(mcfg, vision=replace(mcfg.vision, **vision))
 
 
 def build_video_model(cfg: "RunConfig", tok: "Tokenizer") -> nn.Module:
@@ -138,7 +152,7 @@ def build_video_model(cfg: "RunConfig", tok: "Tokenizer") -> nn.Module:
     return model
 
 
-def _check_vocab(cfg: "RunConfig", tok: "Tokenizer", vocab_size: int) -> None:
+def check_vocab(cfg: "RunConfig", tok: "Tokenizer", vocab_size: int) -> None:
     if vocab_size != tok.n_words:
         raise TrainError(f"model.tokenizer {cfg.model.tokenizer} has {tok.n_words} ids, the LM {vocab_size}")
 
@@ -271,12 +285,18 @@ def _clip_spec() -> TrainSpec:
                      clip.export_clip, formats=("caption",), needs_tokenizer=False)
 
 
+def _rank_image_model(cfg: "RunConfig", tok: "Tokenizer | None", layout: "RankLayout") -> nn.Module:
+    from training.loading import build_rank_image_model
+
+    return build_rank_image_model(cfg, tok, layout)
+
+
 # Speech reads no data.format: its samples are always ASR chat examples (data.prompt = the system turn);
 # the default "caption" and "chat" are both accepted so existing configs stay valid.
 SPECS: dict[str, TrainSpec] = {
     "image": TrainSpec("image", build_multimodal_model, image_text_task, image_codec, multimodal_param_groups,
                        export_multimodal, formats=("caption", "chat", "qa", "conversation"), pack_rows=True,
-                       swap_lm=True, tensor_parallel=True, pipeline=True),
+                       swap_lm=True, tensor_parallel=True, pipeline=True, build_rank_model=_rank_image_model),
     "video": TrainSpec("video", build_video_model, image_text_task, video_codec, multimodal_param_groups,
                        export_multimodal, formats=("caption", "chat", "qa", "conversation"), pack_rows=True,
                        swap_lm=True),

@@ -106,17 +106,63 @@ def validate_tp_size(cfg: LlamaConfig, tp: int) -> None:
                 f"{'heads are' if name != 'ffn_dim' else 'the FFN hidden layer is'} split whole across ranks")
 
 
+# Megatron's split of one layer (attention and FFN alike): column-parallel linears keep a slice of their
+# output rows, row-parallel ones a slice of their input columns.
+COLUMN_PARALLEL, ROW_PARALLEL = ("wq", "wk", "wv", "w1", "w3"), ("wo", "w2")
+
+
+def tp_slice(size: int, rank: int, tp: int) -> tuple[int, int]:
+    """[start, stop) of the contiguous 1/tp slice that TP rank ``rank`` keeps of a dim of ``size``."""
+    n = size // tp
+    return rank * n, (rank + 1) * n
+
+
+def layer_split_dims(layer: nn.Module, prefix: str = "") -> dict[str, int]:
+    """Weight name -> split dim (0 column-, 1 row-parallel) of the linears `apply_tensor_parallel` shards in
+    one LM layer or cross-attention block (its ``attention`` and ``feed_forward``)."""
+    out = {}
+    for part in ("attention", "feed_forward"):
+        for name, _ in getattr(layer, part).named_children():
+            if name in COLUMN_PARALLEL or name in ROW_PARALLEL:
+                out[f"{prefix}{part}.{name}.weight"] = 0 if name in COLUMN_PARALLEL else 1
+    return out
+
+
+def sharded_layers(model: MultimodalLlama) -> list[tuple[str, nn.Module]]:
+    """(name prefix, layer) of every layer `apply_tensor_parallel` shards: LM layers, then cross-attention blocks."""
+    return ([(f"lm.layers.{i}.", layer) for i, layer in enumerate(model.lm.layers)]
+            + [(f"cross_attention_layers.{j}.", blk) for j, blk in enumerate(model.cross_attention_layers)])
+
+
+def tp_split_dims(model: MultimodalLlama) -> dict[str, int]:
+    """``model.named_parameters()`` name -> split dim of every weight `apply_tensor_parallel` shards."""
+    return {k: d for prefix, layer in sharded_layers(model) for k, d in layer_split_dims(layer, prefix).items()}
+
+
 def _shard_linear(linear: nn.Linear, dim: int, rank: int, tp: int) -> None:
     """Keep this rank's contiguous 1/tp slice of ``linear.weight`` along ``dim`` (0: output features,
-    column-parallel; 1: input features, row-parallel), as a fresh plain parameter."""
-    w = linear.weight
-    size = w.shape[dim] // tp
-    shard = nn.Parameter(w.detach().narrow(dim, rank * size, size).clone(), requires_grad=w.requires_grad)
+    column-parallel; 1: input features, row-parallel), as a fresh plain parameter. A weight that already is
+    that slice (built per rank by `training.loading`; ``in/out_features`` still the full sizes) is kept."""
+    w = linear.weight.detach()
+    full = linear.out_features if dim == 0 else linear.in_features
+    start, stop = tp_slice(full, rank, tp)
+    if w.shape[dim] == full:
+        w = w.narrow(dim, start, stop - start).clone()
+    elif w.shape[dim] != stop - start:
+        raise TensorParallelError(f"a weight of shape {tuple(w.shape)} is neither whole ({full} along dim {dim}) "
+                                  f"nor one of {tp} slices")
+    shard = nn.Parameter(w, requires_grad=linear.weight.requires_grad)
     shard.tensor_model_parallel = True  # DeepSpeed / Megatron attribute names
     shard.partition_dim = dim
     shard.partition_stride = 1
     linear.weight = shard
     linear.out_features, linear.in_features = shard.shape
+
+
+def _shard_linears(module: nn.Module, rank: int, tp: int) -> None:
+    for name, linear in module.named_children():
+        if name in COLUMN_PARALLEL or name in ROW_PARALLEL:
+            _shard_linear(linear, 0 if name in COLUMN_PARALLEL else 1, rank, tp)
 
 
 def _input_f_hook(group):
@@ -147,9 +193,7 @@ def _grad_allreduce_hook(group):
 
 
 def _shard_attention(attn: Attention | CrossAttention, group, rank: int, tp: int) -> None:
-    for lin in (attn.wq, attn.wk, attn.wv):
-        _shard_linear(lin, 0, rank, tp)
-    _shard_linear(attn.wo, 1, rank, tp)
+    _shard_linears(attn, rank, tp)
     attn.n_heads //= tp  # local heads: the unchanged forward reshapes its shard
     attn.n_kv_heads //= tp
     attn.wo.register_forward_hook(_output_g_hook(group))
@@ -166,9 +210,7 @@ def _shard_attention(attn: Attention | CrossAttention, group, rank: int, tp: int
 
 
 def _shard_feed_forward(ffn: FeedForward, group, rank: int, tp: int) -> None:
-    _shard_linear(ffn.w1, 0, rank, tp)
-    _shard_linear(ffn.w3, 0, rank, tp)
-    _shard_linear(ffn.w2, 1, rank, tp)
+    _shard_linears(ffn, rank, tp)
     ffn.register_forward_pre_hook(_input_f_hook(group), with_kwargs=True)
     ffn.w2.register_forward_hook(_output_g_hook(group))
 
@@ -177,8 +219,9 @@ def apply_tensor_parallel(model: MultimodalLlama, tp_group) -> MultimodalLlama:
     """Shard ``model`` in place over ``tp_group`` and return it; a 1-rank group leaves it untouched.
 
     Every rank must hold the same full weights before the call (same seed or same checkpoint): each
-    keeps its slice. Frozen parameters stay frozen; the replicated ones keep their objects, so
-    parameter groups built afterwards (``build_param_groups``) see the same names.
+    keeps its slice; a model built per rank (`training.loading`) already holds only its slices. Frozen
+    parameters stay frozen; the replicated ones keep their objects, so parameter groups built afterwards
+    (``build_param_groups``) see the same names.
     """
     tp, rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
     validate_tp_size(model.cfg.lm, tp)
@@ -186,12 +229,9 @@ def apply_tensor_parallel(model: MultimodalLlama, tp_group) -> MultimodalLlama:
         raise TensorParallelError("apply_tensor_parallel was already applied to this model")
     if tp == 1:
         return model
-    for layer in model.lm.layers:
+    for _, layer in sharded_layers(model):
         _shard_attention(layer.attention, tp_group, rank, tp)
         _shard_feed_forward(layer.feed_forward, tp_group, rank, tp)
-    for blk in model.cross_attention_layers:
-        _shard_attention(blk.attention, tp_group, rank, tp)
-        _shard_feed_forward(blk.feed_forward, tp_group, rank, tp)
     return model
 
 

@@ -32,6 +32,9 @@ A data mix (``data.sources``) reads each source through its own codec (`training
 reports the delivered samples per source, summed over the data-parallel ranks, beside the normalised weights:
 ``losses.jsonl``'s ``sources`` field at every ``log_every`` step and the last, and `TrainResult.sources`.
 
+Pipeline stages and tensor-parallel ranks build the model per rank (`build_rank_model`, `training.loading`): each
+reads only its own layers / slices of the frozen LM of ``model.lm``, never the whole checkpoint.
+
 Without a launcher (no RANK / WORLD_SIZE in the environment) the process initialises a one-rank gloo
 group itself, so tests and CPU users run the same code directly.
 """
@@ -59,6 +62,7 @@ from common.config import config_to_dict
 from media.tar import ShardError, expand_shards
 from training.config import RunConfig, load_deepspeed_config, resolve_deepspeed, resume_changes, write_resolved
 from training.data import MixStream, ShardStream, TrainBatches
+from training.loading import RankLayout, holds_all
 from training.optim import warmup_cosine
 from training.spec import TrainError, build_data_codec, get_spec
 
@@ -100,6 +104,15 @@ def init_distributed() -> tuple[int, int]:
 def build_model(cfg: RunConfig, tok: Tokenizer | None) -> nn.Module:
     """The run's model, by its kind's spec (`training.spec`)."""
     return get_spec(cfg.kind).build_model(cfg, tok)
+
+
+def build_rank_model(cfg: RunConfig, tok: Tokenizer | None, layout: RankLayout | None) -> nn.Module:
+    """The model as this rank of ``layout`` holds it (`training.loading`: only its stage / slices of the frozen
+    LM read) when the kind's spec builds per rank; else (or with no layout) `build_model`."""
+    spec = get_spec(cfg.kind)
+    if layout is None or spec.build_rank_model is None:
+        return spec.build_model(cfg, tok)
+    return spec.build_rank_model(cfg, tok, layout)
 
 
 def source_shards(cfg: RunConfig) -> list[list[Path]]:
@@ -319,12 +332,14 @@ class DataParallelMode:
             raise TrainError(f"tensor_parallel={tp} does not divide the world size {world}")
         self.tp, self.mpu, self.tp_group = tp, None, None
         self.dp_rank, self.dp_world = dist.get_rank(), world // tp
+        self.layout: RankLayout | None = None  # what `build_rank_model` builds: None, the whole model
         if tp > 1:
             from training.tensor_parallel import init_tp_grid
 
             self.mpu = init_tp_grid(tp)
             self.tp_group = self.mpu.get_tensor_model_parallel_group()
             self.dp_rank = self.mpu.get_data_parallel_rank()
+            self.layout = RankLayout(tp=tp, tp_rank=dist.get_rank(self.tp_group))
 
     def build_engine(self, cfg: RunConfig, model: nn.Module, ds: dict) -> tuple:
         if self.tp_group is not None:
@@ -408,6 +423,11 @@ class PipelineMode:
         if world % S:
             raise TrainError(f"pipeline_stages: world size {world} is not a multiple of {S} stages")
         self.dp_world = world // S
+        from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+
+        # the stage DeepSpeed's PipelineModule gives this rank (its default topology)
+        stage = PipeDataParallelTopology(num_pp=S, num_dp=self.dp_world).get_coord(dist.get_rank()).pipe
+        self.layout = RankLayout(stages=S, stage=stage)
         self._counts = [0, 0]  # this step's input and label tokens read by this rank
         self._keys: list[str] = []  # the last micro-batch read, for a non-finite loss report
         self._feed = None  # the micro-batch iterator `engine.train_batch` pulls from (set by `batches`)
@@ -451,12 +471,15 @@ class PipelineMode:
 
     def trained_model(self, engine, model: nn.Module, cfg: RunConfig, tok: Tokenizer | None,
                       rank: int) -> nn.Module | None:
-        """Rank 0: ``model`` with the stages' trained weights (`pipeline_state_dict`, collective)."""
+        """Rank 0: ``model`` with the stages' trained weights (`pipeline_state_dict`, collective); a model
+        built per rank (other stages on meta) gives them to a full build."""
         from training.pipeline import pipeline_state_dict
 
         weights = pipeline_state_dict(engine)  # MultimodalLlama names on rank 0
         if rank != 0:
             return None
+        if not holds_all(model):
+            model = build_model(cfg, tok)
         model.float().load_state_dict(weights, strict=False)  # the frozen LM is the one the model holds
         return model
 
@@ -478,7 +501,7 @@ def train(cfg: RunConfig, ds_config: dict | None = None) -> TrainResult:
     run_dir = Path(cfg.train.run_dir)
     resumed = open_run(cfg, ds, rank, world)
     tok = load_tokenizer(cfg)
-    model = build_model(cfg, tok)
+    model = build_rank_model(cfg, tok, mode.layout)
     engine, sched = mode.build_engine(cfg, model, ds)
     batches = mode.batches(cfg, tok, model, engine, shards)
 
