@@ -2,9 +2,9 @@
 
     write_asr_dialogs("out/spoken-digits/lm", n=16000, seed=0, system="Repeat after me in English:")
 
-writes webdataset shards ``shard_NNNNN.tar`` of ``key.json`` = ``{"meta": {"messages": [system, user,
-assistant]}}``, the ``data.format: dialog`` input of the trainer's ``text`` kind. The assistant turn is a
-random 3-5 digit string ("three one four"); the user turn holds the same digits as words, each repeated
+writes webdataset shards ``shard_NNNNN.tar`` of ``key.json`` = ``{"meta": {"conversations": [system,
+user, assistant]}}``, the ``data.format: conversation`` input of the trainer's ``text`` kind. The assistant
+turn is a random 3-5 digit string ("three one four"); the user turn holds the same digits as words, each repeated
 1-``max_repeat`` times, with 0-``max_noise`` random non-digit words before the first and between them
 ("qx one one zt three three three b four"). That is what the speech adapter's audio positions will look like
 to the frozen LM: a run of positions per spoken word with filler in between. An LM pre-trained on clean
@@ -69,6 +69,6 @@ def write_asr_dialogs(out: str | Path, n: int, seed: int, system: str, per_shard
         path = out / f"shard_{s:05d}.tar"
         with wds.TarWriter(str(path), mtime=0.0) as w:
             for i in range(start, min(n, start + per_shard)):
-                w.write({"__key__": f"{i:06d}", "json": {"meta": {"messages": asr_dialog(system, rng)}}})
+                w.write({"__key__": f"{i:06d}", "json": {"meta": {"conversations": asr_dialog(system, rng)}}})
         shards.append(str(path))
     return {"dialogs": n, "shards": shards}

@@ -98,11 +98,11 @@ class DataConfig:
     format: "caption" = ``<bos><|image|>caption<eos>`` (pre-training: loss on the caption and eos);
         "chat" = the Llama 3 chat format with ``prompt`` as the user turn and the text as the answer;
         "qa" = the chat format with each sample's own ``question`` (key.json meta) as the user turn and its
-        ``answer`` as the assistant turn (image, video, text); "dialog" = key.json meta ``messages`` (text);
-        "conversation" = key.json meta ``conversations`` (system / user / assistant turns, ``<|image|>``
-        placeholders in user turns for the sample's images key.0.jpg, key.1.jpg, ... in order; text-only
-        conversations mix in; loss on every assistant turn; data-parallel mode); for the video kind ``<|video|>``
-        placeholders and key.0.mp4, key.1.mp4, ...;
+        ``answer`` as the assistant turn (image, video, text); "conversation" = key.json meta ``conversations``
+        (system / user / assistant turns, ``<|image|>`` placeholders in user turns for the sample's images
+        key.0.jpg, key.1.jpg, ... in order; text-only conversations mix in; loss on every assistant turn;
+        data-parallel mode); for the video kind ``<|video|>`` placeholders and key.0.mp4, key.1.mp4, ...; the
+        text kind's conversations hold no placeholder;
         "preference" = key.json meta ``conversations`` (the prompt, ending with a user turn) with ``chosen``,
         ``rejected`` and optionally ``edited`` answers (``reward`` and ``dpo`` kinds, `training.preference`).
         Speech always uses its chat format, ``prompt`` as the system turn, default ASR. Which formats a

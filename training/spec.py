@@ -275,7 +275,7 @@ def _text_spec() -> TrainSpec:
     from training import text_lm
 
     return TrainSpec("text", text_lm.build_text_model, task_of(text_lm.TextTask), text_lm.text_codec,
-                     text_lm.text_param_groups, text_lm.export_text, formats=("qa", "dialog"))
+                     text_lm.text_param_groups, text_lm.export_text, formats=("qa", "conversation"))
 
 
 def _clip_spec() -> TrainSpec:

@@ -9,8 +9,9 @@ LM on text-only ASR dialogs). Input: webdataset shards whose samples carry a ``k
   question-answer shards of the image / video kinds are such shards (their media member is not read),
   so the LM can pre-train on the same curated samples without ever seeing the picture: it learns each
   question's answer distribution, not the answer of one scene.
-* ``data.format: dialog`` -- ``{"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}``:
-  any dialog, loss on every assistant turn.
+* ``data.format: conversation`` -- ``{"conversations": [{"role": "system"|"user"|"assistant", "content": ...},
+  ...]}``, the multi-turn layout of the image and video kinds (checked the same way), without media: loss on
+  every assistant turn.
 
 Either way the tokens are the Llama 3 chat format of `adapters.chat` and only assistant text and its
 ``<|eot_id|>`` carry labels. The model is ``model.lm`` (continued pre-training) or the LM of the
@@ -31,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adapters.chat import IGNORE_INDEX, ROLES, Message, encode_training_example
+from adapters.chat import IGNORE_INDEX, Message, encode_training_example
+from common.conversation import PLACEHOLDERS
 from adapters.task import shift_targets
-from training.codecs import qa_fields, sample_meta
+from training.codecs import conversation_messages, qa_fields
 from training.data import BadSampleError, Example, RawSample
 
 if TYPE_CHECKING:
@@ -73,24 +75,22 @@ class TextTask(nn.Module):
         return {"loss": loss, "n_tokens": n}
 
 
-def dialog_messages(raw: RawSample) -> list[Message]:
-    """The ``messages`` of the sample's key.json; anything else there is a `BadSampleError` naming it."""
-    where = f"{raw.shard}: sample {raw.key}.json"
-    turns = sample_meta(raw, "dialog").get("messages")
-    if not isinstance(turns, list) or not turns:
-        raise BadSampleError(f"{where} has no 'messages' list (data.format dialog; has {sorted(raw.members)})")
-    messages = []
-    for i, t in enumerate(turns):
-        if not (isinstance(t, dict) and t.get("role") in ROLES and isinstance(t.get("content"), str)):
-            raise BadSampleError(f"{where}: messages[{i}] is not {{'role': one of {ROLES}, 'content': str}}")
-        messages.append(Message(t["role"], t["content"]))
-    if not any(m.role == "assistant" for m in messages):
-        raise BadSampleError(f"{where}: no assistant turn, nothing to learn")
+def text_conversation(raw: RawSample) -> list[Message]:
+    """The sample's key.json meta ``conversations`` (`training.codecs.conversation_messages`: the layout the
+    image and video kinds read), text only: an ``<|image|>`` / ``<|video|>`` placeholder is a `BadSampleError`
+    (a text LM sees no media)."""
+    messages = conversation_messages(raw)
+    for i, m in enumerate(messages):
+        for placeholder in PLACEHOLDERS:
+            if placeholder in m.content:
+                raise BadSampleError(f"{raw.shard}: sample {raw.key}.json: conversations[{i}] holds {placeholder}, "
+                                     "but the text kind trains the LM alone (media conversations are the image / "
+                                     "video kinds' data)")
     return messages
 
 
 class TextCodec:
-    """key.json -> a chat example (``qa`` or ``dialog``, see the module docstring); no media."""
+    """key.json -> a chat example (``qa`` or ``conversation``, see the module docstring); no media."""
 
     def __init__(self, tok: "Tokenizer", fmt: str):
         self.tok, self.fmt = tok, fmt
@@ -100,7 +100,7 @@ class TextCodec:
             question, answer = qa_fields(raw)
             messages = [Message("user", question), Message("assistant", answer)]
         else:
-            messages = dialog_messages(raw)
+            messages = text_conversation(raw)
         tokens, labels = encode_training_example(self.tok, messages)
         return Example(tokens, labels, None, raw)
 

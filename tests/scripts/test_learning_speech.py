@@ -19,7 +19,7 @@ from tests.tiny import tiny_asr_config
 def test_the_configs_chain_into_one_road_rooted_at_the_work_dir(tmp_path):
     text, speech = load_run_config(TEXT_CONFIG), load_run_config(SPEECH_CONFIG)
     out = Path(text.model.tokenizer).parent  # make_synthetic's OUT
-    assert (text.kind, text.data.format, speech.kind) == ("text", "dialog", "speech")
+    assert (text.kind, text.data.format, speech.kind) == ("text", "conversation", "speech")
     assert Path(text.data.shards).parent == out / "lm" and Path(speech.data.shards).parent == out / "shards"
     # The speech run's frozen LM and tokenizer are the text run's export.
     assert Path(speech.model.lm) == Path(text.train.run_dir) / "export"

@@ -26,13 +26,13 @@ def test_dialogs_are_text_kind_samples_whose_user_turn_repeats_the_answer_amid_n
     written = write_asr_dialogs(tmp_path / "lm", 50, seed=0, system=asr_prompt(), per_shard=20)
     assert written["dialogs"] == 50 and len(written["shards"]) == 3
     tok = build_tiny_tokenizer(tmp_path, [" ".join(DIGITS), *DIGITS, "system", "user", "assistant", asr_prompt()])
-    codec = TextCodec(tok, "dialog")
+    codec = TextCodec(tok, "conversation")
     digit_ids = {i for w in DIGITS for i in (*tok.encode(w), *tok.encode(" " + w))}
     samples = _samples(written["shards"])
     assert len(samples) == 50
     noisy = repeated = 0
     for raw in samples:
-        system, user, answer = (m["content"] for m in json.loads(raw.members["json"])["meta"]["messages"])
+        system, user, answer = (m["content"] for m in json.loads(raw.members["json"])["meta"]["conversations"])
         assert system == asr_prompt() and 3 <= len(answer.split()) <= 5
         ex = codec.decode(raw)
         assert [t for t, y in zip(ex.tokens, ex.labels) if y != IGNORE_INDEX] == [*tok.encode(answer), tok.eot_id]
@@ -68,5 +68,5 @@ def test_make_synthetic_spoken_digits_writes_the_lm_dialogs(tmp_path, capsys):
                                 "--seed", "0", "--n-lm-dialogs", "3", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["lm_dialogs"] == {"dialogs": 3, "shards": [str(tmp_path / "out" / "lm" / "shard_00000.tar")]}
-    messages = json.loads(_samples(result["lm_dialogs"]["shards"])[0].members["json"])["meta"]["messages"]
+    messages = json.loads(_samples(result["lm_dialogs"]["shards"])[0].members["json"])["meta"]["conversations"]
     assert [m["role"] for m in messages] == ["system", "user", "assistant"]

@@ -104,28 +104,32 @@ def test_qa_samples_without_question_or_answer_are_named_or_counted(qa, tmp_path
     assert batches.bad == {str(bad): ["noq", "noa", "nojson"]}
 
 
-def test_dialog_samples_without_a_usable_messages_list_are_named():
-    turns = {"meta": {"messages": [{"role": "user", "content": "hi"}]}}
+def test_text_conversations_are_checked_like_the_media_kinds_and_hold_no_placeholder():
+    turns = {"meta": {"conversations": [{"role": "user", "content": "hi"}]}}
     raw = RawSample("d.tar", "k", {"json": json.dumps(turns).encode()}, 0, 0)
-    with pytest.raises(BadSampleError, match="d.tar: sample k.json: no assistant turn"):
-        TextCodec(None, "dialog").decode(raw)
-    raw.members["json"] = json.dumps({"meta": {"messages": [{"role": "robot", "content": "hi"}]}}).encode()
-    with pytest.raises(BadSampleError, match=r"messages\[0\]"):
-        TextCodec(None, "dialog").decode(raw)
+    with pytest.raises(BadSampleError, match="d.tar: sample k.json: conversations: no assistant turn"):
+        TextCodec(None, "conversation").decode(raw)
+    raw.members["json"] = json.dumps({"meta": {"conversations": [{"role": "robot", "content": "hi"}]}}).encode()
+    with pytest.raises(BadSampleError, match=r"conversations\[0\].role 'robot'"):
+        TextCodec(None, "conversation").decode(raw)
     raw.members["json"] = b'{"meta": {}}'
-    with pytest.raises(BadSampleError, match="no 'messages' list"):
-        TextCodec(None, "dialog").decode(raw)
-    raw.members["json"] = b'{"messages": []}'  # the builders keep sidecar fields under "meta"
+    with pytest.raises(BadSampleError, match="no 'conversations' list"):
+        TextCodec(None, "conversation").decode(raw)
+    raw.members["json"] = b'{"conversations": []}'  # the builders keep sidecar fields under "meta"
     with pytest.raises(BadSampleError, match="no 'meta' object"):
-        TextCodec(None, "dialog").decode(raw)
+        TextCodec(None, "conversation").decode(raw)
+    media = [{"role": "user", "content": "<|image|>What is it?"}, {"role": "assistant", "content": "red"}]
+    raw.members["json"] = json.dumps({"meta": {"conversations": media}}).encode()
+    with pytest.raises(BadSampleError, match=r"conversations\[0\] holds <\|image\|>.*text kind"):
+        TextCodec(None, "conversation").decode(raw)
 
 
-def test_dialog_labels_every_assistant_turn(qa):
+def test_text_conversation_labels_every_assistant_turn(qa):
     _, _, tok = qa
     turns = [{"role": "user", "content": "What color is the square?"}, {"role": "assistant", "content": "red"},
              {"role": "user", "content": "Is the square wide or tall?"}, {"role": "assistant", "content": "tall"}]
-    raw = RawSample("d.tar", "k", {"json": json.dumps({"meta": {"messages": turns}}).encode()}, 0, 0)
-    ex = TextCodec(tok, "dialog").decode(raw)
+    raw = RawSample("d.tar", "k", {"json": json.dumps({"meta": {"conversations": turns}}).encode()}, 0, 0)
+    ex = TextCodec(tok, "conversation").decode(raw)
     labelled = [t for t, lab in zip(ex.tokens, ex.labels) if lab != IGNORE_INDEX]
     assert labelled == tok.encode("red") + [tok.eot_id] + tok.encode("tall") + [tok.eot_id]
 

@@ -181,8 +181,8 @@ BAD = [  # (override, the error's message)
      r"data.sources\[1\].weight: nan is not finite"),
     ("data.sources=[{shards: a.tar}]", r"missing key data.sources\[0\].weight"),
     ("data.sources=[]", r"data.sources: an empty list"),
-    ("data.sources=[{shards: a.tar, weight: 1, format: dialog}]",
-     r"data.sources\[0\].format: 'dialog' is not one of kind image's formats"),
+    ("data.sources=[{shards: a.tar, weight: 1, format: preference}]",
+     r"data.sources\[0\].format: 'preference' is not one of kind image's formats"),
     ("data.sources=[{shards: a.tar, weight: 1, name: x}, {shards: b.tar, weight: 1, name: x}]",
      r"data.sources\[1\].name: 'x' names an earlier source too"),
 ]
