@@ -79,7 +79,7 @@ web-demo: $(STAMP) system-deps
 	$(PY) -m scripts.web_demo --checkpoint $(IMAGE_EXPORT) --host $(HOST) --port $(PORT)
 
 test: $(STAMP) system-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 clean:
 	rm -rf $(VENV) out runs .pytest_cache
