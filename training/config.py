@@ -192,6 +192,12 @@ class RunConfig:
     # many ranks shard every LM and cross-attention layer (`training.tensor_parallel`); the data-parallel
     # world is world / tensor_parallel.
     tensor_parallel: int = 1
+    # The image encoder's token sequence split across the tensor-parallel group (Llama 3 sec. 7.3.2: an image's
+    # 2,308 tokens against 192 of text; `training.sequence_parallel`); data-parallel mode with
+    # tensor_parallel > 1. recompute_kv: the gathered keys / values are dropped after the forward and gathered
+    # again in the backward (less memory, one more all-gather per block).
+    encoder_sequence_parallel: bool = False
+    encoder_sp_recompute_kv: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -216,9 +222,13 @@ class RunConfig:
             (not self.data.pack_rows or (spec.pack_rows and self.parallel == "data"),
              "data.pack_rows", "packs image or video samples in data-parallel mode only (speech rows splice "
              "audio into the embeddings; pipeline stages need fixed shapes)"),
-            (self.tensor_parallel == 1 or (self.tensor_parallel > 1 and spec.tensor_parallel
-                                            and self.parallel == "data"), "tensor_parallel",
-             f"{self.tensor_parallel}: must be >= 1, and > 1 only for the image kind in data-parallel mode"),
+            (self.tensor_parallel == 1 or (self.tensor_parallel > 1 and spec.tensor_parallel), "tensor_parallel",
+             f"{self.tensor_parallel}: must be >= 1, and > 1 only for the image kind"),
+            (not self.encoder_sequence_parallel or (self.tensor_parallel > 1 and self.parallel == "data"),
+             "encoder_sequence_parallel", "splits the encoder over the tensor-parallel group: needs tensor_parallel "
+             f"> 1 in data-parallel mode (got tensor_parallel={self.tensor_parallel}, parallel={self.parallel})"),
+            (not self.encoder_sp_recompute_kv or self.encoder_sequence_parallel, "encoder_sp_recompute_kv",
+             "needs encoder_sequence_parallel: true"),
             (self.train.steps >= 1 and self.train.save_every >= 1 and self.train.log_every >= 1, "train",
              "steps, save_every and log_every must be >= 1"),
             (0 <= self.optim.min_lr_ratio <= 1 and self.optim.warmup >= 0, "optim",

@@ -13,6 +13,9 @@ tensor or one slice at a time; the others stay on meta and are never read.
 * tensor-parallel rank r: every layer, each `tp_split_dims` weight as the slice `tp_slice` keeps (what
   `apply_tensor_parallel` keeps of a full model); the rest replicated.
 
+At the end of the run each rank writes its own part of the export the same way round (`write_rank_shards`):
+no rank gathers the model, and the frozen LM is referenced, not re-written, when it came from a checkpoint.
+
 The adapter (encoder, projector, cross-attention blocks) is built by the same factory in the same order
 as the full build, so the same seed gives the same initial values; a cross-attention block is cut to the
 rank's part (meta, or its slices) as soon as it is built, so only one whole block exists at a time. The
@@ -22,10 +25,13 @@ layout and the checkpoint (every stage's keys and shapes) are checked before any
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.module import register_module_module_registration_hook
 
@@ -229,11 +235,6 @@ def build_rank_model(cfg: MultimodalConfig, ckpt: LlamaCheckpoint, layout: RankL
     return model
 
 
-def holds_all(model: nn.Module) -> bool:
-    """Whether every parameter of ``model`` is materialised (a full build, or a one-rank layout)."""
-    return not any(p.is_meta for p in model.parameters())
-
-
 def build_rank_image_model(cfg: RunConfig, tok: Tokenizer | None, layout: RankLayout) -> MultimodalLlama:
     """The ``image`` kind's model for this rank: built per rank when it wraps a checkpoint LM (``model.lm``)
     in a fresh adapter. From ``model.init_from`` (an export) or around a random LM there is no checkpoint to
@@ -248,3 +249,68 @@ def build_rank_image_model(cfg: RunConfig, tok: Tokenizer | None, layout: RankLa
     check_vocab(cfg, tok, ckpt.cfg.vocab_size)
     mcfg = replace(fresh_multimodal_config(cfg), lm=ckpt.cfg)
     return build_rank_model(mcfg, ckpt, layout)
+
+
+def write_rank_shards(held: dict[str, nn.Parameter], layout: RankLayout, dp_rank: int, tp_group, out: Path,
+                      with_lm: bool, master: Callable[[nn.Parameter], Tensor | None]) -> dict[str, str]:
+    """Write this rank's part of a sharded export (`adapters.model_io.save_shard`) and return the whole
+    ``weight_map`` (name -> file, the same on every rank). Collective: every rank calls it.
+
+    ``held``: the rank's parameters under ``MultimodalLlama`` names (`training.pipeline.stage_parameters`, or
+    the TP-sharded model's); ``master(p)``: a trainable parameter's FP32 master weight (collective over the
+    data-parallel group) or None. Without ``with_lm`` the ``lm.*`` tensors are left out (the export refers to
+    the LM). Each name is written once: by the first stage that holds it (the encoder replicas are equal),
+    there by TP rank ``i % tp`` for the stage's i-th name, which receives the other TP ranks' slices of that
+    one tensor (never more than one whole tensor at a time); data-parallel replicas write nothing.
+    """
+    from adapters.model_io import save_shard, shard_file
+
+    names = sorted(n for n in held if with_lm or not n.startswith("lm."))
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (layout.stage, layout.tp_rank, dp_rank, names))
+    writers = sorted((s, t, ns) for s, t, dp, ns in everyone if dp == 0)
+    first_stage: dict[str, int] = {}
+    for s, _, ns in writers:
+        for n in ns:
+            first_stage.setdefault(n, s)
+    owned = {(s, t): [n for i, n in enumerate(m for m in ns if first_stage[m] == s) if i % layout.tp == t]
+             for s, t, ns in writers}
+    files = [w for w in sorted(owned) if owned[w]]
+    weight_map = {n: shard_file(i, len(files)) for i, w in enumerate(files) for n in owned[w]}
+    mine = [n for n in names if first_stage[n] == layout.stage]
+    tensors: dict[str, Tensor] = {}
+    for i, name in enumerate(mine):  # the same names in the same order on every rank of the stage
+        p = held[name]
+        value = master(p) if p.requires_grad else None
+        value = (value if value is not None else p.detach()).float().contiguous()
+        owner = i % layout.tp
+        if getattr(p, "tensor_model_parallel", False):
+            parts = [torch.empty_like(value) for _ in range(layout.tp)] if layout.tp_rank == owner else None
+            dist.gather(value, parts, group=tp_group, group_dst=owner)
+            value = torch.cat(parts, dim=p.partition_dim) if parts is not None else value
+        if owner == layout.tp_rank and dp_rank == 0:
+            tensors[name] = value
+    if tensors:
+        save_shard(tensors, out, files.index((layout.stage, layout.tp_rank)), len(files))
+    return weight_map
+
+
+def export_shards(held: dict[str, nn.Parameter], layout: RankLayout, dp_rank: int, tp_group, model: nn.Module,
+                  cfg: RunConfig, out: Path, rank: int) -> Path:
+    """The image model's export written by the ranks that hold it (`training.loading.write_rank_shards`:
+    FP32 master weights, each tensor once), then rank 0's index and config.json, whose LM fingerprint is read
+    from the ``model.lm`` checkpoint (`checkpoint_fingerprint`), not from a loaded LM."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from adapters.model_io import begin_sharded_export, write_shard_index
+
+    if rank == 0:
+        begin_sharded_export(out)
+    dist.barrier()
+    weight_map = write_rank_shards(held, layout, dp_rank, tp_group, out, with_lm=not cfg.model.lm,
+                                   master=safe_get_full_fp32_param)
+    dist.barrier()
+    if rank == 0:
+        write_shard_index(model.cfg, out, weight_map, cfg.model.tokenizer, cfg.model.lm or None)
+    dist.barrier()
+    return out

@@ -19,20 +19,23 @@ engine negotiates them once): `pipeline_batch` pads to fixed ``seq_len`` / ``n_i
 
 The blocks reuse the model's own modules (no copies): building a pipeline from a ``MultimodalLlama``
 shares its parameters, so weights loaded into the model before ``build_pipeline_module`` are the
-pipeline's, and `pipeline_state_dict` maps them back to the model's names for export. DeepSpeed casts
+pipeline's, and `stage_parameters` maps them back to the model's names for the export (each stage writes
+its own part: `training.loading.write_rank_shards`). DeepSpeed casts
 the stage-local parameters of that model to bf16 in place when the engine is created. The trainer builds
 that model per rank (`training.loading`): the stage's LM layers and blocks are read, other stages' stay on
 the meta device, and ``PipelineModule`` keeps only the local stage's blocks.
+
+With tensor parallelism the model is sharded (`training.tensor_parallel.apply_tensor_parallel`) before the
+stages are built: each stage is then a TP group, and the process grid is `pipeline_topology`'s.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from deepspeed.pipe import PipelineModule, TiedLayerSpec
 from deepspeed.runtime.activation_checkpointing import checkpointing
-from deepspeed.utils import safe_get_full_fp32_param
+from deepspeed.runtime.pipe.topology import ProcessTopology
 from torch import Tensor, nn
 
 from adapters.chat import IGNORE_INDEX
@@ -54,7 +57,7 @@ class PipelineBatchError(ValueError):
 
 
 class PipelineStateError(RuntimeError):
-    """Gathered pipeline weights are inconsistent (replicas differ, or names are missing)."""
+    """Pipeline weights that do not fit the stage (names missing, shapes differ)."""
 
 
 def pipeline_ds_config(micro_batch_size: int, grad_accum_steps: int, data_parallel: int = 1,
@@ -237,8 +240,20 @@ def config_stage_layer_ids(cfg: MultimodalConfig, num_stages: int) -> list[list[
     return out
 
 
-def build_pipeline_module(model: MultimodalLlama, num_stages: int,
-                          activation_checkpoint_interval: int = 0) -> MultimodalPipe:
+def pipeline_topology(num_stages: int, data_parallel: int, tensor_parallel: int = 1) -> ProcessTopology:
+    """The (dp, pp, tp) process grid, ordered [TP, CP, PP, DP] from innermost (consecutive ranks) to outermost,
+    as the Llama 3 paper lays out its 4D parallelism (sec. 3.3.2; no context parallelism here): TP
+    communicates inside every layer, forward and backward, so its ranks are neighbours on the fastest links
+    (one node's NVLink); PP sends one activation per micro-batch between stages; DP reduces gradients once
+    per step and tolerates the slowest links, so it is outermost. (DeepSpeed's own
+    ``PipeModelDataParallelTopology`` puts pipe outermost.) Rank = ((d * pp) + p) * tp + t."""
+    if tensor_parallel == 1:
+        return ProcessTopology(axes=["data", "pipe"], dims=[data_parallel, num_stages])
+    return ProcessTopology(axes=["data", "pipe", "model"], dims=[data_parallel, num_stages, tensor_parallel])
+
+
+def build_pipeline_module(model: MultimodalLlama, num_stages: int, activation_checkpoint_interval: int = 0,
+                          topology: ProcessTopology | None = None) -> MultimodalPipe:
     """The image model as a DeepSpeed ``PipelineModule`` of ``num_stages`` stages (see module docstring).
 
     Call after ``deepspeed.init_distributed()``; the world size must be a multiple of ``num_stages``
@@ -246,7 +261,8 @@ def build_pipeline_module(model: MultimodalLlama, num_stages: int,
     naming every trainable encoder and projector parameter, so DeepSpeed broadcasts them from the first
     stage at build time and sums their gradients across stages after backward (replicas stay identical).
     ``activation_checkpoint_interval`` counts pipeline layers (2 per stage; 1 recomputes each stage
-    block); checkpointing is non-reentrant, which accepts the integer-only first-stage inputs.
+    block); checkpointing is non-reentrant, which accepts the integer-only first-stage inputs. ``topology``
+    (`pipeline_topology`) lays out the ranks; None: DeepSpeed's default (pipe outermost, no TP).
     """
     if model.video is not None:
         raise PipelineConfigError("pipeline mode lays out the image model only; this MultimodalLlama has a "
@@ -263,8 +279,11 @@ def build_pipeline_module(model: MultimodalLlama, num_stages: int,
             layers.append(shared_encoder)
         layers.append(StageBlock(model, ids, first=s == 0, last=s == num_stages - 1))
     model_names = {id(p): n for n, p in model.named_parameters()}
+    if topology is not None and topology.get_dim("pipe") != num_stages:
+        raise PipelineConfigError(f"topology has {topology.get_dim('pipe')} stages, num_stages is {num_stages}")
     return MultimodalPipe(
-        layers, model_names, num_stages=num_stages, loss_fn=layers[-1].loss, partition_method="uniform",
+        layers, model_names, **({"topology": topology} if topology else {"num_stages": num_stages}),
+        loss_fn=layers[-1].loss, partition_method="uniform",
         activation_checkpoint_interval=activation_checkpoint_interval,
         activation_checkpoint_func=checkpointing.non_reentrant_checkpoint,
         checkpointable_layers=["StageBlock"],
@@ -339,40 +358,11 @@ def _module_of(engine_or_module) -> MultimodalPipe:
     return module
 
 
-def pipeline_state_dict(engine_or_module) -> dict[str, Tensor]:
-    """Trainable weights of the whole pipeline under ``MultimodalLlama.state_dict()`` names, on rank 0
-    (an empty dict elsewhere). A collective: call on every rank.
-
-    From an engine the values are the optimizer's FP32 master weights (the bf16 parameters are their
-    rounding); from a bare module, the parameters. Encoder replicas come from every stage and must be
-    bitwise equal (the tie keeps them so); a mismatch raises `PipelineStateError`. Load the result into
-    a full model (``load_state_dict(..., strict=False)`` over the frozen LM) to export it with
-    ``adapters.model_io.save_checkpoint``.
-    """
+def stage_parameters(engine_or_module) -> dict[str, nn.Parameter]:
+    """This rank's parameters (its stage's, and the encoder replica) under ``MultimodalLlama.state_dict()``
+    names: what it writes of the export (`training.loading.write_rank_shards`), nothing gathered."""
     module = _module_of(engine_or_module)
-    from_engine = module is not engine_or_module
-    local: dict[str, Tensor] = {}
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        full = safe_get_full_fp32_param(p) if from_engine else None  # collective over the stage's DP group
-        local[module.model_names[name]] = (full if full is not None else p.detach().float()).cpu().clone()
-    grid = module.mpu()
-    if grid.get_data_parallel_rank() != 0:
-        local = {}  # data-parallel replicas hold the same weights: one copy per stage is enough
-    is_root = dist.get_rank() == 0
-    gathered: list[dict[str, Tensor]] | None = [{} for _ in range(dist.get_world_size())] if is_root else None
-    dist.gather_object(local, gathered, dst=0)
-    if not is_root:
-        return {}
-    out: dict[str, Tensor] = {}
-    for part in gathered:
-        for name, value in part.items():
-            if name in out and not torch.equal(out[name], value):
-                raise PipelineStateError(f"{name}: the replicas on different pipeline stages differ "
-                                         f"(max |diff| {(out[name] - value).abs().max().item():.3g})")
-            out[name] = value
-    return out
+    return {module.model_names[name]: p for name, p in module.named_parameters()}
 
 
 def load_pipeline_weights(module: MultimodalPipe, state_dict: dict[str, Tensor]) -> None:

@@ -8,7 +8,7 @@ checkpointing on/off) it estimates the memory of the heaviest GPU and the time o
 What the layouts mean (the code's own modes):
 * TP (`training.tensor_parallel`): every LM self-attention layer (attention + FFN) and every cross-attention
   block is sharded (``wq/wk/wv/wo``, ``w1/w2/w3``); norms, gates, embeddings, LM head, image encoder and
-  projector are replicated. Encoder sequence parallelism (the paper's, not in the trainer) splits the
+  projector are replicated. Encoder sequence parallelism (the paper's; `training.sequence_parallel`) splits the
   encoder's tokens over the TP group instead (its activations and FLOPs / tp, K/V all-gathered per block).
 * PP (`training.pipeline`): a stage holds consecutive groups of 4 self-attention + 1 cross-attention
   layers (``pp`` must divide the cross-attention count), the embeddings on the first stage, norm and head
@@ -368,10 +368,8 @@ def trainer_gaps(layout: Layout) -> list[str]:
     if layout.zero != 1:
         out.append(f"ZeRO {layout.zero}: DeepSpeed keeps bf16 + FP32 accumulation at ZeRO 1 only "
                    "(training.config.resolve_deepspeed refuses it)")
-    if layout.tp > 1 and layout.pp > 1:
-        out.append("the trainer runs TP in data-parallel mode only, not inside pipeline stages")
-    if layout.encoder_sp:
-        out.append("encoder sequence parallelism is not implemented by the trainer")
+    if layout.encoder_sp and layout.pp > 1:
+        out.append("the trainer splits the encoder's tokens in data-parallel mode only, not inside pipeline stages")
     if layout.checkpointing and layout.pp == 1:
         out.append("the trainer checkpoints activations in pipeline mode only (per stage block, not per layer)")
     return out

@@ -4,9 +4,12 @@
 parameters (the frozen LM is in no optimizer group and, with ``exclude_frozen_parameters``, in no
 checkpoint), and runs ``cfg.train.steps`` optimizer steps of ``gradient_accumulation_steps`` micro-batches
 per rank. What differs between the ``parallel`` layouts is a small mode object (`MODES`): how the engine
-is built, what one step is and how rank 0 gets the trained model for the export: `DataParallelMode`
-(ZeRO-1/2, optionally tensor-parallel, forward / backward / step per micro-batch) and `PipelineMode`
-(`training.pipeline` stages, ``engine.train_batch``); resume, checkpoints, ``losses.jsonl``, tensorboard,
+is built, what one step is and how the export is written: `DataParallelMode` (ZeRO-1/2, optionally
+tensor-parallel, forward / backward / step per micro-batch) and `PipelineMode` (`training.pipeline` stages,
+optionally tensor-parallel inside each, on the [TP, PP, DP] grid of `pipeline_topology`;
+``engine.train_batch``). A whole model is exported by rank 0 in one file; a pipeline or tensor-parallel one
+is written sharded by the ranks that hold it (`training.loading.export_shards`), never gathered onto one
+rank. Exports hold the optimizer's FP32 master weights (`load_masters`); resume, checkpoints, ``losses.jsonl``, tensorboard,
 the progress bar and the export are written once, in `train` / `run_steps`. Task outputs besides
 ``loss`` and ``n_tokens`` are scalar metrics (the ``bestrq`` kind's accuracy, ...), averaged like the
 loss and logged beside it. bf16 compute with fp32 gradient accumulation is DeepSpeed's ``BF16_Optimizer`` (ZeRO stage 1
@@ -21,7 +24,9 @@ values only and is read with ``torch.load(weights_only=True)``: resuming runs no
 directory through it (DeepSpeed's own ``*model_states.pt`` / ``*optim_states.pt`` are still unpickled by
 DeepSpeed). A resume compares the run record with the current config: changes in `RESUME_MUTABLE` are
 applied and logged, any other raises `ResumeConfigError` before anything in the run directory is written;
-``losses.jsonl`` drops the records past the resumed step, so every step appears once.
+``losses.jsonl`` drops the records past the resumed step, so every step appears once. A resume keeps the
+world size: each data-parallel rank's data position and ZeRO partition are saved per rank, so a resume at
+another data-parallel size is refused (`check_resume_world`) before anything is built or loaded.
 
 What differs between kinds (model, task, codec, parameter groups, export) is the kind's `training.spec`
 entry, looked up once; the loop below is the same for all of them. The end of a run exports
@@ -62,13 +67,17 @@ from common.config import config_to_dict
 from media.tar import ShardError, expand_shards
 from training.config import RunConfig, load_deepspeed_config, resolve_deepspeed, resume_changes, write_resolved
 from training.data import MixStream, ShardStream, TrainBatches
-from training.loading import RankLayout, holds_all
+from training.loading import RankLayout, export_shards
 from training.optim import warmup_cosine
 from training.spec import TrainError, build_data_codec, get_spec
 
 
 class RankStateError(TrainError):
     """A checkpoint's ``rank_R.pt`` that is missing, incomplete, or holds more than tensors and plain data."""
+
+
+class ResumeWorldError(TrainError):
+    """A resume with another number of ranks (another data-parallel size) than the checkpoint was saved by."""
 
 
 # What a resume may change: the run's length, its outputs and logging, the DeepSpeed file's path (its
@@ -175,13 +184,14 @@ def build_engine(cfg: RunConfig, model: nn.Module, ds: dict, mpu=None) -> tuple:
     return engine, sched
 
 
-def build_pipeline_engine(cfg: RunConfig, model: nn.Module, ds: dict) -> tuple:
+def build_pipeline_engine(cfg: RunConfig, model: nn.Module, ds: dict, topology=None) -> tuple:
     """(engine, lr scheduler) of pipeline mode: ``model`` laid out as ``cfg.pipeline_stages`` stages
-    (`training.pipeline`), with activation checkpointing every ``ds["pipeline"]``'s interval."""
+    (`training.pipeline`) on ``topology``'s ranks (`pipeline_topology`), with activation checkpointing every
+    ``ds["pipeline"]``'s interval."""
     from training.pipeline import build_pipeline_module, pipeline_param_groups
 
     module = build_pipeline_module(model, cfg.pipeline_stages,
-                                   ds.get("pipeline", {}).get("activation_checkpoint_interval", 0))
+                                   ds.get("pipeline", {}).get("activation_checkpoint_interval", 0), topology)
     o = cfg.optim
     return _initialize(cfg, module, pipeline_param_groups(module, model, o.lr, o.weight_decay, o.encoder_lr_scale),
                        ds)
@@ -251,6 +261,30 @@ def load_rank_state(path: Path, world: int, keys: tuple[str, ...]) -> dict:
     if missing:
         raise RankStateError(f"{path}: no {', '.join(missing)} (a rank state of another format)")
     return state
+
+
+def _sizes(run: dict, world: int) -> str:
+    tp = run.get("tensor_parallel", 1)
+    stages = run.get("pipeline_stages", 1) if run.get("parallel") == "pipeline" else 1
+    if world % (tp * stages):
+        return f"world size {world} (not a multiple of tensor-parallel {tp} x {stages} stage(s))"
+    return f"world size {world} (data-parallel {world // (tp * stages)} x tensor-parallel {tp} x {stages} stage(s))"
+
+
+def check_resume_world(cfg: RunConfig, world: int) -> None:
+    """Refuse (`ResumeWorldError`) to resume a checkpoint saved by another number of ranks, before anything is
+    built or loaded: each rank's data position (its share of the shards) and ZeRO optimizer partition are saved
+    per data-parallel rank, and neither is re-split here. The message names both layouts."""
+    ckpt_dir = Path(cfg.train.run_dir) / "checkpoints"
+    tag = _latest_tag(ckpt_dir) if cfg.train.resume else None
+    saved = len(list((ckpt_dir / tag).glob("rank_*.pt"))) if tag is not None else 0
+    if saved in (0, world):  # none: `open_run` names the missing rank file
+        return
+    run = load_rank_state(ckpt_dir / tag / "rank_0.pt", saved, ("run",))["run"]
+    raise ResumeWorldError(f"{ckpt_dir / tag}: saved by {_sizes(run, saved)}, resumed with "
+                           f"{_sizes(config_to_dict(cfg), world)}: a resume keeps the data-parallel size (data "
+                           f"positions and optimizer partitions are per rank); launch {saved} processes, or start a "
+                           "new run (another train.run_dir) from this run's export with model.init_from")
 
 
 def check_resume(saved: dict, now: dict, mutable: frozenset[str], where: Path, rank: int) -> None:
@@ -343,13 +377,9 @@ class DataParallelMode:
 
     def build_engine(self, cfg: RunConfig, model: nn.Module, ds: dict) -> tuple:
         if self.tp_group is not None:
-            from training.tensor_parallel import apply_tensor_parallel, validate_tp_size
-
-            try:
-                validate_tp_size(model.cfg.lm, self.tp)
-            except ValueError as e:
-                raise TrainError(f"tensor_parallel={self.tp}: {e}") from e
-            apply_tensor_parallel(model, self.tp_group)
+            shard_model(model, self.tp, self.tp_group)
+            if cfg.encoder_sequence_parallel:
+                split_encoder(model, self.tp, self.tp_group, cfg.encoder_sp_recompute_kv)
         return build_engine(cfg, model, ds, self.mpu)
 
     def batches(self, cfg: RunConfig, tok: Tokenizer | None, model: nn.Module, engine,
@@ -387,20 +417,39 @@ class DataParallelMode:
         dist.all_reduce(total)
         return [int(round(x)) for x in (total.cpu() / self.tp).tolist()]
 
-    def trained_model(self, engine, model: nn.Module, cfg: RunConfig, tok: Tokenizer | None,
-                      rank: int) -> nn.Module | None:
-        """Rank 0: the whole trained model (a tensor-parallel one gathered, every rank taking part, into a
-        freshly built full model); other ranks: None."""
-        if self.tp_group is None:
-            return model if rank == 0 else None
-        from training.tensor_parallel import tp_state_dict
+    def export(self, engine, model: nn.Module, cfg: RunConfig, out: Path, rank: int) -> Path:
+        """The run's export: rank 0 writes the kind's (`TrainSpec.export`) of the whole model; a tensor-parallel
+        model is written sharded by its ranks (`training.loading.export_shards`), never gathered."""
+        if self.tp_group is not None:
+            return export_shards(dict(model.named_parameters()), self.layout, self.dp_rank, self.tp_group, model,
+                                 cfg, out, rank)
+        load_masters(model)
+        if rank == 0:
+            get_spec(cfg.kind).export(model.float().eval(), cfg, out)
+        return out
 
-        full_state = tp_state_dict(model, self.tp_group)
-        if rank != 0:
-            return None
-        full = build_model(cfg, tok)
-        full.load_state_dict(full_state, strict=True)
-        return full
+
+def split_encoder(model: nn.Module, tp: int, tp_group, recompute_kv: bool) -> None:
+    """`apply_encoder_sequence_parallel` over the tensor-parallel group (its ranks see the same images); a tile
+    length the group does not split is a `TrainError`."""
+    from training.sequence_parallel import apply_encoder_sequence_parallel, validate_sp_size
+
+    try:
+        validate_sp_size(model.cfg.vision, tp)
+    except ValueError as e:
+        raise TrainError(f"encoder_sequence_parallel over tensor_parallel={tp}: {e}") from e
+    apply_encoder_sequence_parallel(model, tp_group, recompute_kv=recompute_kv)
+
+
+def shard_model(model: nn.Module, tp: int, tp_group) -> None:
+    """`apply_tensor_parallel` over ``tp_group``, a size that does not split the model refused as a `TrainError`."""
+    from training.tensor_parallel import apply_tensor_parallel, validate_tp_size
+
+    try:
+        validate_tp_size(model.cfg.lm, tp)
+    except ValueError as e:
+        raise TrainError(f"tensor_parallel={tp}: {e}") from e
+    apply_tensor_parallel(model, tp_group)
 
 
 def _scalar(name: str, value: torch.Tensor) -> torch.Tensor:
@@ -414,26 +463,36 @@ def _scalar(name: str, value: torch.Tensor) -> torch.Tensor:
 class PipelineMode:
     """``parallel: pipeline`` (image model only): `training.pipeline` lays the model out as
     ``cfg.pipeline_stages`` stages, the rest of the world is data parallelism, one step is
-    ``engine.train_batch``. Micro-batches must all have one shape, so each holds exactly
+    ``engine.train_batch``; with ``tensor_parallel`` > 1 each stage is a tensor-parallel group
+    (`pipeline_topology`'s grid). Micro-batches must all have one shape, so each holds exactly
     ``train_micro_batch_size_per_gpu`` samples padded to ``data.max_seq_len`` tokens and ``max_tiles`` tiles
     (packing by token budget does not apply); only the first and last stages read data."""
 
     def __init__(self, cfg: RunConfig, world: int):
-        S = cfg.pipeline_stages
-        if world % S:
-            raise TrainError(f"pipeline_stages: world size {world} is not a multiple of {S} stages")
-        self.dp_world = world // S
-        from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+        S, tp = cfg.pipeline_stages, cfg.tensor_parallel
+        if world % (S * tp):
+            raise TrainError(f"pipeline_stages x tensor_parallel: world size {world} is not a multiple of "
+                             f"{S} stages x {tp} tensor-parallel ranks")
+        self.tp, self.dp_world = tp, world // (S * tp)
+        from training.pipeline import pipeline_topology
 
-        # the stage DeepSpeed's PipelineModule gives this rank (its default topology)
-        stage = PipeDataParallelTopology(num_pp=S, num_dp=self.dp_world).get_coord(dist.get_rank()).pipe
-        self.layout = RankLayout(stages=S, stage=stage)
+        self.topology = pipeline_topology(S, self.dp_world, tp)  # [TP, PP, DP], innermost first
+        coord = self.topology.get_coord(dist.get_rank())
+        self.dp_rank, self.tp_group = coord.data, None
+        self.layout = RankLayout(stages=S, stage=coord.pipe, tp=tp, tp_rank=getattr(coord, "model", 0))
+        if tp > 1:  # every rank creates every TP group, in the same order
+            for ranks in self.topology.get_axis_comm_lists("model"):
+                group = dist.new_group(ranks)
+                if dist.get_rank() in ranks:
+                    self.tp_group = group
         self._counts = [0, 0]  # this step's input and label tokens read by this rank
         self._keys: list[str] = []  # the last micro-batch read, for a non-finite loss report
         self._feed = None  # the micro-batch iterator `engine.train_batch` pulls from (set by `batches`)
 
     def build_engine(self, cfg: RunConfig, model: nn.Module, ds: dict) -> tuple:
-        return build_pipeline_engine(cfg, model, ds)
+        if self.tp_group is not None:  # shard first: the stages are built from the sharded modules
+            shard_model(model, self.tp, self.tp_group)
+        return build_pipeline_engine(cfg, model, ds, self.topology)
 
     def batches(self, cfg: RunConfig, tok: Tokenizer | None, model: nn.Module, engine,
                 shards: list[list[Path]]) -> TrainBatches:
@@ -463,25 +522,30 @@ class PipelineMode:
 
     def data_sum(self, engine, counts: list[int]) -> list[int]:
         """Per-rank data counts summed over the data-parallel world. First and last stages both read every
-        micro-batch (middle stages none): the first stages' counts only."""
-        total = torch.tensor(counts if engine.is_first_stage() else [0] * len(counts), dtype=torch.float64,
-                             device=engine.device)
+        micro-batch (middle stages none), and the ranks of a tensor-parallel group the same ones: the first
+        stages' counts only, of TP rank 0."""
+        reads = engine.is_first_stage() and self.layout.tp_rank == 0
+        total = torch.tensor(counts if reads else [0] * len(counts), dtype=torch.float64, device=engine.device)
         dist.all_reduce(total)
         return [int(x) for x in total.cpu().tolist()]
 
-    def trained_model(self, engine, model: nn.Module, cfg: RunConfig, tok: Tokenizer | None,
-                      rank: int) -> nn.Module | None:
-        """Rank 0: ``model`` with the stages' trained weights (`pipeline_state_dict`, collective); a model
-        built per rank (other stages on meta) gives them to a full build."""
-        from training.pipeline import pipeline_state_dict
+    def export(self, engine, model: nn.Module, cfg: RunConfig, out: Path, rank: int) -> Path:
+        """The export written sharded, each stage (each TP rank of it) its own weights
+        (`training.loading.export_shards`)."""
+        from training.pipeline import stage_parameters
 
-        weights = pipeline_state_dict(engine)  # MultimodalLlama names on rank 0
-        if rank != 0:
-            return None
-        if not holds_all(model):
-            model = build_model(cfg, tok)
-        model.float().load_state_dict(weights, strict=False)  # the frozen LM is the one the model holds
-        return model
+        return export_shards(stage_parameters(engine), self.layout, self.dp_rank, self.tp_group, model, cfg, out,
+                             rank)
+
+
+def load_masters(model: nn.Module) -> None:
+    """Put the optimizer's FP32 master weights into ``model``'s trainable parameters (the bf16 parameters are
+    their rounding), so the export holds what a resume would train on. Collective over data-parallel ranks."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    for p in model.parameters():
+        if p.requires_grad and (full := safe_get_full_fp32_param(p)) is not None:
+            p.data = full.to(p.device)
 
 
 MODES = {"data": DataParallelMode, "pipeline": PipelineMode}
@@ -494,6 +558,7 @@ def train(cfg: RunConfig, ds_config: dict | None = None) -> TrainResult:
     """Run (or resume) ``cfg`` in its ``parallel`` mode; every rank returns the same losses (averaged over
     ranks per step)."""
     rank, world = init_distributed()
+    check_resume_world(cfg, world)
     mode = MODES[cfg.parallel](cfg, world)
     ds = resolve_deepspeed(ds_config if ds_config is not None else load_deepspeed_config(cfg.deepspeed),
                            mode.dp_world, cfg.deepspeed)
@@ -513,8 +578,7 @@ def train(cfg: RunConfig, ds_config: dict | None = None) -> TrainResult:
         truncate_steps(run_dir / "losses.jsonl", start)
     result = run_steps(cfg, ds, mode, engine, sched, batches, start, rank)
     if cfg.train.export:
-        full = mode.trained_model(engine, model, cfg, tok, rank)
-        result.export_dir = export(full, cfg, run_dir / "export", rank)
+        result.export_dir = mode.export(engine, model, cfg, run_dir / "export", rank)
     dist.barrier()
     return result
 
@@ -604,11 +668,3 @@ def save(engine, batches: TrainBatches, ckpt_dir: Path, step: int, rank: int, ru
     torch.save(state, ckpt_dir / tag / f"rank_{rank}.pt")
     dist.barrier()  # every rank's state is on disk before DeepSpeed writes "latest"
     engine.save_checkpoint(str(ckpt_dir), tag=tag, exclude_frozen_parameters=True)
-
-
-def export(model: nn.Module | None, cfg: RunConfig, out: Path, rank: int) -> Path:
-    """Rank 0 writes the kind's export of ``model`` (the mode's `trained_model`) in fp32
-    (`TrainSpec.export`; the multimodal kinds hold the LM only by reference when ``model.lm`` is set)."""
-    if rank == 0:
-        get_spec(cfg.kind).export(model.float().eval(), cfg, out)
-    return out

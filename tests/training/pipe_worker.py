@@ -4,7 +4,8 @@ Launched by the test with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_
 the parent asserts on into ``--out``: ``losses.json`` (last stage), ``lm_{rank}.safetensors`` (the
 stage's LM weights after the steps), ``encoder_{rank}.safetensors`` (its encoder + projector replica,
 bf16 parameters and FP32 master weights), ``tied_{rank}.json`` (the tied parameter names) and
-``export.safetensors`` (rank 0, `pipeline_state_dict`).
+``export/`` (the trainable weights as each stage writes them, `training.loading.write_rank_shards`, with the
+index rank 0 writes).
 The model and batch builders are importable without DeepSpeed, so the parent can rebuild both.
 """
 
@@ -72,9 +73,11 @@ def main(argv: list[str] | None = None) -> None:
     from safetensors.torch import save_file  # noqa: PLC0415
     from deepspeed.utils import safe_get_full_fp32_param  # noqa: PLC0415
 
+    from adapters.model_io import INDEX  # noqa: PLC0415
+    from training.loading import RankLayout, write_rank_shards  # noqa: PLC0415
     from training.pipeline import (  # noqa: PLC0415
         ENCODER_KEY, build_pipeline_module, pipeline_batch, pipeline_ds_config, pipeline_param_groups,
-        pipeline_state_dict)
+        stage_parameters)
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     rank, out = int(os.environ["RANK"]), Path(args.out)
@@ -98,9 +101,11 @@ def main(argv: list[str] | None = None) -> None:
         enc[f"bf16.{n}"] = p.detach().contiguous()
         enc[f"fp32.{n}"] = safe_get_full_fp32_param(p).contiguous()
     save_file(enc, str(out / f"encoder_{rank}.safetensors"))
-    export = pipeline_state_dict(engine)
+    (out / "export").mkdir(exist_ok=True)
+    weight_map = write_rank_shards(stage_parameters(engine), RankLayout(args.stages, engine.stage_id), 0, None,
+                                   out / "export", with_lm=False, master=safe_get_full_fp32_param)
     if rank == 0:
-        save_file({k: v.contiguous() for k, v in export.items()}, str(out / "export.safetensors"))
+        (out / "export" / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     if engine.is_last_stage():
         (out / "losses.json").write_text(json.dumps({"losses": losses, "stages": args.stages}))
     (out / f"tied_{rank}.json").write_text(json.dumps(module.tied_weight_attrs.get(ENCODER_KEY)))

@@ -295,11 +295,12 @@ def test_video_from_the_image_export_and_speech_from_audio_shards(stage1, tmp_pa
 
 
 def test_tensor_parallel_run_tracks_the_single_process_run(stage1, tmp_path):
-    """tensor_parallel=2 on 2 ranks (data-parallel world 1: the same batches as the one-process run):
-    every LM and cross-attention layer is sharded, yet the losses follow the unsharded run's up to bf16
-    rounding of the partial sums, and the gathered export holds the same frozen LM, bitwise."""
+    """tensor_parallel=2 on 2 ranks (data-parallel world 1: the same batches as the one-process run), with the
+    image encoder's tokens split over the same 2 ranks (encoder_sequence_parallel): every LM and cross-attention
+    layer is sharded, yet the losses follow the unsharded run's up to bf16 rounding of the partial sums, and the
+    export holds the same frozen LM, bitwise."""
     root, cfg, result = stage1
-    tp_cfg = run_config(root, "tp", "tensor_parallel=2", "train.save_every=6")
+    tp_cfg = run_config(root, "tp", "tensor_parallel=2", "encoder_sequence_parallel=true", "train.save_every=6")
     tp_cfg = replace(tp_cfg, train=replace(tp_cfg.train, run_dir=str(tmp_path / "tp")))
     (tmp_path / "tp.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(config_to_dict(tp_cfg)))))
     torchrun_trainer(tmp_path / "tp.yaml")
@@ -316,6 +317,8 @@ def test_tensor_parallel_run_tracks_the_single_process_run(stage1, tmp_path):
 
     with pytest.raises(TrainConfigError, match="tensor_parallel"):
         run_config(root, "x", "tensor_parallel=2", "kind=speech")
+    with pytest.raises(TrainConfigError, match="encoder_sequence_parallel.*needs tensor_parallel > 1"):
+        run_config(root, "x", "encoder_sequence_parallel=true")
 
 
 def test_pipeline_mode_through_the_entry_point(stage1, tmp_path):
