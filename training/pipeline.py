@@ -56,10 +56,6 @@ class PipelineBatchError(ValueError):
     """A batch does not fit the pipeline's fixed inter-stage tensor contract."""
 
 
-class PipelineStateError(RuntimeError):
-    """Pipeline weights that do not fit the stage (names missing, shapes differ)."""
-
-
 def pipeline_ds_config(micro_batch_size: int, grad_accum_steps: int, data_parallel: int = 1,
                        gradient_clipping: float = 1.0, activation_checkpoint_interval: int = 0) -> dict:
     """The DeepSpeed config this module is built for: bf16 compute, FP32 gradient accumulation.
@@ -363,27 +359,3 @@ def stage_parameters(engine_or_module) -> dict[str, nn.Parameter]:
     names: what it writes of the export (`training.loading.write_rank_shards`), nothing gathered."""
     module = _module_of(engine_or_module)
     return {module.model_names[name]: p for name, p in module.named_parameters()}
-
-
-def load_pipeline_weights(module: MultimodalPipe, state_dict: dict[str, Tensor]) -> None:
-    """Copy a full-model state dict (``MultimodalLlama`` names; e.g. an exported checkpoint) into the
-    stage-local trainable parameters, before ``deepspeed.initialize`` (the optimizer's FP32 master
-    weights are made from the parameters there). Frozen parameters are left alone; a trainable one
-    missing from ``state_dict`` or of another shape raises `PipelineStateError`."""
-    missing = []
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if not p.requires_grad:
-                continue
-            full = module.model_names[name]
-            if full not in state_dict:
-                missing.append(full)
-                continue
-            value = state_dict[full]
-            if value.shape != p.shape:
-                raise PipelineStateError(f"{full}: state dict has shape {tuple(value.shape)}, the pipeline "
-                                         f"parameter {tuple(p.shape)}")
-            p.copy_(value.to(p.dtype))
-    if missing:
-        raise PipelineStateError(f"state dict lacks {len(missing)} trainable parameter(s) of this stage: "
-                                 f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")

@@ -235,48 +235,6 @@ def apply_tensor_parallel(model: MultimodalLlama, tp_group) -> MultimodalLlama:
     return model
 
 
-def _sharded_dims(model: nn.Module) -> dict[str, int]:
-    return {n: p.partition_dim for n, p in model.named_parameters(remove_duplicate=False)
-            if getattr(p, "tensor_model_parallel", False)}
-
-
-def tp_state_dict(model: MultimodalLlama, tp_group, trainable_only: bool = False) -> dict[str, Tensor]:
-    """The full (unsharded) state dict under ``MultimodalLlama.state_dict()`` names, on TP rank 0;
-    ``{}`` on the other ranks. Collective: every rank of ``tp_group`` must call it.
-    ``trainable_only`` keeps the parameters that train (the export that leaves out the frozen LM)."""
-    tp, rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
-    dims = _sharded_dims(model)
-    keep = {n for n, p in model.named_parameters() if p.requires_grad} if trainable_only else None
-    out: dict[str, Tensor] = {}
-    for name, t in model.state_dict().items():
-        if keep is not None and name not in keep:
-            continue
-        if name in dims:
-            t = t.contiguous()
-            parts = [torch.empty_like(t) for _ in range(tp)] if rank == 0 else None
-            dist.gather(t, parts, group=tp_group, group_dst=0)
-            if rank == 0:
-                out[name] = torch.cat(parts, dim=dims[name])
-        elif rank == 0:
-            out[name] = t
-    return out
-
-
-def load_full_state_dict(model: MultimodalLlama, state_dict: dict[str, Tensor], tp_group,
-                         strict: bool = True):
-    """Load a full (unsharded) state dict, e.g. a `tp_state_dict` export, into a sharded model: each rank
-    copies its slice. No communication. Returns ``load_state_dict``'s result."""
-    tp, rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
-    dims = _sharded_dims(model)
-    local = {}
-    for name, t in state_dict.items():
-        if name in dims:
-            size = t.shape[dims[name]] // tp
-            t = t.narrow(dims[name], rank * size, size)
-        local[name] = t
-    return model.load_state_dict(local, strict=strict)
-
-
 # ----------------------------------------------------------------------------------------------
 # The (dp, tp) grid and DeepSpeed's model-parallel unit
 

@@ -19,13 +19,11 @@ from safetensors.torch import load_file
 from adapters.llama import llama_config
 from adapters.multimodal import multimodal_config
 from adapters.task import ImageTextTask, build_param_groups
-from tests.training.ranks import run_ranks
 from tests.training import tp_worker
 from tests.training.pipe_worker import micro_batches
-from training.tensor_parallel import (TensorParallelError, apply_tensor_parallel, tp_state_dict,
-                                      validate_tp_size)
-
-
+from tests.training.ranks import run_ranks
+from tests.training.tp_worker import tp_state_dict
+from training.tensor_parallel import TensorParallelError, apply_tensor_parallel, validate_tp_size
 
 # ----------------------------------------------------------------------------------------------
 # Single process

@@ -16,6 +16,8 @@ import json
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch import Tensor
 
 from adapters.multimodal import MultimodalLlama, build_multimodal, multimodal_config
 from tests.training.pipe_worker import micro_batches
@@ -38,18 +40,62 @@ def ds_config() -> dict:
             "gradient_clipping": CLIP, "steps_per_print": 10**9}
 
 
+# The full state dict of a sharded model and back: what the tests compare against the one-process model (the
+# trainer never gathers: its exports are written per rank, `training.loading.export_shards`).
+
+
+def _sharded_dims(model: torch.nn.Module) -> dict[str, int]:
+    return {n: p.partition_dim for n, p in model.named_parameters(remove_duplicate=False)
+            if getattr(p, "tensor_model_parallel", False)}
+
+
+def tp_state_dict(model, tp_group, trainable_only: bool = False) -> dict[str, Tensor]:
+    """The full (unsharded) state dict under ``MultimodalLlama.state_dict()`` names, on TP rank 0;
+    ``{}`` on the other ranks. Collective: every rank of ``tp_group`` must call it.
+    ``trainable_only`` keeps the parameters that train (the export that leaves out the frozen LM)."""
+    tp, rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+    dims = _sharded_dims(model)
+    keep = {n for n, p in model.named_parameters() if p.requires_grad} if trainable_only else None
+    out: dict[str, Tensor] = {}
+    for name, t in model.state_dict().items():
+        if keep is not None and name not in keep:
+            continue
+        if name in dims:
+            t = t.contiguous()
+            parts = [torch.empty_like(t) for _ in range(tp)] if rank == 0 else None
+            dist.gather(t, parts, group=tp_group, group_dst=0)
+            if rank == 0:
+                out[name] = torch.cat(parts, dim=dims[name])
+        elif rank == 0:
+            out[name] = t
+    return out
+
+
+def load_full_state_dict(model, state_dict: dict[str, Tensor], tp_group,
+                         strict: bool = True):
+    """Load a full (unsharded) state dict, e.g. a `tp_state_dict` export, into a sharded model: each rank
+    copies its slice. No communication. Returns ``load_state_dict``'s result."""
+    tp, rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+    dims = _sharded_dims(model)
+    local = {}
+    for name, t in state_dict.items():
+        if name in dims:
+            size = t.shape[dims[name]] // tp
+            t = t.narrow(dims[name], rank * size, size)
+        local[name] = t
+    return model.load_state_dict(local, strict=strict)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--deepspeed", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    import torch.distributed as dist  # noqa: PLC0415
     from safetensors.torch import save_file  # noqa: PLC0415
 
     from adapters.task import ImageTextTask, build_param_groups  # noqa: PLC0415
-    from training.tensor_parallel import (  # noqa: PLC0415
-        apply_tensor_parallel, init_tp_grid, load_full_state_dict, tp_state_dict)
+    from training.tensor_parallel import apply_tensor_parallel, init_tp_grid  # noqa: PLC0415
 
     if args.deepspeed:
         import deepspeed  # noqa: PLC0415
