@@ -20,8 +20,9 @@ No global pass, so each chunk of ``samples_per_shard`` inputs becomes its shard 
   chunk ``i``; ``shard_i_stats.json``: its counts, written last, the resume marker;
 * ``report.json`` and ``report/*.png``: counts per stage and reason, duration / VAD score / level statistics.
 
-A chunk's input files are held in memory while it is processed (``samples_per_shard`` x average file size,
-for up to ``2 * workers`` chunks in flight): 500 clips of 10 s 16-bit WAV are about 160 MB.
+A chunk's input files are held in a worker's memory while it is processed (``samples_per_shard`` x average
+file size, one chunk per worker; the chunks waiting sit in Ray's object store, spilled to disk past its
+memory): 500 clips of 10 s 16-bit WAV are about 160 MB.
 """
 
 from __future__ import annotations
@@ -246,9 +247,9 @@ def _histograms(out: Path, decoded: list[dict], kept: list[dict], cfg: AudioCura
     return written
 
 
-def write_audio_report(out: Path, n_shards: int, cfg: AudioCurationConfig, seconds: dict) -> dict:
+def write_audio_report(out: Path, n_shards: int, cfg: AudioCurationConfig, seconds: dict, stages: dict) -> dict:
     """Aggregate every shard's status parquet into ``report.json`` + plots; checks the counts add up."""
-    report, decoded, kept = report_head(out, n_shards, seconds, decoded=lambda r: r["source_rate"] is not None,
+    report, decoded, kept = report_head(out, n_shards, seconds, stages, decoded=lambda r: r["source_rate"] is not None,
                                         stats=_audio_stats, unit="clip")
     report["vad"] = config_to_dict(cfg.vad)
     report["plots"] = _histograms(out, decoded, kept, cfg)
@@ -260,12 +261,13 @@ def write_audio_report(out: Path, n_shards: int, cfg: AudioCurationConfig, secon
 
 
 def build_audio_shards(input_spec: str | Path, out_dir: str | Path, cfg: AudioCurationConfig,
-                       progress: bool = True, max_chunks: int | None = None) -> BuildResult:
+                       progress: bool = True, max_chunks: int | None = None, address: str | None = None) -> BuildResult:
     """Curate the clips of ``input_spec`` into ``out_dir`` (resuming finished shards) and write the report.
-    ``max_chunks`` stops after that many new shards (to simulate an interrupted job in tests). A rerun
+    Runs on Ray (``engine``: a local instance, or the cluster at ``address``). ``max_chunks`` stops after
+    that many new shards (to simulate an interrupted job in tests). A rerun
     with nothing left to do loads no model and rewrites nothing."""
     read = partial(open_audio_input, input_spec, audio_key=cfg.audio_key, text_key=cfg.text_key,
                    max_sample_bytes=cfg.max_sample_bytes, allow_outside_root=cfg.allow_outside_root)
     return run_shard_job(input_spec, read, Path(out_dir), cfg, make_processor=AudioProcessor,
                          write_shard=write_audio_shard, write_report=write_audio_report, progress=progress,
-                         max_chunks=max_chunks)
+                         max_chunks=max_chunks, address=address)

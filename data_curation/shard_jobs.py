@@ -1,18 +1,19 @@
-"""What every shard builder shares, whatever the media: the files of a shard, the resume rule, the worker pool
+"""What every shard builder shares, whatever the media: the files of a shard, the resume rule, the run on Ray
 and the report's counts.
 
 A builder (``shards`` for images, ``video_shards``, ``audio_shards``) supplies a processor (built once per worker,
 ``process(chunk)`` sets every sample's status) and the writers for its shards and report; ``run_shard_job``
 chunks the inputs, skips the chunks whose ``shard_i_stats.json`` exists (written last: the resume marker), runs
-the rest in a bounded window of spawned worker processes, then writes the report. The image builder's global
-pass (dedup, resampling) needs every chunk before any shard, so it drives its own passes and uses only the
-small helpers here.
+the rest as Ray Data stages (``run_chunks``, ``engine``), then writes the report. The image builder's pass 1
+has a stage per step (``shards.image_stages``) and its global pass (dedup, resampling) needs every chunk before
+any shard, so it drives its own passes and uses only ``run_chunks`` and the small helpers here.
 
 What guards a job against its inputs and against itself, for every builder:
 
 * an exclusive lock on ``OUT/.build.lock`` for the job's life (``output_lock``): a second live build on the
   same folder is refused;
-* ``ResumeConfig``: the config a resume must match (all but ``workers``), written once setup worked;
+* ``ResumeConfig``: the config a resume must match (all but ``workers``; the Ray address is no config),
+  written once setup worked;
 * ``inputs_digest`` of every chunk's (key, source) list, kept beside the finished chunk: a resume whose input
   listing changed under a finished chunk is refused, as is an output folder inside the input folder;
 * ``guard_text`` before any stage and again in every writer: text that UTF-8 cannot encode (a lone surrogate)
@@ -27,7 +28,6 @@ import hashlib
 import io
 import itertools
 import json
-import multiprocessing as mp
 import os
 import re
 import secrets
@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from common.config import config_to_dict
+from data_curation.engine import Stage, StageTimes, connect, run_stages
 from data_curation.input_files import LONE_SURROGATE, CurationInputError
 from data_curation.records import DROPPED, ERROR, OK, STATUSES, Sample, bad_text_field, escape_text
 
@@ -289,11 +290,11 @@ def status_counts(rows: list[dict], n_shards: int) -> dict:
             "by_reason": dict(sorted(Counter(f"{r['stage']}:{reason_kind(r)}" for r in not_ok).items()))}
 
 
-def report_head(out: Path, n_shards: int, seconds: dict, *, decoded: Callable[[dict], bool],
+def report_head(out: Path, n_shards: int, seconds: dict, stages: dict, *, decoded: Callable[[dict], bool],
                 stats: Callable[[list[dict]], dict], unit: str) -> tuple[dict, list[dict], list[dict]]:
     """The part of a report every media shares -> (report, decoded rows, kept rows): ``status_counts``, then
-    ``stats`` of the rows that ``decoded`` accepts and of the kept ones among them, ``seconds`` and the
-    throughput in ``{unit}s_per_s``."""
+    ``stats`` of the rows that ``decoded`` accepts and of the kept ones among them, ``seconds``, the
+    throughput in ``{unit}s_per_s`` and each stage's time in this run (``stages``: ``engine.StageTimes``)."""
     rows = read_status_rows(out, n_shards)
     decoded_rows = [r for r in rows if decoded(r)]
     kept = [r for r in decoded_rows if r["status"] == OK]
@@ -303,6 +304,7 @@ def report_head(out: Path, n_shards: int, seconds: dict, *, decoded: Callable[[d
         "stats_kept": stats(kept),
         "seconds": seconds,
         f"{unit}s_per_s": round(len(rows) / max(seconds["total"], 1e-9), 2),
+        "stages": stages,
     }
     return report, decoded_rows, kept
 
@@ -356,25 +358,24 @@ def _share(flags: list[bool]) -> float | None:
 
 def run_shard_job(input_spec: str | Path, read_inputs: Callable[[], Iterable[Sample]], out: Path, cfg: Any, *,
                   make_processor: Callable, write_shard: Callable, write_report: Callable, progress: bool,
-                  max_chunks: int | None, unit: str = "sample") -> BuildResult:
+                  max_chunks: int | None, unit: str = "sample", address: str | None = None) -> BuildResult:
     """Chunks of ``cfg.samples_per_shard`` inputs -> ``make_processor(cfg).process(chunk)`` -> ``write_shard(out,
-    i, chunk)``, skipping chunks whose ``shard_i_stats.json`` exists; then ``write_report(out, n_shards, cfg,
-    seconds)``. Holds ``out``'s lock throughout; ``out`` may not lie inside the ``input_spec`` folder.
-    ``read_inputs`` is called once the config is known to match ``out/config.json`` (``ResumeConfig``). The
-    processor is built in this process first, so a setup error is raised once, up front, and ``config.json``
-    is written only after it worked. A finished shard whose input listing changed is a ``ResumeMismatchError``.
-    ``cfg.workers > 1``: a bounded window of chunks in flight in spawned processes, one thread each.
-    ``max_chunks`` stops after that many new shards (to simulate an interrupted job in tests). A rerun with
-    nothing left to do builds no processor and rewrites nothing."""
+    i, chunk)`` as two Ray Data stages (``engine``), skipping chunks whose ``shard_i_stats.json`` exists; then
+    ``write_report(out, n_shards, cfg, seconds, stage_times)``. Holds ``out``'s lock throughout; ``out`` may not
+    lie inside the ``input_spec`` folder. ``read_inputs`` is called once the config is known to match
+    ``out/config.json`` (``ResumeConfig``). The processor is built in this process first, so a setup error is
+    raised once, up front, and ``config.json`` is written only after it worked. A finished shard whose input
+    listing changed is a ``ResumeMismatchError``. ``max_chunks`` stops after that many new shards (to simulate an
+    interrupted job in tests). A rerun with nothing left to do builds no processor and rewrites nothing."""
     refuse_output_inside_input(input_spec, out)
     with output_lock(out):
         return _run_locked(read_inputs, out, cfg, make_processor, write_shard, write_report, progress,
-                           max_chunks, unit)
+                           max_chunks, unit, address)
 
 
 def _run_locked(read_inputs: Callable[[], Iterable[Sample]], out: Path, cfg: Any, make_processor: Callable,
                 write_shard: Callable, write_report: Callable, progress: bool, max_chunks: int | None,
-                unit: str) -> BuildResult:
+                unit: str, address: str | None) -> BuildResult:
     resume = ResumeConfig(out / "config.json", cfg)
     resume.check()
     inputs = read_inputs()
@@ -382,7 +383,7 @@ def _run_locked(read_inputs: Callable[[], Iterable[Sample]], out: Path, cfg: Any
     n_chunks = started = 0
     stopped = False
 
-    def todo() -> Iterator[tuple[Callable, int, list[Sample], str]]:
+    def todo() -> Iterator[tuple[int, list[Sample]]]:
         nonlocal n_chunks, started, stopped
         for i, chunk in _chunks(inputs, cfg.samples_per_shard):
             done = out / f"shard_{i:05d}_stats.json"
@@ -394,9 +395,10 @@ def _run_locked(read_inputs: Callable[[], Iterable[Sample]], out: Path, cfg: Any
                 stopped = True
                 return
             n_chunks, started = i + 1, started + 1
-            yield write_shard, i, chunk, str(out)
+            yield i, chunk
 
-    run_chunks(todo(), make_processor, cfg, progress=progress, unit=unit, on_setup=resume.save)
+    stages = [Stage("process", _ProcessStage(make_processor)), Stage("write", _WriteStage(write_shard, out))]
+    times = run_chunks(todo(), stages, cfg, progress=progress, unit=unit, on_setup=resume.save, address=address)
     resume.save()
     if stopped:
         return BuildResult(out, -1, started, {}, {})
@@ -407,62 +409,61 @@ def _run_locked(read_inputs: Callable[[], Iterable[Sample]], out: Path, cfg: Any
     if started == 0 and (out / "report.json").exists():
         report = json.loads((out / "report.json").read_text())
     else:
-        report = write_report(out, n_chunks, cfg, {"total": round(time.perf_counter() - t0, 2)})
+        report = write_report(out, n_chunks, cfg, {"total": round(time.perf_counter() - t0, 2)},
+                              times.report(unit))
     return BuildResult(out, report["inputs"], n_chunks, report["counts"], report)
 
 
-def run_chunks(jobs: Iterator[tuple[Callable, int, list[Sample], str]], make_processor: Callable, cfg: Any, *,
-               progress: bool, unit: str, on_setup: Callable[[], None]) -> None:
-    """Runs ``jobs`` (``(write, i, chunk, folder)``: ``write(Path(folder), i, processor.process(chunk))``). The
-    processor is built in this process first, and only when there is a job: a bad model path or a missing
-    tesseract is one named error up front, not a pool of workers failing in their initializer; ``on_setup``
+class _ProcessStage:
+    """``make_processor(cfg).process`` as an engine stage (text guarded first, as every stage input is)."""
+
+    def __init__(self, make_processor: Callable) -> None:
+        self.make_processor = make_processor
+
+    def __call__(self, cfg: Any, device: str) -> Callable[[int, list[Sample]], list[Sample]]:
+        processor = self.make_processor(cfg)
+        return lambda index, samples: processor.process(guard_text(samples))
+
+
+class _WriteStage:
+    """``write_shard(out, i, samples)`` as the last engine stage: it returns the samples' statuses only (the
+    driver needs no more)."""
+
+    def __init__(self, write_shard: Callable, out: Path) -> None:
+        self.write_shard, self.out = write_shard, str(out)
+
+    def __call__(self, cfg: Any, device: str) -> Callable[[int, list[Sample]], list[str]]:
+        def write(index: int, samples: list[Sample]) -> list[str]:
+            self.write_shard(Path(self.out), index, samples)
+            return [s.status for s in samples]
+
+        return write
+
+
+def crashed_sample(sample: Sample, stage: str, message: str) -> Sample:
+    """The engine's mark for a sample whose worker process died on it in ``stage``."""
+    return sample.fail(stage, message)
+
+
+def run_chunks(chunks: Iterator[tuple[int, list[Sample]]], stages: list[Stage], cfg: Any, *, progress: bool,
+               unit: str, on_setup: Callable[[], None], address: str | None,
+               crashed: Callable[[Any, str, str], Any] = crashed_sample) -> StageTimes:
+    """Runs ``chunks`` through ``stages`` on Ray (``engine.run_stages``, ``cfg.workers`` actors a stage). The
+    stages are built in this process first, and only when there is a chunk: a bad model path or a missing
+    tesseract is one named error up front, not a pool of actors failing in their constructors; ``on_setup``
     runs once it worked (it saves the resume config)."""
-    global _WORKER
-    first = next(jobs, None)
+    first = next(chunks, None)
     if first is None:
-        return
+        return StageTimes()
     import torch
 
     threads = torch.get_num_threads()  # restored after: the caller's setting is not ours to keep
     try:
-        _init_worker(make_processor, cfg, max(1, os.cpu_count() or 1))
-        on_setup()
-        _run_jobs(itertools.chain([first], jobs), make_processor, cfg, progress, unit)
+        for stage in stages:
+            stage.make(cfg, "cpu")  # freed at once: this only proves the stage can be built
     finally:
-        _WORKER = None  # free this process's copy of the stage models
         torch.set_num_threads(threads)
-
-
-def _run_jobs(jobs: Iterator[tuple], make_processor: Callable, cfg: Any, progress: bool, unit: str) -> None:
-    bar = tqdm(desc=f"{unit}s", unit=unit, disable=not progress)
-    if cfg.workers == 1:
-        for job in jobs:
-            bar.update(_run_chunk(job))
-    else:
-        # A bounded window of chunks in flight: Pool.imap would read every input into memory up front.
-        with mp.get_context("spawn").Pool(cfg.workers, _init_worker, (make_processor, cfg, 1)) as pool:
-            pending: list = []
-            for job in jobs:
-                pending.append(pool.apply_async(_run_chunk, (job,)))
-                while len(pending) >= 2 * cfg.workers:
-                    bar.update(pending.pop(0).get())
-            for res in pending:
-                bar.update(res.get())
-    bar.close()
-
-
-_WORKER: Any = None  # this process's processor
-
-
-def _init_worker(make_processor: Callable, cfg: Any, threads: int) -> None:
-    global _WORKER
-    import torch
-
-    torch.set_num_threads(threads)
-    _WORKER = make_processor(cfg)
-
-
-def _run_chunk(job: tuple[Callable, int, list[Sample], str]) -> int:
-    write_shard, index, samples, out = job
-    write_shard(Path(out), index, _WORKER.process(guard_text(samples)))
-    return len(samples)
+    on_setup()
+    connect(address, cfg.workers)
+    return run_stages(itertools.chain([first], chunks), stages, cfg, workers=cfg.workers, crashed=crashed,
+                      progress=progress, unit=unit)

@@ -36,8 +36,10 @@ import hashlib
 import io
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -47,6 +49,7 @@ from tqdm import tqdm
 
 from common.conversation import IMAGE_PLACEHOLDER
 from data_curation.curation_config import CurationConfig
+from data_curation.engine import Stage
 from data_curation.records import DROPPED, OK, Sample
 from data_curation.readers import decode_image, open_input
 from data_curation.shard_jobs import (STATUS_SCHEMA, BuildResult, ResumeConfig, StageSetupError, _atomic_write,
@@ -60,119 +63,114 @@ EMB_DIM = 512
 # Pass 1: per-sample stages
 
 
-class SampleProcessor:
-    """Runs the per-sample stages on a chunk; built once per worker (models load once)."""
+@dataclass
+class Item:
+    """A sample on its way through pass 1's stages: its decoded images (one for an image-caption sample, one per
+    image of a conversation record), whether a stage changed each (face blur), and its SSCD descriptor."""
 
-    def __init__(self, cfg: CurationConfig):
+    sample: Sample
+    images: list[Image.Image] = field(default_factory=list)
+    changed: list[bool] = field(default_factory=list)
+    emb: np.ndarray | None = None
+
+
+def _setup(build: Callable[[], Any]) -> Any:
+    try:
+        return build()
+    except Exception as e:  # one message naming the stage's file or model, before any work starts
+        raise StageSetupError(f"cannot set up the curation stages: {type(e).__name__}: {e}") from e
+
+
+def _for_each_image(items: list[Item], stage: str,
+                    fn: Callable[[Sample, Image.Image, dict], tuple[Image.Image, bool] | None]) -> list[Item]:
+    """``fn(sample, image, fields)`` on every image of every live item, in order; what it finds goes to the
+    sample's fields (a conversation record's image ``k``: ``fields["images"][k]``). ``fn`` returns the image to
+    keep and whether it changed it (re-encoded when written), or None after dropping or failing the sample (a conversation record's
+    reason names the image: ``image k: ...``); the record's later images are then not looked at. An
+    unexpected exception fails that sample only."""
+    for item in items:
+        s = item.sample
+        if not s.ok:
+            continue
+        s.stage = stage
         try:
-            self._setup(cfg)
-        except Exception as e:  # one message naming the stage's file or model, before any work starts
-            raise StageSetupError(f"cannot set up the curation stages: {type(e).__name__}: {e}") from e
+            for k, img in enumerate(item.images):
+                fields = s.fields["images"][k] if s.is_conversation else s.fields
+                out = fn(s, img, fields)
+                if out is None:
+                    if s.is_conversation and s.reason is not None:
+                        s.reason = f"image {k}: {s.reason}"
+                    break
+                item.images[k] = out[0]
+                item.changed[k] = item.changed[k] or out[1]
+        except Exception as e:  # an unexpected failure on one sample never stops the job
+            s.fail(stage, f"{type(e).__name__}: {e}")
+        if s.ok:
+            s.stage = None
+        else:
+            item.images, item.changed = [], []
+    return items
 
-    def _setup(self, cfg: CurationConfig) -> None:
-        self.cfg = cfg
-        self.lang = self.safety = self.ocr = self.clip = self.sscd = None
+
+class PrepareStage:
+    """Caption rules, language id, decoding and the image size rules. A conversation record has no caption
+    rules (its turns passed ``llava_reader``'s conversation check); its language is the text of its turns, and
+    every image is decoded and checked (``fields["images"][k]``)."""
+
+    def __init__(self, cfg: CurationConfig, device: str = "cpu") -> None:
+        self.cfg, self.lang = cfg, None
         if cfg.language.enabled:
             from data_curation.filters import LanguageId
 
-            self.lang = LanguageId(cfg.language.allowed, cfg.language.min_score)
-        if cfg.safety.enabled:
-            from data_curation.safety import PHashBlocklist, SafetyFilter, load_classifier
+            self.lang = _setup(lambda: LanguageId(cfg.language.allowed, cfg.language.min_score))
 
-            blocklist = (PHashBlocklist.load(cfg.safety.blocklist, max_distance=cfg.safety.max_distance)
-                         if cfg.safety.blocklist else None)
-            self.safety = SafetyFilter(blocklist, load_classifier(cfg.safety.classifier),
-                                       cfg.safety.classifier_threshold, blur_faces=cfg.safety.blur_faces)
-        if cfg.ocr.enabled:
-            from data_curation.ocr import TesseractOCR
-
-            self.ocr = TesseractOCR(lang=cfg.ocr.lang, min_conf=cfg.ocr.min_conf, timeout=cfg.ocr.timeout)
-        if cfg.clip.enabled:
-            from data_curation.filters import ClipScorer
-
-            self.clip = ClipScorer.load(cfg.clip.model, cfg.clip.pretrained)
-        if cfg.dedup.enabled:
-            from data_curation.sscd import SSCDEmbedder
-
-            self.sscd = SSCDEmbedder.load(cfg.dedup.sscd)
-
-    def process(self, samples: list[Sample]) -> tuple[list[Sample], list[list[bytes]], np.ndarray]:
-        """-> samples (statuses and fields set), the encoded images to write per sample (in order; [] if not
-        kept), descriptors (n, 512) of the surviving image-caption samples in order."""
-        cfg = self.cfg
-        images: list[list[Image.Image]] = [[] for _ in samples]
-        changed: list[list[bool]] = [[] for _ in samples]
-        for i, s in enumerate(samples):
+    def __call__(self, index: int, samples: list[Sample]) -> list[Item]:
+        items = [Item(s) for s in guard_text(samples)]
+        for item in items:
+            s = item.sample
             if not s.ok:
                 continue
             try:
-                if s.is_conversation:
-                    images[i], changed[i] = self._per_conversation(s)
-                else:
-                    img, ch = self._per_sample(s)
-                    images[i], changed[i] = [img], [ch]
+                self._prepare(item)
             except Exception as e:  # an unexpected failure on one sample never stops the job
                 s.fail(s.stage or "stage", f"{type(e).__name__}: {e}")
-        # CLIP scores an image against its caption and SSCD feeds the caption pairs' de-duplication: a
-        # conversation record has no caption, and many records ask about one image (LLaVA), so neither applies.
-        live = [i for i, s in enumerate(samples) if s.ok and not s.is_conversation]
-        if self.clip is not None and live:
-            scores = self.clip.score([images[i][0] for i in live], [samples[i].caption for i in live],
-                                     batch_size=cfg.clip.batch_size)
-            for i, score in zip(live, scores):
-                samples[i].fields["clip_score"] = round(float(score), 5)
-                if score < cfg.clip.threshold:
-                    samples[i].drop("clip", f"clip_score({score:.3f}<{cfg.clip.threshold})")
-            live = [i for i in live if samples[i].ok]
-        emb = np.zeros((0, EMB_DIM), np.float32)
-        if self.sscd is not None and live:
-            emb = self.sscd.embed([images[i][0] for i in live], batch_size=cfg.dedup.batch_size)
-        out_bytes: list[list[bytes]] = [[] for _ in samples]
-        for i, s in enumerate(samples):
             if s.ok:
-                originals = s.images if s.is_conversation else [s.image_bytes]
-                out_bytes[i] = [_jpeg_bytes(b, img, ch, cfg.jpeg_quality)
-                                for b, img, ch in zip(originals, images[i], changed[i])]
-        return samples, out_bytes, emb.astype(np.float32)
+                s.stage = None
+            else:
+                item.images, item.changed = [], []
+        return items
 
-    def _per_sample(self, s: Sample) -> tuple[Image.Image | None, bool]:
-        """Caption, language, then the image stages for one image-caption sample -> (image, changed by a stage)."""
-        from data_curation.filters import caption_reason
+    def _prepare(self, item: Item) -> None:
+        from data_curation.filters import caption_reason, image_reason
 
-        cfg = self.cfg
-        s.stage = "caption"
-        reason = caption_reason(s.caption, cfg.caption)
-        if reason:
-            s.drop("caption", reason)
-            return None, False
-        if not self._language_ok(s, s.caption):
-            return None, False
-        img, changed = self._image_stages(s, None, s.fields)
-        if s.ok:
-            s.stage = None
-        return img, changed
-
-    def _per_conversation(self, s: Sample) -> tuple[list[Image.Image], list[bool]]:
-        """A conversation record: no caption rules (its turns passed ``llava_reader``'s conversation check),
-        language id on the text of its turns, then every image through the image stages (decode, image rules,
-        safety, OCR), each image's findings in ``fields["images"][k]``. One image failing fails or drops the
-        record (reason ``image k: ...``): without it the record's placeholders would not match its images.
-        -> (images, changed by a stage), [] when dropped."""
-        text = "\n".join(t["content"].replace(IMAGE_PLACEHOLDER, " ") for t in s.meta["conversations"])
+        s, cfg = item.sample, self.cfg
+        if s.is_conversation:
+            text = "\n".join(t["content"].replace(IMAGE_PLACEHOLDER, " ") for t in s.meta["conversations"])
+            s.fields["images"] = [{} for _ in s.images]
+        else:
+            s.stage = "caption"
+            reason = caption_reason(s.caption, cfg.caption)
+            if reason:
+                s.drop("caption", reason)
+                return
+            text = s.caption
         if not self._language_ok(s, text):
-            return [], []
-        per_image: list[dict] = []
-        s.fields["images"] = per_image
-        images, changed = [], []
-        for k in range(len(s.images)):
-            per_image.append({})
-            img, ch = self._image_stages(s, k, per_image[-1])
+            return
+        for k in range(len(s.images) if s.is_conversation else 1):
+            which = f"image {k}: " if s.is_conversation else ""
+            fields = s.fields["images"][k] if s.is_conversation else s.fields
+            s.stage = "decode"
+            img = decode_image(s, cfg.max_pixels, k if s.is_conversation else None)
             if img is None:
-                return [], []
-            images.append(img)
-            changed.append(ch)
-        s.stage = None
-        return images, changed
+                return
+            fields.update(width=img.width, height=img.height)
+            s.stage = "image"
+            reason = image_reason(img, cfg.image)
+            if reason:
+                s.drop("image", which + reason)
+                return
+            item.images.append(img)
+            item.changed.append(False)
 
     def _language_ok(self, s: Sample, text: str) -> bool:
         """Language id of ``text`` (when enabled); a reason drops ``s``."""
@@ -186,39 +184,138 @@ class SampleProcessor:
             return False
         return True
 
-    def _image_stages(self, s: Sample, index: int | None, fields: dict) -> tuple[Image.Image | None, bool]:
-        """Decode, image rules, safety, OCR for the sample's image (``index``: image ``index`` of a conversation
-        record, named in the reasons) -> (image, changed by a stage); what they find goes to ``fields``. A
-        failure fails or drops ``s`` and gives (None, False)."""
-        from data_curation.filters import image_reason
 
-        cfg = self.cfg
-        which = "" if index is None else f"image {index}: "
-        changed = False
-        s.stage = "decode"
-        img = decode_image(s, cfg.max_pixels, index)
-        if img is None:
-            return None, False
-        fields.update(width=img.width, height=img.height)
-        s.stage = "image"
-        reason = image_reason(img, cfg.image)
-        if reason:
-            s.drop("image", which + reason)
-            return None, False
-        if self.safety is not None:
-            s.stage = "safety"
+class SafetyStage:
+    """pHash blocklist, the unsafe-image classifier hook and face blurring, per image."""
+
+    def __init__(self, cfg: CurationConfig, device: str = "cpu") -> None:
+        from data_curation.safety import PHashBlocklist, SafetyFilter, load_classifier
+
+        c = cfg.safety
+        self.safety = _setup(lambda: SafetyFilter(
+            PHashBlocklist.load(c.blocklist, max_distance=c.max_distance) if c.blocklist else None,
+            load_classifier(c.classifier), c.classifier_threshold, blur_faces=c.blur_faces))
+
+    def __call__(self, index: int, items: list[Item]) -> list[Item]:
+        def one(s: Sample, img: Image.Image, fields: dict) -> tuple[Image.Image, bool] | None:
             out, reason, extra = self.safety.apply(img)
             fields.update(extra)
             if reason or out is None:
-                s.drop("safety", which + (reason or "unsafe"))
-                return None, False
-            changed = out is not img and bool(extra.get("faces_blurred"))
-            img = out
-        if self.ocr is not None:
-            s.stage = "ocr"
-            r = self.ocr.read(img)  # a timeout or tesseract failure fails this sample only (caller)
+                s.drop("safety", reason or "unsafe")
+                return None
+            return out, out is not img and bool(extra.get("faces_blurred"))
+
+        return _for_each_image(items, "safety", one)
+
+
+class OcrStage:
+    """Tesseract's text and mean confidence per image (a timeout or a tesseract failure fails that sample)."""
+
+    def __init__(self, cfg: CurationConfig, device: str = "cpu") -> None:
+        from data_curation.ocr import TesseractOCR
+
+        self.ocr = _setup(lambda: TesseractOCR(lang=cfg.ocr.lang, min_conf=cfg.ocr.min_conf, timeout=cfg.ocr.timeout))
+
+    def __call__(self, index: int, items: list[Item]) -> list[Item]:
+        def one(s: Sample, img: Image.Image, fields: dict) -> tuple[Image.Image, bool]:
+            r = self.ocr.read(img)
             fields.update(ocr_text=r.text, ocr_mean_conf=round(float(r.mean_conf), 2))
-        return img, changed
+            return img, False
+
+        return _for_each_image(items, "ocr", one)
+
+
+def _caption_items(items: list[Item]) -> list[Item]:
+    # CLIP scores an image against its caption and SSCD feeds the caption pairs' de-duplication: a
+    # conversation record has no caption, and many records ask about one image (LLaVA), so neither applies.
+    return [it for it in items if it.sample.ok and not it.sample.is_conversation]
+
+
+class ClipStage:
+    """Image-caption CLIP score, batched over the chunk; pairs below ``clip.threshold`` are dropped."""
+
+    def __init__(self, cfg: CurationConfig, device: str = "cpu") -> None:
+        from data_curation.filters import ClipScorer
+
+        self.cfg = cfg
+        self.clip = _setup(lambda: ClipScorer.load(cfg.clip.model, cfg.clip.pretrained, device=device))
+
+    def __call__(self, index: int, items: list[Item]) -> list[Item]:
+        live = _caption_items(items)
+        if live:
+            c = self.cfg.clip
+            scores = self.clip.score([it.images[0] for it in live], [it.sample.caption for it in live],
+                                     batch_size=c.batch_size)
+            for it, score in zip(live, scores):
+                it.sample.fields["clip_score"] = round(float(score), 5)
+                if score < c.threshold:
+                    it.sample.drop("clip", f"clip_score({score:.3f}<{c.threshold})")
+                    it.images, it.changed = [], []
+        return items
+
+
+class SscdStage:
+    """SSCD copy-detection descriptors of the surviving image-caption samples, batched over the chunk."""
+
+    def __init__(self, cfg: CurationConfig, device: str = "cpu") -> None:
+        from data_curation.sscd import SSCDEmbedder
+
+        self.cfg = cfg
+        self.sscd = _setup(lambda: SSCDEmbedder.load(cfg.dedup.sscd, device=device))
+
+    def __call__(self, index: int, items: list[Item]) -> list[Item]:
+        live = _caption_items(items)
+        if live:
+            emb = self.sscd.embed([it.images[0] for it in live], batch_size=self.cfg.dedup.batch_size)
+            for it, e in zip(live, emb.astype(np.float32)):
+                it.emb = e
+        return items
+
+
+class ChunkWriter:
+    """Pass 1's last stage: ``write_chunk`` of the chunk's items, JPEG bytes from their images."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = str(work)
+
+    def __call__(self, cfg: CurationConfig, device: str = "cpu") -> Callable[[int, list[Item]], list[str]]:
+        def write(index: int, items: list[Item]) -> list[str]:
+            out_bytes = [[] for _ in items]
+            for i, it in enumerate(items):
+                s = it.sample
+                if s.ok:
+                    originals = s.images if s.is_conversation else [s.image_bytes]
+                    out_bytes[i] = [_jpeg_bytes(b, img, ch, cfg.jpeg_quality)
+                                    for b, img, ch in zip(originals, it.images, it.changed)]
+            embs = [it.emb for it in items if it.sample.ok and it.emb is not None]
+            emb = np.stack(embs) if embs else np.zeros((0, EMB_DIM), np.float32)
+            write_chunk(Path(self.work), index, [it.sample for it in items], out_bytes, emb)
+            return [it.sample.status for it in items]
+
+        return write
+
+
+def image_stages(cfg: CurationConfig, work: Path) -> list[Stage]:
+    """Pass 1's operators for ``cfg``: the enabled stages in order, then the chunk writer."""
+    stages = [Stage("prepare", PrepareStage, model=False)]
+    if cfg.safety.enabled:
+        stages.append(Stage("safety", SafetyStage))
+    if cfg.ocr.enabled:
+        stages.append(Stage("ocr", OcrStage))
+    if cfg.clip.enabled:
+        stages.append(Stage("clip", ClipStage, model=True))
+    if cfg.dedup.enabled:
+        stages.append(Stage("sscd", SscdStage, model=True))
+    return stages + [Stage("write", ChunkWriter(work))]
+
+
+def _crashed(item: Item | Sample, stage: str, message: str) -> Item:
+    """The engine's mark for an input whose worker died on it in ``stage`` (before the first stage it is a
+    bare sample)."""
+    item = item if isinstance(item, Item) else Item(item)
+    item.sample.fail(stage, message)
+    item.images, item.changed, item.emb = [], [], None
+    return item
 
 
 def _jpeg_bytes(original: bytes | None, img: Image.Image, changed: bool, quality: int) -> bytes:
@@ -228,11 +325,6 @@ def _jpeg_bytes(original: bytes | None, img: Image.Image, changed: bool, quality
     buf = io.BytesIO()
     img.convert("RGB").save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
-
-
-def _write_processed(work: Path, index: int, processed: tuple[list[Sample], list[list[bytes]], np.ndarray]) -> None:
-    """Pass 1's writer for ``shard_jobs.run_chunks``: a chunk processed by ``SampleProcessor.process``."""
-    write_chunk(work, index, *processed)
 
 
 CHUNK_SCHEMA = pa.schema([
@@ -417,18 +509,18 @@ def image_members(images: list[bytes]) -> dict[str, bytes]:
 
 
 def build_shards(input_spec: str | Path, out_dir: str | Path, cfg: CurationConfig, progress: bool = True,
-                 max_chunks: int | None = None) -> BuildResult:
+                 max_chunks: int | None = None, address: str | None = None) -> BuildResult:
     """Run every pass (resuming finished work) and write the report, holding ``out_dir``'s lock; ``out_dir``
-    may not lie inside the input folder. ``max_chunks`` stops pass 1 early (used to simulate an interrupted
-    job in tests)."""
+    may not lie inside the input folder. Pass 1 runs on Ray (``engine``: a local instance, or the cluster at
+    ``address``). ``max_chunks`` stops pass 1 early (used to simulate an interrupted job in tests)."""
     out = Path(out_dir)
     refuse_output_inside_input(input_spec, out)
     with output_lock(out):
-        return _build_locked(input_spec, out, cfg, progress, max_chunks)
+        return _build_locked(input_spec, out, cfg, progress, max_chunks, address)
 
 
 def _build_locked(input_spec: str | Path, out: Path, cfg: CurationConfig, progress: bool,
-                  max_chunks: int | None) -> BuildResult:
+                  max_chunks: int | None, address: str | None) -> BuildResult:
     from data_curation.report import write_report
 
     work = out / "_work"
@@ -437,13 +529,13 @@ def _build_locked(input_spec: str | Path, out: Path, cfg: CurationConfig, progre
     resume.check()
     t0 = time.perf_counter()
 
-    # Pass 1. Inputs are read in the main process; finished chunks are skipped (still read, for order and
-    # for their fingerprint). The config is saved once the stage models loaded.
+    # Pass 1. Inputs are read here; finished chunks are skipped (still read, for order and for their
+    # fingerprint). The config is saved once the stage models loaded.
     inputs = open_input(input_spec, max_sample_bytes=cfg.max_sample_bytes, allow_outside_root=cfg.allow_outside_root,
                         image_folder=cfg.image_folder)
     digests: list[str] = []
-    run_chunks(_pass1_jobs(inputs, work, cfg, max_chunks, digests), SampleProcessor, cfg, progress=progress,
-               unit="sample", on_setup=resume.save)
+    times = run_chunks(_pass1_chunks(inputs, work, cfg, max_chunks, digests), image_stages(cfg, work), cfg,
+                       progress=progress, unit="sample", on_setup=resume.save, address=address, crashed=_crashed)
     resume.save()
     n_chunks = len(digests)
     if max_chunks is not None:
@@ -465,14 +557,14 @@ def _build_locked(input_spec: str | Path, out: Path, cfg: CurationConfig, progre
             write_shard(out, work, i, decisions, chunks_digest)
     seconds = {"per_sample": round(t_pass1, 2), "global": round(t_pass2, 2),
                "total": round(time.perf_counter() - t0, 2)}
-    report = write_report(out, n_chunks, cfg, seconds)
+    report = write_report(out, n_chunks, cfg, seconds, times.report("sample"))
     return BuildResult(out, report["inputs"], n_chunks, report["counts"], report)
 
 
-def _pass1_jobs(inputs: Iterable[Sample], work: Path, cfg: CurationConfig, max_chunks: int | None,
-                digests: list[str]) -> Iterator[tuple]:
-    """The chunks pass 1 still has to run, as ``shard_jobs.run_chunks`` jobs. Every chunk's ``inputs_digest``
-    is appended to ``digests``; a finished chunk's must match the one it was written with."""
+def _pass1_chunks(inputs: Iterable[Sample], work: Path, cfg: CurationConfig, max_chunks: int | None,
+                  digests: list[str]) -> Iterator[tuple[int, list[Sample]]]:
+    """The chunks pass 1 still has to run. Every chunk's ``inputs_digest`` is appended to ``digests``; a
+    finished chunk's must match the one it was written with."""
     for i, chunk in _chunks(inputs, cfg.samples_per_shard):
         digest = inputs_digest(chunk)
         digests.append(digest)
@@ -480,4 +572,4 @@ def _pass1_jobs(inputs: Iterable[Sample], work: Path, cfg: CurationConfig, max_c
         if done.exists():
             check_inputs_unchanged(chunk_digest(done), digest, done)
         elif max_chunks is None or i < max_chunks:
-            yield _write_processed, i, chunk, str(work)
+            yield i, chunk

@@ -16,8 +16,9 @@ no de-duplication or resampling, so unlike ``shards.py`` there is no global pass
 * ``report.json`` and ``report/*.png``: counts per stage and reason, duration / resolution / aspect ratio /
   motion score statistics and histograms.
 
-Every chunk's videos are held in memory while it is processed (``samples_per_shard`` x average size,
-for up to ``2 * workers`` chunks in flight), hence the small default of 100 per shard.
+Every chunk's videos are held in a worker's memory while it is processed (``samples_per_shard`` x average
+size, one chunk per worker; the chunks waiting sit in Ray's object store, spilled to disk past its memory),
+hence the small default of 100 per shard.
 """
 
 from __future__ import annotations
@@ -368,9 +369,9 @@ def _plots(out: Path, decoded: list[dict], kept: list[dict], cfg: VideoCurationC
     return written
 
 
-def write_video_report(out: Path, n_shards: int, cfg: VideoCurationConfig, seconds: dict) -> dict:
+def write_video_report(out: Path, n_shards: int, cfg: VideoCurationConfig, seconds: dict, stages: dict) -> dict:
     """Aggregate every shard's status parquet into ``report.json`` + plots; checks the counts add up."""
-    report, decoded, kept = report_head(out, n_shards, seconds, decoded=lambda r: bool(r["width"]),
+    report, decoded, kept = report_head(out, n_shards, seconds, stages, decoded=lambda r: bool(r["width"]),
                                         stats=_video_stats, unit="video")
     report["stages_enabled"] = {k: v.get("enabled", True) for k, v in config_to_dict(cfg).items()
                                 if isinstance(v, dict)}
@@ -383,12 +384,13 @@ def write_video_report(out: Path, n_shards: int, cfg: VideoCurationConfig, secon
 
 
 def build_video_shards(input_spec: str | Path, out_dir: str | Path, cfg: VideoCurationConfig, progress: bool = True,
-                       max_chunks: int | None = None) -> BuildResult:
+                       max_chunks: int | None = None, address: str | None = None) -> BuildResult:
     """Curate the videos of ``input_spec`` into ``out_dir`` (resuming finished shards) and write the report.
-    ``max_chunks`` stops after that many new shards (to simulate an interrupted job in tests). A rerun
+    Runs on Ray (``engine``: a local instance, or the cluster at ``address``). ``max_chunks`` stops after
+    that many new shards (to simulate an interrupted job in tests). A rerun
     with nothing left to do loads no model and rewrites nothing."""
     read = partial(open_video_input, input_spec, video_key=cfg.video_key, caption_key=cfg.caption_key,
                    max_sample_bytes=cfg.max_sample_bytes, allow_outside_root=cfg.allow_outside_root)
     return run_shard_job(input_spec, read, Path(out_dir), cfg, make_processor=VideoProcessor,
                          write_shard=write_video_shard, write_report=write_video_report, progress=progress,
-                         max_chunks=max_chunks, unit="video")
+                         max_chunks=max_chunks, unit="video", address=address)

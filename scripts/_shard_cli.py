@@ -1,7 +1,7 @@
 """The command line the shard builders share (``scripts.build_shards``, ``build_video_shards``,
 ``build_audio_shards``): ``INPUT OUT [--config FILE] [--workers N] [--max-sample-bytes N] [--allow-outside-root]
-[--json]``; a summary on stderr and the report JSON on stdout; exit code 2, with one line naming the problem,
-on a config, input or stage setup error, a resume that does not match what OUT holds, or OUT in use by
+[--address A] [--json]``; a summary on stderr and the report JSON on stdout; exit code 2, with one line naming the problem,
+on a config, input or stage setup error, an unreachable Ray cluster, a resume that does not match what OUT holds, or OUT in use by
 another live build."""
 
 from __future__ import annotations
@@ -30,8 +30,12 @@ def shard_main(argv: list[str] | None, *, doc: str, name: str, config_help: str,
                    help="override the config's cap on the bytes one sample may read (larger inputs are errors)")
     p.add_argument("--allow-outside-root", action="store_true", default=None,
                    help="let manifest rows and folder symlinks name files outside the input's folder")
+    p.add_argument("--address", default=None,
+                   help="a Ray cluster to run on: 'auto' (the one `ray start` made on this node), a head's "
+                        "host:port or ray://host:port; left out, a Ray instance starts inside this process")
     p.add_argument("--json", action="store_true", help="print only the report JSON")
     args = p.parse_args(argv)
+    from data_curation.engine import ClusterError
     from data_curation.shard_jobs import OutputBusyError, ResumeMismatchError, StageSetupError
 
     load_config, build = builder()
@@ -39,8 +43,8 @@ def shard_main(argv: list[str] | None, *, doc: str, name: str, config_help: str,
                                    ("allow_outside_root", args.allow_outside_root)) if v is not None}
     try:
         cfg = load_config(args.config, overrides)
-        result = build(args.input, args.out, cfg, progress=not args.json)
-    except (ConfigError, CurationInputError, StageSetupError, ResumeMismatchError, OutputBusyError,
+        result = build(args.input, args.out, cfg, progress=not args.json, address=args.address)
+    except (ConfigError, CurationInputError, StageSetupError, ResumeMismatchError, OutputBusyError, ClusterError,
             FileNotFoundError) as e:
         print(f"{name}: {e}", file=sys.stderr)
         return 2

@@ -186,25 +186,34 @@ def test_resume_after_an_interrupted_build_gives_the_same_shards(corpus, models,
     assert before == {f.name: f.stat().st_mtime_ns for f in resumed.glob("shard_*")}
 
 
-def test_a_stage_failing_on_one_sample_fails_that_sample_only(corpus, models, tmp_path, monkeypatch):
-    from data_curation import shards
+def _hooked(models, tmp_path, hook):
+    return _config(models, tmp_path, ocr=None,
+                   safety={"blocklist": str(models / "blocklist.txt"), "classifier": f"tests.data_curation.stage_hooks:{hook}"})
 
-    real = shards.SampleProcessor._per_sample
 
-    def flaky(self, s):
-        if s.key == "hubble":
-            s.stage = "safety"
-            raise MemoryError("simulated")
-        return real(self, s)
-
-    monkeypatch.setattr(shards.SampleProcessor, "_per_sample", flaky)
+def test_a_stage_failing_on_one_sample_fails_that_sample_only(corpus, models, tmp_path):
     root, _ = corpus
-    build_shards(root, tmp_path / "out", _config(models, tmp_path, ocr=None), progress=False)
+    build_shards(root, tmp_path / "out", _hooked(models, tmp_path, "raise_on_hubble"), progress=False)
     rows = _statuses(tmp_path / "out")
     assert len(rows) == N_INPUTS
     assert (rows["hubble"]["status"], rows["hubble"]["stage"]) == ("error", "safety")
     assert rows["hubble"]["reason"] == "MemoryError: simulated"
     assert rows["astronaut"]["status"] == "ok"
+
+
+def test_a_worker_that_dies_on_one_sample_costs_that_sample_only(corpus, models, tmp_path):
+    """The hook kills its worker process (SIGSEGV) on one photo: that photo gets an error record naming the
+    crash, and every other input, its chunk's neighbours included, ends as it does without the hook."""
+    root, _ = corpus
+    build_shards(root, tmp_path / "plain", _hooked(models, tmp_path, "raise_on_hubble"), progress=False)
+    build_shards(root, tmp_path / "out", _hooked(models, tmp_path, "segfault_on_hubble"), progress=False)
+    rows, plain = _statuses(tmp_path / "out"), _statuses(tmp_path / "plain")
+    assert len(rows) == N_INPUTS
+    assert (rows["hubble"]["status"], rows["hubble"]["stage"]) == ("error", "safety")
+    assert rows["hubble"]["reason"].startswith("the worker processing it died")
+    others = {k: (r["status"], r["stage"], r["reason"]) for k, r in rows.items() if k != "hubble"}
+    assert others == {k: (r["status"], r["stage"], r["reason"]) for k, r in plain.items() if k != "hubble"}
+    assert _tar_members(tmp_path / "out") == _tar_members(tmp_path / "plain")
 
 
 def test_a_bad_stage_model_is_one_named_error(corpus, tmp_path, capsys):

@@ -1,0 +1,312 @@
+"""The engine every shard builder runs on: Ray Data.
+
+A builder hands ``run_stages`` its chunks (``samples_per_shard`` inputs each, one shard each) and a list of
+``Stage`` s. Consecutive stages with the same resources share one Ray Data operator (``operator_groups``,
+Ray Data's own rule for fusing maps): on CPUs the whole chain is one operator; with GPUs the model stages
+(CLIP, SSCD) form a GPU operator between CPU ones, and chunk ``k + 1`` is decoded while CLIP scores chunk
+``k``. Each operator runs ``workers`` at a time, one chunk (a batch) per call, and every stage's model
+(language id, face detector and safety classifier, CLIP, SSCD, the video and audio models) loads once per
+worker: a GPU operator is a pool of actors holding their models; a CPU operator runs as tasks in Ray's
+reused worker processes, each of which builds a stage once and keeps it (``_built``), so a second job in
+the same Ray session starts warm. The last stage writes the chunk's files from the worker that holds it.
+Each stage times itself; ``StageTimes`` sums what every chunk reports so the report can give each stage's
+throughput.
+
+Where it runs: ``address=None`` starts (or reuses) a Ray instance inside this process, nothing to install or
+start by hand; ``"auto"`` or ``"ray://host:port"`` (or a head's ``host:port``) joins a running cluster. On a
+cluster every node must see the input and output folders at the same paths (a shared file system), as in
+video2dataset or NeMo Curator.
+
+What a crash costs: a stage that raises on one sample fails that sample (the builders catch per sample). A
+worker process that dies (a decoder that segfaults, a stage killed for memory) loses the chunk it held:
+Ray Data records the chunk as failed instead of ending the job (``max_errored_blocks``), and once the
+stream has drained, every such chunk runs again one sample per task; a sample whose task dies again gets an
+``error`` record naming the crash and the rest of its chunk is written as usual. Nothing is retried blindly:
+a deterministic crash would only crash again.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+
+class ClusterError(RuntimeError):
+    """The Ray cluster named by ``--address`` cannot be reached or used."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One operator of a builder's pipeline: ``make(cfg, device)`` builds the stage's callable once per actor
+    (``device`` is ``"cuda"`` when the actor holds a GPU, else ``"cpu"``); the callable maps a chunk's items to
+    the same number of items, in order (it is given the chunk's index too: the writer needs it). ``model``: the
+    stage runs a neural network, so it asks Ray for a GPU when the cluster has one."""
+
+    name: str
+    make: Callable[[Any, str], Callable[[int, list], list]]
+    model: bool = False
+
+
+@dataclass
+class StageTimes:
+    """Seconds each stage spent (summed over its actors) and the items it saw."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    items: dict[str, int] = field(default_factory=dict)
+
+    def add(self, times: dict[str, tuple[float, int]]) -> None:
+        for name, (s, n) in times.items():
+            self.seconds[name] = self.seconds.get(name, 0.0) + s
+            self.items[name] = self.items.get(name, 0) + n
+
+    def report(self, unit: str) -> dict:
+        """``{stage: {"seconds": s, "items": n, f"{unit}s_per_s_per_worker": n / s}}``: the throughput of one
+        actor of each stage; the slowest stage bounds the build."""
+        return {name: {"seconds": round(s, 3), "items": self.items[name],
+                       f"{unit}s_per_s_per_worker": round(self.items[name] / s, 2) if s > 0 else None}
+                for name, s in self.seconds.items()}
+
+
+# ---------------------------------------------------------------------------------------------- Ray session
+
+
+def _ray():
+    import ray
+
+    return ray
+
+
+def connect(address: str | None, workers: int) -> None:
+    """Join ``address``'s cluster, or start a local instance with at least ``workers`` CPUs (reused for the
+    rest of the process: starting Ray takes seconds). An unreachable address is a ``ClusterError``."""
+    ray = _ray()
+    if ray.is_initialized():
+        current = getattr(connect, "_address", None)
+        if current == address and (address is not None or ray.cluster_resources().get("CPU", 0) >= workers):
+            return
+        ray.shutdown()
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(_import_roots())}}
+    try:
+        if address is None:
+            ray.init(num_cpus=max(workers, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
+                     configure_logging=False, runtime_env=env)
+        else:
+            ray.init(address=address, log_to_driver=False, configure_logging=False, runtime_env=env)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise ClusterError(f"cannot reach the Ray cluster at {address!r}: {str(e).splitlines()[0]} (start one "
+                           "with `ray start --head`, or leave --address out to run on this machine)") from None
+    connect._address = address  # type: ignore[attr-defined]
+
+
+def _import_roots() -> list[str]:
+    """The folders this code is imported from, for the Ray workers' ``PYTHONPATH`` (an editable install or a
+    checkout run with ``PYTHONPATH`` would otherwise not be importable by workers started elsewhere)."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return list(dict.fromkeys([here, *extra]))
+
+
+def cluster_has_gpus() -> bool:
+    return _ray().cluster_resources().get("GPU", 0) > 0
+
+
+# ---------------------------------------------------------------------------------------------- operators
+
+
+_BUILT: dict[bytes, Callable] = {}  # this worker process's built stages (see _built)
+_KEEP_BUILT = 8
+
+
+def _built(stage: Stage, cfg: Any, device: str) -> Callable:
+    """``stage.make(cfg, device)``, once per worker process for as long as the process lives: Ray reuses its
+    worker processes across tasks and jobs, so a model loads once per worker, not once per chunk. The last
+    ``_KEEP_BUILT`` (stage, config, device) are kept."""
+    key = pickle.dumps((stage, cfg, device))
+    fn = _BUILT.pop(key, None)
+    if fn is None:
+        import torch
+
+        torch.set_num_threads(1)  # one thread per worker: the workers are the parallelism
+        fn = stage.make(cfg, device)
+    _BUILT[key] = fn  # most recent last
+    while len(_BUILT) > _KEEP_BUILT:
+        _BUILT.pop(next(iter(_BUILT)))
+    return fn
+
+
+def _run_chunk(payload: Any, fns: list[tuple[str, Callable]]) -> bytes:
+    if not isinstance(payload, bytes):  # the first operator: a chunk the driver put in the object store
+        payload = _ray().get(payload)
+    index, items, times = pickle.loads(payload)
+    for name, fn in fns:
+        t0 = time.perf_counter()
+        items = fn(index, items)
+        times[name] = (time.perf_counter() - t0, len(items))
+    return pickle.dumps((index, items, times), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _cpu_operator(batch: dict[str, np.ndarray], stages: list[Stage], cfg: Any) -> dict[str, np.ndarray]:
+    """A CPU operator's task: its stages (built once per worker process, ``_built``) on each chunk."""
+    fns = [(stage.name, _built(stage, cfg, "cpu")) for stage in stages]
+    return {"payload": np.array([_run_chunk(p, fns) for p in batch["payload"]], dtype=object)}
+
+
+class _GpuOperator:
+    """A GPU operator's actor: holds its GPU and its stages' models for the job (Ray ends a GPU task's worker
+    after each task, so a task would reload the models every chunk)."""
+
+    def __init__(self, stages: list[Stage], cfg: Any) -> None:
+        import torch
+
+        torch.set_num_threads(1)
+        self.fns = [(stage.name, stage.make(cfg, "cuda")) for stage in stages]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"payload": np.array([_run_chunk(p, self.fns) for p in batch["payload"]], dtype=object)}
+
+
+def _put(chunks: Iterable[tuple[int, list]]) -> Iterator[tuple[int, int, Any]]:
+    """Each chunk into Ray's object store as it is read (spilled to disk past the store's memory), so the
+    driver holds references, not every input's bytes -> (index, items, reference)."""
+    ray = _ray()
+    for index, items in chunks:
+        yield index, len(items), ray.put(pickle.dumps((index, items, {}), protocol=pickle.HIGHEST_PROTOCOL))
+
+
+class _ChainActor:
+    """Runs every stage on one item at a time: the isolation of a chunk whose worker died."""
+
+    def __init__(self, stages: list[Stage], cfg: Any) -> None:
+        import torch
+
+        torch.set_num_threads(1)
+        self.fns = [s.make(cfg, "cpu") for s in stages]
+
+    def ready(self) -> bool:
+        return True
+
+    def run(self, k: int, index: int, item: Any) -> Any:
+        """Stage ``k`` on one item: a death names the stage it happened in."""
+        return self.fns[k](index, [item])[0]
+
+
+def operator_groups(stages: list[Stage], gpus: bool) -> list[tuple[list[Stage], bool]]:
+    """Consecutive stages that ask for the same resources run as one operator (Ray Data's own rule for fusing
+    maps): on CPUs alone the whole chain is one actor pool, which loads every model once per actor and passes
+    no decoded image between processes; with GPUs the model stages form their own GPU operator between the
+    CPU ones. -> [(stages, on a GPU)]."""
+    groups: list[tuple[list[Stage], bool]] = []
+    for stage in stages:
+        gpu = gpus and stage.model
+        if groups and groups[-1][1] == gpu:
+            groups[-1][0].append(stage)
+        else:
+            groups.append(([stage], gpu))
+    return groups
+
+
+def run_stages(chunks: Iterable[tuple[int, list]], stages: list[Stage], cfg: Any, *, workers: int,
+               crashed: Callable[[Any, str, str], Any], progress: bool, unit: str) -> StageTimes:
+    """Every ``(index, items)`` chunk through ``stages`` (the last one writes the chunk and returns its items)
+    on the connected Ray instance (``connect``); ``crashed(item, stage, message)`` marks an item whose worker
+    died on it in that stage. -> the stages' times."""
+    ray = _ray()
+    import ray.data
+
+    rows = list(_put(chunks))  # the readers are sequential streams (tars, JSONL): they run here, once
+    times = StageTimes()
+    if not rows:
+        return times
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = progress
+    ctx.print_on_execution_start = False
+    ctx.max_errored_blocks = -1  # a chunk whose worker died is redone sample by sample below, not fatal
+    gpus = cluster_has_gpus()
+    ds = ray.data.from_items([{"payload": ref} for _, _, ref in rows], override_num_blocks=len(rows))
+    groups = operator_groups(stages, gpus)
+    share = 1.0 / len(groups)  # the pipeline as a whole asks for `workers` CPUs
+    for group, gpu in groups:
+        if gpu:
+            ds = ds.map_batches(_GpuOperator, fn_constructor_args=(group, cfg), batch_size=1, batch_format="numpy",
+                                compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=share, num_gpus=1,
+                                max_task_retries=0, max_restarts=-1)
+        else:
+            ds = ds.map_batches(_cpu_operator, fn_args=(group, cfg), batch_size=1, batch_format="numpy",
+                                compute=ray.data.TaskPoolStrategy(size=workers), num_cpus=share, max_retries=0)
+    done: set[int] = set()
+    bar = tqdm(total=sum(n for _, n, _ in rows), desc=f"{unit}s", unit=unit, disable=not progress)
+    try:
+        for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
+            for payload in batch["payload"]:
+                index, items, chunk_times = pickle.loads(payload)
+                done.add(index)
+                times.add(chunk_times)
+                bar.update(len(items))
+    except Exception as e:
+        raise _setup_error(e) from None
+    lost = [(index, ref) for index, _, ref in rows if index not in done]
+    if lost:
+        chain = ray.remote(max_restarts=-1, max_task_retries=0, num_cpus=1)(_ChainActor).remote(stages[:-1], cfg)
+        write = stages[-1].make(cfg, "cpu")  # the chunk's writer runs here: the workers have done their part
+        for index, ref in lost:
+            _, items, _ = pickle.loads(ray.get(ref))
+            write(index, _isolated(index, items, stages[:-1], chain, crashed))
+            bar.update(len(items))
+    bar.close()
+    return times
+
+
+def _isolated(index: int, items: list, stages: list[Stage], chain: Any, crashed: Callable[[Any, str, str], Any]
+              ) -> list:
+    """A chunk whose worker died, one item and one stage at a time through ``chain`` (a ``_ChainActor`` that
+    Ray restarts when it dies): an item whose call dies again is ``crashed(item, stage, message)``; the others
+    come out as the full chunk would have given them."""
+    ray = _ray()
+    dead = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ActorUnavailableError)
+    out = []
+    for item in items:
+        for k, stage in enumerate(stages):
+            try:
+                item = ray.get(chain.run.remote(k, index, item))
+            except dead as e:
+                item = crashed(item, stage.name, f"the worker processing it died ({type(e).__name__})")
+                _wait_restarted(chain, dead)
+                break
+        out.append(item)
+    return out
+
+
+def _wait_restarted(chain: Any, dead: tuple, timeout: float = 300.0) -> None:
+    """Until Ray has restarted the actor (a call sent before would fail as if its item had crashed it)."""
+    ray = _ray()
+    t0 = time.perf_counter()
+    while True:
+        try:
+            ray.get(chain.ready.remote())
+            return
+        except dead:
+            if time.perf_counter() - t0 > timeout:
+                raise
+            time.sleep(0.2)
+
+
+def _setup_error(e: Exception) -> Exception:
+    """The builder's own error when a Ray failure wraps one (a stage that cannot load its model)."""
+    from data_curation.shard_jobs import StageSetupError
+
+    seen = e
+    for _ in range(8):
+        if isinstance(seen, StageSetupError):
+            return seen
+        nxt = getattr(seen, "cause", None) or seen.__cause__
+        if nxt is None:
+            break
+        seen = nxt
+    return e
