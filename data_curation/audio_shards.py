@@ -247,9 +247,9 @@ def _histograms(out: Path, decoded: list[dict], kept: list[dict], cfg: AudioCura
     return written
 
 
-def write_audio_report(out: Path, n_shards: int, cfg: AudioCurationConfig, seconds: dict, stages: dict) -> dict:
+def write_audio_report(out: Path, n_shards: int, cfg: AudioCurationConfig, seconds: dict, engine: dict) -> dict:
     """Aggregate every shard's status parquet into ``report.json`` + plots; checks the counts add up."""
-    report, decoded, kept = report_head(out, n_shards, seconds, stages, decoded=lambda r: r["source_rate"] is not None,
+    report, decoded, kept = report_head(out, n_shards, seconds, engine, decoded=lambda r: r["source_rate"] is not None,
                                         stats=_audio_stats, unit="clip")
     report["vad"] = config_to_dict(cfg.vad)
     report["plots"] = _histograms(out, decoded, kept, cfg)

@@ -27,9 +27,12 @@ a deterministic crash would only crash again.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
+import socket
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,22 +59,28 @@ class Stage:
 
 @dataclass
 class StageTimes:
-    """Seconds each stage spent (summed over its actors) and the items it saw."""
+    """Seconds each stage spent (summed over its workers), the items it saw, and the chunks each Ray node
+    ran (by node id)."""
 
     seconds: dict[str, float] = field(default_factory=dict)
     items: dict[str, int] = field(default_factory=dict)
+    chunks_by_node: dict[str, int] = field(default_factory=dict)
 
-    def add(self, times: dict[str, tuple[float, int]]) -> None:
-        for name, (s, n) in times.items():
+    def add(self, times: dict[str, tuple[float, int, str]]) -> None:
+        for node in {node for _, _, node in times.values()}:
+            self.chunks_by_node[node] = self.chunks_by_node.get(node, 0) + 1
+        for name, (s, n, _) in times.items():
             self.seconds[name] = self.seconds.get(name, 0.0) + s
             self.items[name] = self.items.get(name, 0) + n
 
     def report(self, unit: str) -> dict:
-        """``{stage: {"seconds": s, "items": n, f"{unit}s_per_s_per_worker": n / s}}``: the throughput of one
-        actor of each stage; the slowest stage bounds the build."""
-        return {name: {"seconds": round(s, 3), "items": self.items[name],
-                       f"{unit}s_per_s_per_worker": round(self.items[name] / s, 2) if s > 0 else None}
-                for name, s in self.seconds.items()}
+        """``{"stages": {stage: {"seconds": s, "items": n, f"{unit}s_per_s_per_worker": n / s}},
+        "chunks_by_node": {node id: chunks}}``: the throughput of one worker of each stage (the slowest stage
+        bounds the build) and where the chunks ran, for this run's chunks."""
+        return {"stages": {name: {"seconds": round(s, 3), "items": self.items[name],
+                                  f"{unit}s_per_s_per_worker": round(self.items[name] / s, 2) if s > 0 else None}
+                           for name, s in self.seconds.items()},
+                "chunks_by_node": dict(sorted(self.chunks_by_node.items()))}
 
 
 # ---------------------------------------------------------------------------------------------- Ray session
@@ -86,6 +95,7 @@ def _ray():
 def connect(address: str | None, workers: int) -> None:
     """Join ``address``'s cluster, or start a local instance with at least ``workers`` CPUs (reused for the
     rest of the process: starting Ray takes seconds). An unreachable address is a ``ClusterError``."""
+    check_address(address)
     ray = _ray()
     if ray.is_initialized():
         current = getattr(connect, "_address", None)
@@ -95,14 +105,34 @@ def connect(address: str | None, workers: int) -> None:
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(_import_roots())}}
     try:
         if address is None:
-            ray.init(num_cpus=max(workers, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
-                     configure_logging=False, runtime_env=env)
+            # "local": a new instance even where RAY_ADDRESS names a cluster (only --address joins one)
+            ray.init(address="local", num_cpus=max(workers, os.cpu_count() or 1), include_dashboard=False,
+                     log_to_driver=False, configure_logging=False, runtime_env=env)
         else:
             ray.init(address=address, log_to_driver=False, configure_logging=False, runtime_env=env)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ClusterError(f"cannot reach the Ray cluster at {address!r}: {str(e).splitlines()[0]} (start one "
                            "with `ray start --head`, or leave --address out to run on this machine)") from None
     connect._address = address  # type: ignore[attr-defined]
+    # the chunk references are Python objects, not Arrow values: Ray Data says so once per job, on purpose here
+    logging.getLogger("ray.data._internal.tensor_extensions.arrow").setLevel(logging.ERROR)
+
+
+def check_address(address: str | None, timeout: float = 5.0) -> None:
+    """A ``ClusterError`` now, before any work, when ``address`` names a host and port that nothing answers
+    on (Ray itself would retry for minutes) or is not an address at all. ``None`` and ``"auto"`` pass (Ray
+    finds ``"auto"``'s cluster itself, or says at once that there is none)."""
+    if address is None or address == "auto":
+        return
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"--address {address!r} is not 'auto', host:port or ray://host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ClusterError(f"cannot reach the Ray cluster at {address!r}: {e} (start one with `ray start --head`, "
+                           "or leave --address out to run on this machine)") from None
 
 
 def _import_roots() -> list[str]:
@@ -145,10 +175,11 @@ def _run_chunk(payload: Any, fns: list[tuple[str, Callable]]) -> bytes:
     if not isinstance(payload, bytes):  # the first operator: a chunk the driver put in the object store
         payload = _ray().get(payload)
     index, items, times = pickle.loads(payload)
+    node = _ray().get_runtime_context().get_node_id()
     for name, fn in fns:
         t0 = time.perf_counter()
         items = fn(index, items)
-        times[name] = (time.perf_counter() - t0, len(items))
+        times[name] = (time.perf_counter() - t0, len(items), node)
     return pickle.dumps((index, items, times), protocol=pickle.HIGHEST_PROTOCOL)
 
 
@@ -232,14 +263,18 @@ def run_stages(chunks: Iterable[tuple[int, list]], stages: list[Stage], cfg: Any
     ds = ray.data.from_items([{"payload": ref} for _, _, ref in rows], override_num_blocks=len(rows))
     groups = operator_groups(stages, gpus)
     share = 1.0 / len(groups)  # the pipeline as a whole asks for `workers` CPUs
-    for group, gpu in groups:
-        if gpu:
-            ds = ds.map_batches(_GpuOperator, fn_constructor_args=(group, cfg), batch_size=1, batch_format="numpy",
-                                compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=share, num_gpus=1,
-                                max_task_retries=0, max_restarts=-1)
-        else:
-            ds = ds.map_batches(_cpu_operator, fn_args=(group, cfg), batch_size=1, batch_format="numpy",
-                                compute=ray.data.TaskPoolStrategy(size=workers), num_cpus=share, max_retries=0)
+    with warnings.catch_warnings():
+        # Retries are still set through the remote arguments Ray 2.6x calls deprecated (its own advice for
+        # turning them off): a chunk that killed its worker would only kill the next one.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+        for group, gpu in groups:
+            if gpu:
+                ds = ds.map_batches(_GpuOperator, fn_constructor_args=(group, cfg), batch_size=1,
+                                    batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
+                                    num_cpus=share, num_gpus=1, max_task_retries=0, max_restarts=-1)
+            else:
+                ds = ds.map_batches(_cpu_operator, fn_args=(group, cfg), batch_size=1, batch_format="numpy",
+                                    compute=ray.data.TaskPoolStrategy(size=workers), num_cpus=share, max_retries=0)
     done: set[int] = set()
     bar = tqdm(total=sum(n for _, n, _ in rows), desc=f"{unit}s", unit=unit, disable=not progress)
     try:

@@ -58,10 +58,10 @@ def _plots(out: Path, clip_scores: list[float], nn_sim: np.ndarray, cfg: Curatio
     return written
 
 
-def write_report(out: Path, n_shards: int, cfg: CurationConfig, seconds: dict, stages: dict) -> dict:
+def write_report(out: Path, n_shards: int, cfg: CurationConfig, seconds: dict, engine: dict) -> dict:
     """Aggregate every shard's status parquet into ``report.json`` + plots (counts and reason kinds as in
-    every builder's report: ``shard_jobs.status_counts``); ``stages``: each pass-1 stage's time and throughput
-    in this run (``engine.StageTimes.report``)."""
+    every builder's report: ``shard_jobs.status_counts``); ``engine``: each pass-1 stage's time and throughput
+    and the chunks each Ray node ran, in this run (``engine.StageTimes.report``)."""
     work = out / "_work"
     rows = read_status_rows(out, n_shards)
     clip_scores: list[float] = []
@@ -77,7 +77,7 @@ def write_report(out: Path, n_shards: int, cfg: CurationConfig, seconds: dict, s
         "global": gstats,
         "seconds": seconds,
         "images_per_s": round(len(rows) / max(seconds["total"], 1e-9), 2),
-        "stages": stages,
+        "engine": engine,
         "stages_enabled": {k: v.get("enabled", True) for k, v in config_to_dict(cfg).items() if isinstance(v, dict)},
     }
     report["plots"] = _plots(out, clip_scores, nn_sim, cfg, top)

@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from common.config import config_to_dict
-from data_curation.engine import Stage, StageTimes, connect, run_stages
+from data_curation.engine import Stage, StageTimes, check_address, connect, run_stages
 from data_curation.input_files import LONE_SURROGATE, CurationInputError
 from data_curation.records import DROPPED, ERROR, OK, STATUSES, Sample, bad_text_field, escape_text
 
@@ -290,11 +290,12 @@ def status_counts(rows: list[dict], n_shards: int) -> dict:
             "by_reason": dict(sorted(Counter(f"{r['stage']}:{reason_kind(r)}" for r in not_ok).items()))}
 
 
-def report_head(out: Path, n_shards: int, seconds: dict, stages: dict, *, decoded: Callable[[dict], bool],
+def report_head(out: Path, n_shards: int, seconds: dict, engine: dict, *, decoded: Callable[[dict], bool],
                 stats: Callable[[list[dict]], dict], unit: str) -> tuple[dict, list[dict], list[dict]]:
     """The part of a report every media shares -> (report, decoded rows, kept rows): ``status_counts``, then
     ``stats`` of the rows that ``decoded`` accepts and of the kept ones among them, ``seconds``, the
-    throughput in ``{unit}s_per_s`` and each stage's time in this run (``stages``: ``engine.StageTimes``)."""
+    throughput in ``{unit}s_per_s`` and each stage's time and the chunks per Ray node in this run (``engine``:
+    ``engine.StageTimes.report``)."""
     rows = read_status_rows(out, n_shards)
     decoded_rows = [r for r in rows if decoded(r)]
     kept = [r for r in decoded_rows if r["status"] == OK]
@@ -304,7 +305,7 @@ def report_head(out: Path, n_shards: int, seconds: dict, stages: dict, *, decode
         "stats_kept": stats(kept),
         "seconds": seconds,
         f"{unit}s_per_s": round(len(rows) / max(seconds["total"], 1e-9), 2),
-        "stages": stages,
+        "engine": engine,
     }
     return report, decoded_rows, kept
 
@@ -361,13 +362,14 @@ def run_shard_job(input_spec: str | Path, read_inputs: Callable[[], Iterable[Sam
                   max_chunks: int | None, unit: str = "sample", address: str | None = None) -> BuildResult:
     """Chunks of ``cfg.samples_per_shard`` inputs -> ``make_processor(cfg).process(chunk)`` -> ``write_shard(out,
     i, chunk)`` as two Ray Data stages (``engine``), skipping chunks whose ``shard_i_stats.json`` exists; then
-    ``write_report(out, n_shards, cfg, seconds, stage_times)``. Holds ``out``'s lock throughout; ``out`` may not
+    ``write_report(out, n_shards, cfg, seconds, engine)``. Holds ``out``'s lock throughout; ``out`` may not
     lie inside the ``input_spec`` folder. ``read_inputs`` is called once the config is known to match
     ``out/config.json`` (``ResumeConfig``). The processor is built in this process first, so a setup error is
     raised once, up front, and ``config.json`` is written only after it worked. A finished shard whose input
     listing changed is a ``ResumeMismatchError``. ``max_chunks`` stops after that many new shards (to simulate an
     interrupted job in tests). A rerun with nothing left to do builds no processor and rewrites nothing."""
     refuse_output_inside_input(input_spec, out)
+    check_address(address)
     with output_lock(out):
         return _run_locked(read_inputs, out, cfg, make_processor, write_shard, write_report, progress,
                            max_chunks, unit, address)

@@ -369,9 +369,9 @@ def _plots(out: Path, decoded: list[dict], kept: list[dict], cfg: VideoCurationC
     return written
 
 
-def write_video_report(out: Path, n_shards: int, cfg: VideoCurationConfig, seconds: dict, stages: dict) -> dict:
+def write_video_report(out: Path, n_shards: int, cfg: VideoCurationConfig, seconds: dict, engine: dict) -> dict:
     """Aggregate every shard's status parquet into ``report.json`` + plots; checks the counts add up."""
-    report, decoded, kept = report_head(out, n_shards, seconds, stages, decoded=lambda r: bool(r["width"]),
+    report, decoded, kept = report_head(out, n_shards, seconds, engine, decoded=lambda r: bool(r["width"]),
                                         stats=_video_stats, unit="video")
     report["stages_enabled"] = {k: v.get("enabled", True) for k, v in config_to_dict(cfg).items()
                                 if isinstance(v, dict)}

@@ -18,3 +18,11 @@ def segfault_on_hubble(img) -> float:
     if img.size == HUBBLE_SIZE:
         os.kill(os.getpid(), signal.SIGSEGV)  # what a decoder with a memory bug does to its process
     return 0.0
+
+
+def slow(img) -> float:
+    """A classifier that takes its time: a job on it can be killed half-way."""
+    import time
+
+    time.sleep(0.3)
+    return 0.0
