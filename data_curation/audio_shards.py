@@ -43,6 +43,7 @@ from data_curation.curation_config import CURATION_YAML, ConfigError, check_job_
 from data_curation.input_files import DEFAULT_MAX_AUDIO_BYTES, CurationInputError
 from data_curation.readers import read_folder, read_manifest
 from data_curation.records import Sample
+from data_curation.engine import StepClock
 from data_curation.shard_jobs import (BuildResult, StageSetupError, _atomic_write, _summary, report_head,
                                       run_shard_job, write_status_shard)
 from data_curation.vad import VadConfig
@@ -122,6 +123,7 @@ class AudioProcessor:
 
     def __init__(self, cfg: AudioCurationConfig):
         self.cfg = cfg
+        self.clock = StepClock()
         try:
             from data_curation.vad import VoiceActivity
 
@@ -138,6 +140,7 @@ class AudioProcessor:
             except Exception as e:  # an unexpected failure on one sample never stops the job
                 s.image_bytes = None
                 s.fail(s.stage or "stage", f"{s.source}: {type(e).__name__}: {e}")
+            self.clock.stop()
         return samples
 
     def _per_sample(self, s: Sample) -> bytes | None:
@@ -147,7 +150,7 @@ class AudioProcessor:
         if not s.caption:
             s.drop("text", "empty_transcript")
             return None
-        s.stage = "decode"
+        self.clock.enter(s, "decode")
         if s.image_bytes is None:
             s.fail("decode", f"{s.source}: no audio bytes")
             return None
@@ -171,13 +174,14 @@ class AudioProcessor:
                 s.drop(stage, reason)
                 return None
         if self.vad is not None:
-            s.stage = "vad"
+            self.clock.enter(s, "vad")
             vad = self.vad.analyze(audio.samples)
             f.update(vad_score=round(vad.score, 4), vad_mean_prob=round(vad.mean_prob, 4),
                      speech_segments=[[round(a, 3), round(b, 3)] for a, b in vad.segments])
             if not vad.score > cfg.vad.threshold:  # "keep VAD score above 0.7"
                 s.drop("vad", f"vad_score({vad.score:.3f}<={cfg.vad.threshold:g})")
                 return None
+        self.clock.enter(s, "encode")
         s.stage = None
         flac = io.BytesIO()
         sf.write(flac, audio.samples, SAMPLE_RATE, format="FLAC", subtype="PCM_16")

@@ -59,6 +59,7 @@ class OCRConfig:
     lang: str = "eng"
     min_conf: float = 60.0
     timeout: float = 30.0
+    detect_text: bool = True  # Tesseract only where ocr.text_regions finds a word-like region
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ a deterministic crash would only crash again.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pickle
@@ -55,6 +56,36 @@ class Stage:
     name: str
     make: Callable[[Any, str], Callable[[int, list], list]]
     model: bool = False
+
+
+class StepClock:
+    """The steps inside one stage, timed (the video and audio processors run all their steps in one stage):
+    ``enter(sample, step)`` sets ``sample.stage`` and starts ``step``'s clock, ending the running step;
+    ``stop()`` ends it; ``take()`` -> ``{step: (seconds, samples that entered it)}`` since the last take. A
+    stage function with a ``clock`` attribute has its steps in the report as ``stage:step``."""
+
+    def __init__(self) -> None:
+        self._seconds: dict[str, float] = {}
+        self._items: dict[str, int] = {}
+        self._running: tuple[str, float] | None = None
+
+    def enter(self, sample: Any, step: str) -> None:
+        self.stop()
+        sample.stage = step
+        self._running = (step, time.perf_counter())
+        self._items[step] = self._items.get(step, 0) + 1
+
+    def stop(self) -> None:
+        if self._running is not None:
+            step, t0 = self._running
+            self._seconds[step] = self._seconds.get(step, 0.0) + time.perf_counter() - t0
+            self._running = None
+
+    def take(self) -> dict[str, tuple[float, int]]:
+        self.stop()
+        out = {step: (self._seconds.get(step, 0.0), n) for step, n in self._items.items()}
+        self._seconds, self._items = {}, {}
+        return out
 
 
 @dataclass
@@ -157,8 +188,12 @@ _KEEP_BUILT = 8
 def _built(stage: Stage, cfg: Any, device: str) -> Callable:
     """``stage.make(cfg, device)``, once per worker process for as long as the process lives: Ray reuses its
     worker processes across tasks and jobs, so a model loads once per worker, not once per chunk. The last
-    ``_KEEP_BUILT`` (stage, config, device) are kept."""
-    key = pickle.dumps((stage, cfg, device))
+    ``_KEEP_BUILT`` (stage, config, device) are kept; the config's worker count and chunk size build no
+    stage differently, so they are not part of the key."""
+    same = cfg
+    if dataclasses.is_dataclass(cfg) and hasattr(cfg, "workers") and hasattr(cfg, "samples_per_shard"):
+        same = dataclasses.replace(cfg, workers=1, samples_per_shard=1)
+    key = pickle.dumps((stage, same, device))
     fn = _BUILT.pop(key, None)
     if fn is None:
         import torch
@@ -171,6 +206,21 @@ def _built(stage: Stage, cfg: Any, device: str) -> Callable:
     return fn
 
 
+def build_stages(stages: list[Stage], cfg: Any) -> None:
+    """Builds every stage once, on a CPU worker, before any chunk is sent (the worker keeps them: ``_built``):
+    a stage that cannot be set up raises its own error here, once."""
+    ray = _ray()
+    try:
+        ray.get(ray.remote(max_retries=0)(_build_all).remote(stages, cfg))
+    except Exception as e:
+        raise _setup_error(e) from None
+
+
+def _build_all(stages: list[Stage], cfg: Any) -> None:
+    for stage in stages:
+        _built(stage, cfg, "cpu")
+
+
 def _run_chunk(payload: Any, fns: list[tuple[str, Callable]]) -> bytes:
     if not isinstance(payload, bytes):  # the first operator: a chunk the driver put in the object store
         payload = _ray().get(payload)
@@ -180,6 +230,9 @@ def _run_chunk(payload: Any, fns: list[tuple[str, Callable]]) -> bytes:
         t0 = time.perf_counter()
         items = fn(index, items)
         times[name] = (time.perf_counter() - t0, len(items), node)
+        clock = getattr(fn, "clock", None)
+        if clock is not None:
+            times |= {f"{name}:{step}": (sec, n, node) for step, (sec, n) in clock.take().items()}
     return pickle.dumps((index, items, times), protocol=pickle.HIGHEST_PROTOCOL)
 
 
@@ -333,15 +386,19 @@ def _wait_restarted(chain: Any, dead: tuple, timeout: float = 300.0) -> None:
 
 
 def _setup_error(e: Exception) -> Exception:
-    """The builder's own error when a Ray failure wraps one (a stage that cannot load its model)."""
+    """The builder's own error when a Ray failure wraps one (a stage that cannot load its model): the
+    original exception, without Ray's traceback text around it."""
     from data_curation.shard_jobs import StageSetupError
 
-    seen = e
+    seen: BaseException | None = e
     for _ in range(8):
+        if seen is None:
+            break
+        inner = getattr(seen, "cause", None)  # a RayTaskError: the exception the task raised
+        if inner is not None:
+            seen = inner
+            continue
         if isinstance(seen, StageSetupError):
             return seen
-        nxt = getattr(seen, "cause", None) or seen.__cause__
-        if nxt is None:
-            break
-        seen = nxt
+        seen = seen.__cause__
     return e

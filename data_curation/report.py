@@ -65,9 +65,15 @@ def write_report(out: Path, n_shards: int, cfg: CurationConfig, seconds: dict, e
     work = out / "_work"
     rows = read_status_rows(out, n_shards)
     clip_scores: list[float] = []
+    ocr = {"read": 0, "skipped_no_text": 0}
     for i in range(n_shards):
         chunk = pq.read_table(work / f"chunk_{i:05d}.parquet", columns=["fields"]).column("fields").to_pylist()
-        clip_scores += [f["clip_score"] for f in map(json.loads, chunk) if "clip_score" in f]
+        for f in map(json.loads, chunk):
+            if "clip_score" in f:
+                clip_scores.append(f["clip_score"])
+            for image in f.get("images", [f]):  # a conversation record's images, or the sample's one
+                if "ocr_skipped" in image:
+                    ocr["skipped_no_text" if image["ocr_skipped"] else "read"] += 1
     g = pq.read_table(work / "global.parquet")
     nn_sim = np.asarray(g.column("dedup_nn_similarity").to_numpy(), np.float32)
     gstats = json.loads((work / "global_stats.json").read_text())
@@ -78,6 +84,7 @@ def write_report(out: Path, n_shards: int, cfg: CurationConfig, seconds: dict, e
         "seconds": seconds,
         "images_per_s": round(len(rows) / max(seconds["total"], 1e-9), 2),
         "engine": engine,
+        "ocr_images": ocr,
         "stages_enabled": {k: v.get("enabled", True) for k, v in config_to_dict(cfg).items() if isinstance(v, dict)},
     }
     report["plots"] = _plots(out, clip_scores, nn_sim, cfg, top)

@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from common.config import config_to_dict
-from data_curation.engine import Stage, StageTimes, check_address, connect, run_stages
+from data_curation.engine import Stage, StageTimes, build_stages, check_address, connect, run_stages
 from data_curation.input_files import LONE_SURROGATE, CurationInputError
 from data_curation.records import DROPPED, ERROR, OK, STATUSES, Sample, bad_text_field, escape_text
 
@@ -423,8 +423,16 @@ class _ProcessStage:
         self.make_processor = make_processor
 
     def __call__(self, cfg: Any, device: str) -> Callable[[int, list[Sample]], list[Sample]]:
-        processor = self.make_processor(cfg)
-        return lambda index, samples: processor.process(guard_text(samples))
+        return _Process(self.make_processor(cfg))
+
+
+class _Process:
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+        self.clock = getattr(processor, "clock", None)  # its steps' times (engine.StepClock), if it keeps them
+
+    def __call__(self, index: int, samples: list[Sample]) -> list[Sample]:
+        return self.processor.process(guard_text(samples))
 
 
 class _WriteStage:
@@ -450,22 +458,15 @@ def crashed_sample(sample: Sample, stage: str, message: str) -> Sample:
 def run_chunks(chunks: Iterator[tuple[int, list[Sample]]], stages: list[Stage], cfg: Any, *, progress: bool,
                unit: str, on_setup: Callable[[], None], address: str | None,
                crashed: Callable[[Any, str, str], Any] = crashed_sample) -> StageTimes:
-    """Runs ``chunks`` through ``stages`` on Ray (``engine.run_stages``, ``cfg.workers`` actors a stage). The
-    stages are built in this process first, and only when there is a chunk: a bad model path or a missing
-    tesseract is one named error up front, not a pool of actors failing in their constructors; ``on_setup``
-    runs once it worked (it saves the resume config)."""
+    """Runs ``chunks`` through ``stages`` on Ray (``engine.run_stages``, ``cfg.workers`` at a time). The stages
+    are built on one worker first (``engine.build_stages``), and only when there is a chunk: a bad model path
+    or a missing tesseract is one named error up front, not every worker failing; ``on_setup`` runs once it
+    worked (it saves the resume config)."""
     first = next(chunks, None)
     if first is None:
         return StageTimes()
-    import torch
-
-    threads = torch.get_num_threads()  # restored after: the caller's setting is not ours to keep
-    try:
-        for stage in stages:
-            stage.make(cfg, "cpu")  # freed at once: this only proves the stage can be built
-    finally:
-        torch.set_num_threads(threads)
-    on_setup()
     connect(address, cfg.workers)
+    build_stages(stages, cfg)
+    on_setup()
     return run_stages(itertools.chain([first], chunks), stages, cfg, workers=cfg.workers, crashed=crashed,
                       progress=progress, unit=unit)

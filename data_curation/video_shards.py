@@ -36,6 +36,7 @@ from data_curation.curation_config import CURATION_YAML, ConfigError, LanguageCo
 from data_curation.input_files import DEFAULT_MAX_VIDEO_BYTES, CurationInputError
 from data_curation.readers import read_folder, read_manifest
 from data_curation.records import Sample
+from data_curation.engine import StepClock
 from data_curation.shard_jobs import (BuildResult, StageSetupError, _atomic_write, _share, _summary, report_head,
                                       run_shard_job, write_status_shard)
 from data_curation.video_filters import VideoCaptionRules
@@ -201,8 +202,9 @@ class VideoProcessor:
 
         from media.video import VideoReader
 
-        cv2.setNumThreads(torch.get_num_threads())  # the worker's share (shard_jobs sets torch's), not every core
+        cv2.setNumThreads(torch.get_num_threads())  # the worker's share (the engine sets torch's), not every core
         self.cfg = cfg
+        self.clock = StepClock()
         self.reader = VideoReader(cfg.decode.backend, cfg.decode.timeout_s)
         self.lang = self.ocr = self.clip = None
         if cfg.language.enabled:
@@ -225,6 +227,7 @@ class VideoProcessor:
                     self._per_sample(s)
                 except Exception as e:  # an unexpected failure on one sample never stops the job
                     s.fail(s.stage or "stage", f"{type(e).__name__}: {e}")
+                self.clock.stop()
         return samples
 
     def _per_sample(self, s: Sample) -> None:
@@ -233,7 +236,7 @@ class VideoProcessor:
         from media.video import VideoReadError
 
         cfg, f = self.cfg, s.fields
-        s.stage = "caption"
+        self.clock.enter(s, "caption")
         cleaned, reason = video_caption_reason(s.caption, cfg.caption)
         if cleaned != s.caption:
             f["caption_raw"] = s.caption
@@ -242,13 +245,13 @@ class VideoProcessor:
             s.drop("caption", reason)
             return
         if self.lang is not None:
-            s.stage = "language"
+            self.clock.enter(s, "language")
             reason, lang, score = self.lang.reason(s.caption)
             f.update(lang=lang, lang_score=round(float(score), 4))
             if reason:
                 s.drop("language", reason)
                 return
-        s.stage = "decode"
+        self.clock.enter(s, "decode")
         if s.image_bytes is None:
             s.fail("decode", f"{s.source}: no video bytes")
             return
@@ -262,7 +265,7 @@ class VideoProcessor:
             s.fail("decode", str(e))
             return
         if self.ocr is not None:
-            s.stage = "ocr"
+            self.clock.enter(s, "ocr")
             at = frame_positions(len(content.frames), (0.25, 0.5, 0.75))
             overlay = text_overlay(self.ocr, content.frames[at], cfg.ocr.reduce)
             f.update(ocr_area=round(overlay.score, 5), ocr_area_per_frame=[round(a, 5) for a in overlay.per_frame],
@@ -271,7 +274,7 @@ class VideoProcessor:
                 s.drop("ocr", f"text_area({overlay.score:.3f}>{cfg.ocr.max_area})")
                 return
         if self.clip is not None:
-            s.stage = "clip_frame"
+            self.clock.enter(s, "clip_frame")
             mid = frame_positions(len(content.frames), (0.5,))[0]
             frame_score, video_score = clip_video_scores(self.clip, content.frames, s.caption, mid,
                                                          cfg.clip.batch_size)
@@ -283,7 +286,7 @@ class VideoProcessor:
                 s.drop("clip_video", f"clip_video_score({video_score:.3f}<{cfg.clip.video_threshold})")
                 return
         if cfg.motion.enabled:
-            s.stage = "motion"
+            self.clock.enter(s, "motion")
             try:
                 frames = sample_for_motion(self.reader, s.image_bytes, name, cfg.motion.fps, cfg.motion.max_frames,
                                            info=info)

@@ -215,6 +215,11 @@ def test_shards_hold_16k_mono_flac_transcripts_and_metadata(built, speech):
 def test_report_counts_every_input(built):
     report = json.loads((built.out / "report.json").read_text())
     assert report["inputs"] == len(EXPECTED) and sum(report["counts"].values()) == len(EXPECTED)
+    # each step's time: the clips that reached it, and no more time than the stage holding it
+    stages = report["engine"]["stages"]
+    assert {"process", "write", "process:decode", "process:vad", "process:encode"} <= set(stages)
+    assert stages["process:vad"]["items"] <= stages["process:decode"]["items"] <= len(EXPECTED)
+    assert sum(v["seconds"] for k, v in stages.items() if k.startswith("process:")) <= stages["process"]["seconds"] + 0.01
     assert report["by_stage"] == {"dropped:clipping": 1, "dropped:duration": 2, "dropped:silence": 1,
                                   "dropped:text": 1, "dropped:vad": 2, "error:decode": 1, "error:read": 2}
     assert report["by_reason"]["vad:vad_score"] == 2 and report["by_reason"]["duration:too_long"] == 1

@@ -180,7 +180,14 @@ def test_clip_scorer_matches_open_clip_directly(tiny_clip, photos):
     assert scores.dtype == np.float32 and scores.shape == (4,)
     assert np.all(np.abs(scores) <= 1.0)
     np.testing.assert_allclose(scores, direct_cosine(tiny_clip, preprocess, tokenizer, photos, CAPTIONS), atol=1e-5)
-    np.testing.assert_allclose(scorer.score(photos, CAPTIONS, batch_size=3), scores, atol=1e-5)
+    # ... while the text tower ran on the captions' tokens only, not the whole context (it is causal)
+    lengths = []
+    hook = tiny_clip.transformer.register_forward_pre_hook(lambda mod, args: lengths.append(args[0].shape[1]))
+    try:
+        np.testing.assert_allclose(scorer.score(photos, CAPTIONS, batch_size=3), scores, atol=1e-5)
+    finally:
+        hook.remove()
+    assert lengths == [max(len(tokenizer.encode(c)) for c in CAPTIONS[:3]) + 2, len(tokenizer.encode(CAPTIONS[3])) + 2]
     assert scorer.score([], []).shape == (0,)
     with pytest.raises(ValueError, match="2 images and 1 captions"):
         scorer.score(photos[:2], CAPTIONS[:1])

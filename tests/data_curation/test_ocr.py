@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from data_curation.ocr import (OCRError, OCRTimeoutError, OCRUnavailableError, TesseractOCR, parse_tsv)
+from data_curation.ocr import (OCRError, OCRTimeoutError, OCRUnavailableError, TesseractOCR, parse_tsv,
+                               text_regions)
 from tests.system_deps import require_binary
 
 
@@ -135,3 +136,24 @@ def test_failure_carries_stderr(tmp_path):
     ocr = TesseractOCR(tesseract_cmd=fake_tesseract(tmp_path, 'echo "Error: leptonica exploded" >&2; exit 3'))
     with pytest.raises(OCRError, match="exited with 3: Error: leptonica exploded"):
         ocr.read(render(["x"]))
+
+
+def test_the_text_detector_finds_every_rendered_text_and_skips_plain_photos():
+    """The OCR stage reads only images where ``text_regions`` finds something: every image with words that
+    these tests render (big, small, grey on grey, a thumbnail) must be found, so no OCR is lost to it; plain
+    photos and a blank page are skipped."""
+    import numpy as np
+    from skimage import data as skdata
+
+    with_text = [render(["HELLO WORLD 2024"]), render(["NO PARKING", "Tow away zone"]),
+                 render(["SALE today only", "FRESH bread 2024"], size=10, canvas=(128, 40), at=(4, 4)),
+                 render(["eight pixel words in a big image"], size=8),
+                 render(["STOP HERE"], size=64, canvas=(560, 200), at=(30, 60)),
+                 Image.fromarray(skdata.text()), Image.fromarray(skdata.page())]
+    grey = Image.new("RGB", (512, 512), (200, 200, 200))
+    ImageDraw.Draw(grey).text((20, 60), "QUIET ZONE", font=font(40), fill=(90, 90, 90))
+    assert all(text_regions(img) > 0 for img in [*with_text, grey]), [text_regions(i) for i in with_text]
+    plain = [Image.new("RGB", (512, 512), (230, 230, 230))] + [
+        Image.fromarray(f()).convert("RGB") for f in (skdata.horse, skdata.brick, skdata.gravel, skdata.retina)]
+    assert [text_regions(img) for img in plain] == [0] * len(plain)
+    assert np.isfinite(text_regions(Image.new("L", (1, 1))))  # degenerate sizes do not raise

@@ -330,6 +330,9 @@ def test_report_has_counts_statistics_and_plots(built):
     res, _ = built
     report = json.loads((res.out / "report.json").read_text())
     assert report["inputs"] == len(EXPECTED) and sum(report["counts"].values()) == len(EXPECTED)
+    stages = report["engine"]["stages"]
+    assert {"process:caption", "process:decode"} <= set(stages) and len(report["engine"]["chunks_by_node"]) == 1
+    assert stages["process:decode"]["items"] <= stages["process:caption"]["items"] <= len(EXPECTED)
     assert report["by_stage"]["dropped:motion"] == 1 and report["by_stage"]["error:decode"] == 3
     assert report["by_reason"]["decode:no video stream"] == 1 and report["by_reason"]["motion:low_motion"] == 1
     kept = report["stats_kept"]
