@@ -2,24 +2,36 @@
 >= threshold is an edge, connected components of that graph are duplicate groups, one image-text pair is
 kept per component.
 
-Search (never materialises N x N; embeddings may be a memory-mapped ``.npy`` larger than RAM):
+Search (never materialises N x N; embeddings may be a memory-mapped ``.npy`` larger than RAM). The driver
+trains the cells and does the bookkeeping on (N, probes) int arrays; the passes over the rows are Ray tasks
+(``engine.connect(address, workers)``: a Ray instance started in this process, or a cluster). Tasks read rows
+from the ``.npy`` by path (each maps the file itself: rows never go through the object store) or, for an
+in-memory array, from one copy put in the object store:
 
-1. Cells, trained on a random sample of the descriptors (``_train_partition``): spherical k-means
+1. Driver: cells, trained on a random sample of the descriptors (``_train_partition``): spherical k-means
    (``faiss.Kmeans(spherical=True)``) into ``sqrt(k)`` *coarse* cells, then every coarse cell split into
-   cells in proportion to its share of the sample by spherical k-means on its members' *residuals* (``_cell_centres``).
-2. One streaming pass in ``batch_size`` rows: each vector's ``clusters_per_vector`` most similar cell
-   centres (its *probes*). The pass also checks the rows are unit-norm.
-3. Cell bound: each vector's *home* is its first probe, unless that cell already holds ``max_cell_size``
-   vectors more similar to its centre; then its next probe (deferred acceptance, ``_bound_cells``).
-4. For every cell c, the vectors that probe c are compared exactly (float32 matrix products, in blocks of
-   bounded size) with the vectors whose home is c. A pair (i, j) is found when
+   cells in proportion to its share of the sample by spherical k-means on its members' *residuals*
+   (``_cell_centres``). The centres go to the object store once.
+2. Tasks, one per ``batch_size`` rows (``_assign_rows``): each vector's ``clusters_per_vector`` most similar
+   cell centres (its *probes*, faiss flat inner product), checking the rows are unit-norm.
+3. Driver: cell bound. Each vector's *home* is its first probe, unless that cell already holds
+   ``max_cell_size`` vectors more similar to its centre; then its next probe (deferred acceptance,
+   ``_bound_cells``). The probe lists grouped by cell (CSR) go to the object store once, read zero-copy.
+4. Tasks, each a run of cells of about equal cost, ``TASKS_PER_SLOT`` per CPU of the Ray instance
+   (``_search_cells``): for every cell c, the vectors that probe c are compared exactly (float32 matrix
+   products, in blocks of bounded size) with the vectors whose home is c. A pair (i, j) is found when
    ``home(j)`` is among i's probes or ``home(i)`` among j's: IVF search with nprobe = ``clusters_per_vector``,
    run symmetrically. This is asymmetric on purpose: assigning *both* sides to their top-k clusters finds a
    few more pairs but costs k^2 instead of k comparisons per pair (measured on 100k uniform 512-d vectors:
    top-3 on both sides, 0.9% of all pairs compared, recall 0.988; probing 8 clusters, 0.8% compared,
-   recall 0.996).
-5. Global union-find over all found edges (vectorised numpy, hooking the larger root under the smaller),
-   so components that span clusters are joined; the component id is its smallest member index.
+   recall 0.996). A task returns its pair count, comparisons, the best similarity of each vector it
+   compared, and its pairs reduced to a forest by a local union-find (at most one edge per vector).
+5. Driver: global union-find over the tasks' forests (vectorised numpy, hooking the larger root under the
+   smaller), so components that span cells and tasks are joined; the component id is its smallest member
+   index.
+
+Every task computes exactly what the single loop did for its rows or cells (assignment batches start at the
+same rows), so the result does not depend on the number of workers or tasks.
 
 Why two levels (step 1): real descriptors cluster (many photos of one landmark, product or meme template).
 In a dense cluster every member shares the cluster's direction and differs from the others only by small,
@@ -49,7 +61,10 @@ k-means only has to give a balanced partition: the sample defaults to 16 points 
 everything else together at k = 4,900; taking random sample points as centroids lost only 0.003 recall at
 100k). faiss's "at least 39 points per centroid" warning is silenced on purpose.
 
-Measured figures: ``data_curation/bench_dedup.py``.
+Measured figures: ``data_curation/bench_dedup.py``. As Ray tasks on 2 shared cores (``workers=2``), the 1M
+memory-mapped uniform set took 140 s (k-means 4, assignment 101, search 34) where the single-process loops
+took 273 s on the same machine, with the same pairs and components; starting the local Ray instance costs
+4-15 s once per process (``stats["timings"]["ray_setup_s"]``).
 """
 
 from __future__ import annotations
@@ -67,6 +82,9 @@ BLOCK_ELEMS = 1 << 24  # similarity block (rows x cols) computed at once: 64 MB 
 KEEP_RULES = ("first", "clip", "longest_caption")
 RESIDUAL_MIN_NORM = 1e-3  # sin of the angle to the coarse centroid below which a row has no residual direction
 CAP_OVER_MEAN = 4  # max_cell_size=None: this many times the mean cell size N / n_clusters
+# Search tasks per CPU of the Ray instance: evens out groups of cells of unequal cost, while the per-task
+# overhead (a union-find and a best-similarity array over N) stays small.
+TASKS_PER_SLOT = 4
 
 
 class EmbeddingsError(ValueError):
@@ -82,7 +100,7 @@ class DedupConfig:
     kmeans_iters: int = 10
     max_cell_size: int | None = None  # vectors stored per cell; None: CAP_OVER_MEAN * N / n_clusters
     max_train_points: int | None = None  # k-means sample; None: 16/centroid, at most N / kmeans_iters
-    batch_size: int = 65536  # rows per streaming batch (assignment pass)
+    batch_size: int = 16384  # rows per assignment task: 7 tasks at 100k, 62 at 1M, to keep every worker busy
     seed: int = 0
     use_gpu: bool | None = None  # None: faiss-gpu for k-means + assignment when faiss.get_num_gpus() > 0
     normalize: bool = False  # L2-normalise rows on read instead of raising on non-unit rows
@@ -306,22 +324,17 @@ def _shares(sizes: np.ndarray, k: int) -> np.ndarray:
     return share
 
 
-def _assign(x: np.ndarray, part: _Partition | None, probes: int, cfg: DedupConfig, gpu: bool,
-            progress: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(N, probes) int32 cell ids, most similar first, and their (N, probes) float16 similarities; also
-    validates every row. ``part=None``: one cell, every pair compared."""
-    index = _flat_index(part.centres, gpu) if part is not None else None
-    n = x.shape[0]
-    ids = np.empty((n, probes), np.int32)
-    sims = np.empty((n, probes), np.float16)  # only ranks members for the cell bound: half the memory
-    for s in _maybe_tqdm(range(0, n, cfg.batch_size), progress, "assign"):
-        e = min(n, s + cfg.batch_size)
-        v = _read_rows(x, slice(s, e), cfg.normalize, first_row=s)
-        if index is None:
-            sims[s:e], ids[s:e] = 1.0, 0
-        else:
-            sims[s:e], ids[s:e] = index.search(v, probes)
-    return ids, sims
+def _assign_rows(rows, centres: np.ndarray | None, start: int, stop: int, probes: int, normalize: bool,
+                 gpu: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Ray task, one batch of the assignment pass: rows ``start:stop`` (checked) -> their (B, probes) int32
+    cell ids, most similar first, and (B, probes) float16 similarities. ``rows``: the ``.npy`` path, opened
+    here memory-mapped, or the array itself (``_rows_source``); ``centres=None``: one cell."""
+    x = _open_rows(rows)
+    v = _read_rows(x, slice(start, stop), normalize, first_row=start)
+    if centres is None:
+        return np.zeros((len(v), probes), np.int32), np.ones((len(v), probes), np.float16)
+    sims, ids = _flat_index(centres, gpu).search(v, probes)
+    return ids.astype(np.int32), sims.astype(np.float16)  # float16: only ranks members for the cell bound
 
 
 def _bound_cells(probe_ids: np.ndarray, probe_sims: np.ndarray, k: int, cap: int) -> tuple[np.ndarray, dict]:
@@ -356,14 +369,6 @@ def _bound_cells(probe_ids: np.ndarray, probe_sims: np.ndarray, k: int, cap: int
                        "cells_over_cap": int((sizes > cap).sum())}
 
 
-def _maybe_tqdm(it, progress: bool, desc: str):
-    if not progress:
-        return it
-    from tqdm import tqdm
-
-    return tqdm(it, desc=desc, leave=False)
-
-
 def _csr(keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Ids grouped by key: ids[ptr[c]:ptr[c+1]] are the ids with key c, ascending. keys: (N, m) or (N,).
     Ids are int32 when N allows (the query lists hold N * clusters_per_vector of them)."""
@@ -376,56 +381,25 @@ def _csr(keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, ptr
 
 
-def find_duplicates(embeddings: np.ndarray | str | Path, cfg: DedupConfig = DedupConfig(),
-                    progress: bool = False) -> DedupResult:
-    """Connected components of the graph "cosine >= cfg.threshold" over unit-norm (N, D) embeddings
-    (array or ``.npy`` path, memory-mapped). See the module docstring for the method."""
-    x = open_embeddings(embeddings)
-    try:
-        return _find_duplicates(x, cfg, progress)
-    except EmbeddingsError as e:
-        if isinstance(embeddings, (str, Path)):  # name the file, as open_embeddings does
-            raise EmbeddingsError(f"{embeddings}: {e}") from None
-        raise
-
-
-def _find_duplicates(x: np.ndarray, cfg: DedupConfig, progress: bool) -> DedupResult:
-    t_start = time.perf_counter()
-    n, d = x.shape
-    gpu = _resolve_gpu(cfg.use_gpu)
-    thr = np.float32(cfg.threshold)
-    timings = {}
-    if n == 0:
-        return DedupResult(np.zeros(0, np.int64), 0, 0, np.zeros(0, np.float32), {"n": 0, "dim": d})
-
-    k = min(n, cfg.n_clusters or _default_clusters(n, cfg.clusters_per_vector))
-    t = time.perf_counter()
-    part = _train_partition(x, k, cfg, gpu) if k > 1 else None
-    k = len(part.centres) if part else 1  # fewer than asked only for rows without enough distinct directions
-    probes = min(k, cfg.clusters_per_vector)
-    timings["kmeans_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    probe_ids, probe_sims = _assign(x, part, probes, cfg, gpu, progress)
-    cap = cfg.max_cell_size or _default_cap(n, k)
-    probe_ids, balance = _bound_cells(probe_ids, probe_sims, k, cap)
-    del probe_sims
+def _search_cells(rows, lists: tuple, cells: np.ndarray, threshold: float, normalize: bool) -> tuple:
+    """Ray task, step 4 for a group of cells. ``lists`` = (probe_ids with each home in column 0, db_ids,
+    db_ptr, q_ids, q_ptr), read zero-copy from the object store. For every cell c the vectors that probe c
+    (ascending) are compared with the vectors whose home is c, in float32 blocks of at most ``BLOCK_ELEMS``.
+    Returns the components of the pairs found as a forest (vertex, smallest vertex of its local component:
+    at most one edge per vector, however many pairs), the number of distinct pairs, the comparisons made,
+    and each compared vector's best similarity (vector ids, values)."""
+    probe_ids, db_ids, db_ptr, q_ids, q_ptr = lists
+    x = _open_rows(rows)
+    n = len(probe_ids)
     home = probe_ids[:, 0]
-    timings["assign_s"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    db_ids, db_ptr = _csr(home, k)
-    q_ids, q_ptr = _csr(probe_ids, k)
+    thr = np.float32(threshold)
     uf = _UnionFind(n)
-    nn_sim = np.full(n, -1.0, np.float32)
-    n_pairs = 0
-    comparisons = 0
-    for c in _maybe_tqdm(range(k), progress, "search"):
+    best = np.full(n, -1.0, np.float32)
+    n_pairs = comparisons = 0
+    for c in cells:
         db = db_ids[db_ptr[c]:db_ptr[c + 1]]
-        if len(db) == 0:
-            continue
         q = q_ids[q_ptr[c]:q_ptr[c + 1]]  # ascending; contains db (a vector probes its home first)
-        xq = _read_rows(x, q, cfg.normalize, check=False)  # checked in _assign
+        xq = _read_rows(x, q, normalize, check=False)  # checked by the assignment pass
         db_pos_in_q = np.searchsorted(q, db)
         xd = xq[db_pos_in_q]
         comparisons += len(q) * len(db)
@@ -440,7 +414,7 @@ def _find_duplicates(x: np.ndarray, cfg: DedupConfig, progress: bool) -> DedupRe
             s[self_rows, db_pos_in_q[self_rows] - c0] = -np.inf  # a vector is not its own neighbour
             qi = q[c0:c1]
             q_best = s.max(axis=0)
-            nn_sim[qi] = np.maximum(nn_sim[qi], q_best)
+            best[qi] = np.maximum(best[qi], q_best)
             np.maximum(db_best, s.max(axis=1), out=db_best)
             hit_cols = np.flatnonzero(q_best >= thr)
             if len(hit_cols) == 0:
@@ -452,7 +426,135 @@ def _find_duplicates(x: np.ndarray, cfg: DedupConfig, progress: bool) -> DedupRe
             larger = a > b
             seen_other_way = (probe_ids[b[larger]] == home[a[larger]][:, None]).any(axis=1)
             n_pairs += int((~larger).sum()) + int((~seen_other_way).sum())
-        nn_sim[db] = np.maximum(nn_sim[db], db_best)
+        best[db] = np.maximum(best[db], db_best)
+    labels = uf.labels()
+    linked = np.flatnonzero(labels != np.arange(n))
+    touched = np.flatnonzero(best > -1.0)
+    return linked, labels[linked], n_pairs, comparisons, touched, best[touched]
+
+
+def _cell_groups(db_ptr: np.ndarray, q_ptr: np.ndarray, n_groups: int) -> list[np.ndarray]:
+    """The non-empty cells in at most ``n_groups`` runs of about equal cost (|queries| x |members| each)."""
+    cells = np.flatnonzero(np.diff(db_ptr) > 0)
+    cum = np.cumsum(np.diff(q_ptr)[cells] * np.diff(db_ptr)[cells])
+    bounds = np.searchsorted(cum, cum[-1] * np.arange(1, n_groups) / n_groups, side="right")
+    return [g for g in np.split(cells, bounds) if len(g)]
+
+
+# ------------------------------------------------------------------------------------------ Ray
+
+
+def _ray():
+    import ray
+
+    return ray
+
+
+def _rows_source(embeddings: np.ndarray | str | Path, x: np.ndarray):
+    """What the tasks read rows from: the ``.npy`` path (each task maps the file itself: the rows never go
+    through the object store), or an in-memory array put in the object store once (read zero-copy on its
+    node)."""
+    return str(Path(embeddings).resolve()) if isinstance(embeddings, (str, Path)) else _ray().put(x)
+
+
+def _open_rows(rows) -> np.ndarray:
+    return np.load(rows, mmap_mode="r") if isinstance(rows, str) else rows
+
+
+def _gather(refs: list, progress: bool, desc: str) -> list:
+    """The tasks' results in order; a task's ``EmbeddingsError`` (a bad row) is raised as itself."""
+    ray = _ray()
+    try:
+        if progress:
+            from tqdm import tqdm
+
+            pending = list(refs)
+            with tqdm(total=len(refs), desc=desc, leave=False) as bar:
+                while pending:
+                    done, pending = ray.wait(pending, num_returns=1)
+                    bar.update(len(done))
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        for ref in refs:
+            ray.cancel(ref)
+        if isinstance(e.cause, EmbeddingsError):
+            raise e.cause from None
+        raise
+
+
+def find_duplicates(embeddings: np.ndarray | str | Path, cfg: DedupConfig = DedupConfig(),
+                    progress: bool = False, address: str | None = None, workers: int = 2) -> DedupResult:
+    """Connected components of the graph "cosine >= cfg.threshold" over unit-norm (N, D) embeddings
+    (array or ``.npy`` path, memory-mapped). See the module docstring for the method. The assignment and
+    the search run as Ray tasks (``engine.connect(address, workers)``: a local instance with at least
+    ``workers`` CPUs, or a cluster, whose nodes must then see a path at the same place); the result does not
+    depend on ``workers``."""
+    x = open_embeddings(embeddings)
+    try:
+        return _find_duplicates(x, embeddings, cfg, progress, address, workers)
+    except EmbeddingsError as e:
+        if isinstance(embeddings, (str, Path)):  # name the file, as open_embeddings does
+            raise EmbeddingsError(f"{embeddings}: {e}") from None
+        raise
+
+
+def _find_duplicates(x: np.ndarray, embeddings: np.ndarray | str | Path, cfg: DedupConfig, progress: bool,
+                     address: str | None, workers: int) -> DedupResult:
+    t_start = time.perf_counter()
+    n, d = x.shape
+    gpu = _resolve_gpu(cfg.use_gpu)
+    timings = {}
+    if n == 0:
+        return DedupResult(np.zeros(0, np.int64), 0, 0, np.zeros(0, np.float32), {"n": 0, "dim": d})
+    from data_curation.engine import connect
+
+    t = time.perf_counter()
+    connect(address, workers)  # seconds the first time in a process, then reused
+    ray = _ray()
+    slots = max(workers, int(ray.cluster_resources().get("CPU", 0)))
+    rows = _rows_source(embeddings, x)
+    timings["ray_setup_s"] = time.perf_counter() - t
+
+    k = min(n, cfg.n_clusters or _default_clusters(n, cfg.clusters_per_vector))
+    t = time.perf_counter()
+    part = _train_partition(x, k, cfg, gpu) if k > 1 else None
+    k = len(part.centres) if part else 1  # fewer than asked only for rows without enough distinct directions
+    probes = min(k, cfg.clusters_per_vector)
+    timings["kmeans_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    centres = ray.put(part.centres) if part is not None else None
+    assign = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0, max_retries=0)(_assign_rows)
+    refs = [assign.remote(rows, centres, s, min(n, s + cfg.batch_size), probes, cfg.normalize, gpu)
+            for s in range(0, n, cfg.batch_size)]
+    tasks = {"cpus": slots, "assign": len(refs)}
+    batches = _gather(refs, progress, "assign")
+    probe_ids = np.concatenate([ids for ids, _ in batches])
+    probe_sims = np.concatenate([sims for _, sims in batches])
+    del batches, refs, centres
+    cap = cfg.max_cell_size or _default_cap(n, k)
+    probe_ids, balance = _bound_cells(probe_ids, probe_sims, k, cap)
+    del probe_sims
+    timings["assign_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    db_ids, db_ptr = _csr(probe_ids[:, 0], k)
+    q_ids, q_ptr = _csr(probe_ids, k)
+    lists = ray.put((probe_ids, db_ids, db_ptr, q_ids, q_ptr))
+    del probe_ids, db_ids, q_ids  # the tasks read the object store's copy
+    search = ray.remote(num_cpus=1, max_retries=0)(_search_cells)
+    refs = [search.remote(rows, lists, cells, cfg.threshold, cfg.normalize)
+            for cells in _cell_groups(db_ptr, q_ptr, TASKS_PER_SLOT * slots)]
+    tasks["search"] = len(refs)
+    uf = _UnionFind(n)
+    nn_sim = np.full(n, -1.0, np.float32)
+    n_pairs = comparisons = 0
+    for linked, root, pairs, compared, touched, best in _gather(refs, progress, "search"):
+        uf.union(linked, root)
+        nn_sim[touched] = np.maximum(nn_sim[touched], best)
+        n_pairs += pairs
+        comparisons += compared
+    del refs, lists, rows
     timings["search_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -476,7 +578,7 @@ def _find_duplicates(x: np.ndarray, cfg: DedupConfig, progress: bool) -> DedupRe
         "n_pairs": n_pairs, "n_components": n_components, "n_duplicates": n - n_components,
         "largest_component": int(comp_sizes.max()),
         "components_with_duplicates": int((comp_sizes > 1).sum()),
-        "timings": timings,
+        "ray_tasks": tasks, "timings": timings,
     }
     return DedupResult(labels, n_components, n_pairs, nn_sim, stats)
 

@@ -12,18 +12,20 @@ Pipeline::
     vocab = Vocabulary.default()                       # or Vocabulary.from_file("metadata.txt")
     matches = NgramMatcher(vocab).match_batch(captions)
     freqs = document_frequencies(matches, len(vocab))  # sum these over shards for a sharded job
+    freqs, matches = distributed_document_frequencies(captions, vocab)  # the same, as Ray tasks
     keep = resample(matches, freqs, t=20_000, seed=0)
     report = build_report(matches, keep, t=20_000, n_entries=len(vocab))
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
-from data_curation.ngram_match import Matches, Vocabulary, as_matches
+from data_curation.ngram_match import Matches, NgramMatcher, Vocabulary, as_matches
 
 
 # ---------------------------------------------------------------------------------------------
@@ -38,6 +40,55 @@ def document_frequencies(matches: Matches | Sequence[Sequence[int]], n_entries: 
     if len(m.ids) and m.ids.max() >= n_entries:
         raise ValueError(f"entry id {int(m.ids.max())} out of range for {n_entries} entries")
     return np.bincount(m.ids, minlength=n_entries).astype(np.int64)
+
+
+_MATCHERS: dict[tuple[str, str], NgramMatcher] = {}  # this worker process's matchers (``_match_task``)
+_KEEP_MATCHERS = 2
+
+
+def _match_task(captions: list[str], vocab_ref: list, key: tuple[str, str]) -> tuple[Matches, np.ndarray]:
+    """Ray task: one batch's matches and its document frequencies. The matcher is built once per worker
+    process and vocabulary (``key`` = (vocabulary digest, backend)); ``vocab_ref`` is ``[ObjectRef]``, in a
+    list so that the vocabulary is fetched only when a worker has no matcher for it yet."""
+    matcher = _MATCHERS.pop(key, None)
+    if matcher is None:
+        import ray
+
+        matcher = NgramMatcher(ray.get(vocab_ref[0]), backend=key[1])
+    _MATCHERS[key] = matcher  # most recent last
+    while len(_MATCHERS) > _KEEP_MATCHERS:
+        _MATCHERS.pop(next(iter(_MATCHERS)))
+    m = matcher.match_batch(captions)
+    return m, document_frequencies(m, matcher.n_entries)
+
+
+def distributed_document_frequencies(captions: Sequence[str], vocab: Vocabulary, *, backend: str = "tokens",
+                                     batch_size: int = 20_000, address: str | None = None,
+                                     workers: int = 2) -> tuple[np.ndarray, Matches]:
+    """``document_frequencies`` of ``captions`` as a Ray aggregate (``engine.connect(address, workers)``): the
+    captions in batches of ``batch_size``, each matched in a task (the matcher built once per worker
+    process), the per-batch counts summed here. -> ((n_entries,) int64 frequencies, every caption's matches
+    in order); both identical to ``NgramMatcher(vocab, backend)`` in one process."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    freqs = np.zeros(len(vocab), np.int64)
+    if not len(captions):
+        return freqs, Matches.concat([])
+    import ray
+
+    from data_curation.engine import connect
+
+    connect(address, workers)
+    key = (hashlib.sha1("\n".join(vocab.entries).encode()).hexdigest(), backend)
+    vocab_ref = [ray.put(vocab)]
+    task = ray.remote(num_cpus=1, max_retries=0)(_match_task)
+    refs = [task.remote(list(captions[s:s + batch_size]), vocab_ref, key)
+            for s in range(0, len(captions), batch_size)]
+    parts = []
+    for m, counts in ray.get(refs):
+        parts.append(m)
+        freqs += counts
+    return freqs, Matches.concat(parts)
 
 
 def entry_probabilities(freqs: np.ndarray, t: float, prob: str = "sqrt") -> np.ndarray:

@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from common.conversation import IMAGE_PLACEHOLDER
 from data_curation.curation_config import CurationConfig
-from data_curation.engine import Stage
+from data_curation.engine import Stage, check_address
 from data_curation.records import DROPPED, OK, Sample
 from data_curation.readers import decode_image, open_input
 from data_curation.shard_jobs import (STATUS_SCHEMA, BuildResult, ResumeConfig, StageSetupError, _atomic_write,
@@ -209,17 +209,25 @@ class SafetyStage:
 
 
 class OcrStage:
-    """Tesseract's text and mean confidence per image (a timeout or a tesseract failure fails that sample)."""
+    """Tesseract's text and mean confidence per image (a timeout or a tesseract failure fails that sample);
+    with ``ocr.detect_text``, only images where ``ocr.text_regions`` finds a word-like region are read, the
+    others get empty text and ``ocr_skipped``."""
 
     def __init__(self, cfg: CurationConfig, device: str = "cpu") -> None:
         from data_curation.ocr import TesseractOCR
 
+        self.detect = cfg.ocr.detect_text
         self.ocr = _setup(lambda: TesseractOCR(lang=cfg.ocr.lang, min_conf=cfg.ocr.min_conf, timeout=cfg.ocr.timeout))
 
     def __call__(self, index: int, items: list[Item]) -> list[Item]:
+        from data_curation.ocr import text_regions
+
         def one(s: Sample, img: Image.Image, fields: dict) -> tuple[Image.Image, bool]:
+            if self.detect and text_regions(img) == 0:
+                fields.update(ocr_text="", ocr_mean_conf=0.0, ocr_skipped=True)
+                return img, False
             r = self.ocr.read(img)
-            fields.update(ocr_text=r.text, ocr_mean_conf=round(float(r.mean_conf), 2))
+            fields.update(ocr_text=r.text, ocr_mean_conf=round(float(r.mean_conf), 2), ocr_skipped=False)
             return img, False
 
         return _for_each_image(items, "ocr", one)
@@ -371,10 +379,12 @@ def chunk_digest(path: Path) -> str | None:
 # Pass 2: global stages
 
 
-def global_stages(work: Path, n_chunks: int, cfg: CurationConfig, chunks_digest: str) -> pa.Table:
+def global_stages(work: Path, n_chunks: int, cfg: CurationConfig, chunks_digest: str,
+                  address: str | None = None) -> pa.Table:
     """Dedup then resampling over the image-caption survivors of every chunk -> per-survivor decisions, kept
     with the ``chunks_digest`` they were made from (reused only while it matches). Conversation records are in
-    neither: they have no caption to resample by, and records sharing an image are not copies."""
+    neither: they have no caption to resample by, and records sharing an image are not copies. Both run as
+    Ray tasks on the build's Ray instance or cluster (``address``, ``cfg.workers``)."""
     out = work / "global.parquet"
     if out.exists() and (pq.read_schema(out).metadata or {}).get(b"chunks_digest") == chunks_digest.encode():
         return pq.read_table(out)
@@ -407,7 +417,8 @@ def global_stages(work: Path, n_chunks: int, cfg: CurationConfig, chunks_digest:
         del mm
         t0 = time.perf_counter()
         res = find_duplicates(emb_file, DedupConfig(threshold=cfg.dedup.threshold, n_clusters=cfg.dedup.clusters,
-                                                    clusters_per_vector=cfg.dedup.clusters_per_vector))
+                                                    clusters_per_vector=cfg.dedup.clusters_per_vector),
+                              address=address, workers=cfg.workers)
         component, nn_sim = res.labels, res.nn_similarity
         dedup_keep = choose_keepers(component, cfg.dedup.keep, clip_scores=np.asarray(clip, np.float64),
                                     caption_lengths=np.array([len(c) for c in captions]))
@@ -419,22 +430,21 @@ def global_stages(work: Path, n_chunks: int, cfg: CurationConfig, chunks_digest:
     resample_keep = np.ones(n, bool)
     freq_before = freq_after = None
     if cfg.resample.enabled and n:
-        from data_curation.ngram_match import NgramMatcher, Vocabulary
-        from data_curation.resample import document_frequencies, resample
+        from data_curation.ngram_match import Vocabulary
+        from data_curation.resample import distributed_document_frequencies, resample
 
         vocab = Vocabulary.default() if cfg.resample.vocab == "default" else Vocabulary.from_file(cfg.resample.vocab)
-        matcher = NgramMatcher(vocab)
         live = np.flatnonzero(dedup_keep)
-        matches = matcher.match_many([captions[i] for i in live])
-        freqs = document_frequencies(matches, len(vocab.entries))
+        freqs, matches = distributed_document_frequencies([captions[i] for i in live], vocab, address=address,
+                                                          workers=cfg.workers)
         keep_live = resample(matches, freqs, cfg.resample.t, prob=cfg.resample.prob,
                              keep_unmatched=cfg.resample.keep_unmatched, seed=cfg.resample.seed)
         resample_keep[live] = keep_live
         freq_before = freqs
-        freq_after = document_frequencies([m for m, k in zip(matches, keep_live) if k], len(vocab.entries))
+        freq_after = np.bincount(matches.ids[keep_live[matches.caption_index()]], minlength=len(freqs))
         top = np.argsort(-freq_before)[:50]
         stats["resample"] = {"kept": int(keep_live.sum()), "of": int(len(live)),
-                             "unmatched": int(sum(1 for m in matches if not m)),
+                             "unmatched": int((np.diff(matches.indptr) == 0).sum()),
                              "top_entries": [[vocab.entries[j], int(freq_before[j]), int(freq_after[j])] for j in top
                                              if freq_before[j] > 0]}
     table = pa.table({
@@ -515,6 +525,7 @@ def build_shards(input_spec: str | Path, out_dir: str | Path, cfg: CurationConfi
     ``address``). ``max_chunks`` stops pass 1 early (used to simulate an interrupted job in tests)."""
     out = Path(out_dir)
     refuse_output_inside_input(input_spec, out)
+    check_address(address)
     with output_lock(out):
         return _build_locked(input_spec, out, cfg, progress, max_chunks, address)
 
@@ -545,7 +556,7 @@ def _build_locked(input_spec: str | Path, out: Path, cfg: CurationConfig, progre
     t_pass1 = time.perf_counter() - t0
 
     # Pass 2.
-    decisions_t = global_stages(work, n_chunks, cfg, chunks_digest)
+    decisions_t = global_stages(work, n_chunks, cfg, chunks_digest, address)
     decisions = {k: (c, s, d, r) for k, c, s, d, r in zip(*(decisions_t.column(n).to_pylist()
                                                             for n in decisions_t.column_names))}
     t_pass2 = time.perf_counter() - t0 - t_pass1

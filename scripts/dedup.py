@@ -24,6 +24,7 @@ import numpy as np
 
 from data_curation.dedup import (KEEP_RULES, DedupConfig, EmbeddingsError, choose_keepers, find_duplicates,
                                  open_embeddings)
+from data_curation.engine import ClusterError
 
 
 def _load_scores(path: str, n: int) -> np.ndarray:
@@ -60,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scores", default=None, help="(N,) .npy: CLIP scores (--keep clip) or caption lengths")
     p.add_argument("--normalize", action="store_true", help="L2-normalise rows instead of rejecting them")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2, help="Ray tasks at a time (the local instance's CPUs)")
+    p.add_argument("--address", default=None,
+                   help="a Ray cluster to run on ('auto', host:port, ray://host:port); left out, Ray starts here")
     p.add_argument("--json", action="store_true", help="print the JSON summary only")
     args = p.parse_args(argv)
 
@@ -72,10 +76,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--keep {args.keep} needs --scores")
         n = open_embeddings(args.embeddings).shape[0]  # check the inputs before the long part
         scores = _load_scores(args.scores, n) if args.keep != "first" else None
-        res = find_duplicates(args.embeddings, cfg, progress=not args.json)
+        res = find_duplicates(args.embeddings, cfg, progress=not args.json, address=args.address,
+                              workers=args.workers)
         keep = choose_keepers(res.labels, args.keep, clip_scores=scores if args.keep == "clip" else None,
                               caption_lengths=scores if args.keep == "longest_caption" else None)
-    except ValueError as e:  # EmbeddingsError included; its message names the file
+    except (ValueError, ClusterError) as e:  # EmbeddingsError included; its message names the file
         print(f"error: {e}", file=sys.stderr)
         return 2
 

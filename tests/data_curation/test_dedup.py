@@ -5,9 +5,10 @@ import json
 import numpy as np
 import pytest
 
+from data_curation import dedup
 from data_curation.bench_dedup import exact_flat_components, make_planted, run_dedup_benchmark
-from data_curation.dedup import (DedupConfig, EmbeddingsError, _bound_cells, _cell_centres, _shares, _UnionFind,
-                                 choose_keepers, exact_components, find_duplicates)
+from data_curation.dedup import (DedupConfig, EmbeddingsError, _bound_cells, _cell_centres, _cell_groups, _shares,
+                                 _UnionFind, choose_keepers, exact_components, find_duplicates)
 from scripts import dedup as dedup_cli
 
 
@@ -66,6 +67,42 @@ def test_components_match_brute_force(n_clusters, probes):
     assert res.stats["n_clusters"] == n_clusters and res.stats["clusters_per_vector"] == probes
     if n_clusters == 1:
         np.testing.assert_allclose(res.nn_similarity, best, atol=1e-5)
+
+
+@pytest.mark.parametrize("tasks_per_slot", [1, 50])
+def test_ray_tasks_give_the_same_result_however_the_work_is_split(tmp_path, monkeypatch, tasks_per_slot):
+    """Assignment batches and search groups are Ray tasks; how many (batch_size, tasks per CPU, workers) and
+    whether rows come from a path or the object store changes nothing: all probes = brute force exactly, and
+    fewer probes give one answer for every split."""
+    x = planted(seed=3)
+    np.save(tmp_path / "emb.npy", x)
+    ref = exact_components(x, 0.75)
+    n_pairs, best = brute_pairs(x, 0.75)
+    full = DedupConfig(n_clusters=10, clusters_per_vector=10, batch_size=300)  # every pair compared
+    part = DedupConfig(n_clusters=30, clusters_per_vector=6, batch_size=300)
+    base = find_duplicates(x, part, workers=2)
+    monkeypatch.setattr(dedup, "TASKS_PER_SLOT", tasks_per_slot)
+    res = find_duplicates(tmp_path / "emb.npy", full, workers=1)
+    np.testing.assert_array_equal(res.labels, ref)
+    assert res.n_pairs == n_pairs and res.stats["comparisons"] == len(x) ** 2
+    np.testing.assert_allclose(res.nn_similarity, best, atol=1e-5)
+    for rows in (x, tmp_path / "emb.npy"):
+        again = find_duplicates(rows, part, workers=1)
+        np.testing.assert_array_equal(again.labels, base.labels)
+        np.testing.assert_array_equal(again.nn_similarity, base.nn_similarity)
+        assert again.n_pairs == base.n_pairs and again.stats["comparisons"] == base.stats["comparisons"]
+
+
+def test_cell_groups_cover_every_non_empty_cell_once_in_balanced_runs():
+    rng = np.random.default_rng(0)
+    db_ptr = np.concatenate([[0], np.cumsum(rng.integers(0, 50, 300))])
+    q_ptr = np.concatenate([[0], np.cumsum(rng.integers(0, 500, 300))])
+    groups = _cell_groups(db_ptr, q_ptr, 8)
+    assert len(groups) <= 8
+    np.testing.assert_array_equal(np.concatenate(groups), np.flatnonzero(np.diff(db_ptr) > 0))
+    cost = [(np.diff(q_ptr)[g] * np.diff(db_ptr)[g]).sum() for g in groups]
+    assert max(cost) <= sum(cost) / 8 + (np.diff(q_ptr) * np.diff(db_ptr)).max()
+    assert [len(g) for g in _cell_groups(db_ptr, q_ptr, 1)] == [int((np.diff(db_ptr) > 0).sum())]
 
 
 def test_chain_ends_join_through_the_middle_only():

@@ -372,3 +372,23 @@ def test_cli_bad_parquet_column_vocab_and_threshold(tmp_path, vocab_file, capsys
     with pytest.raises(SystemExit) as e:
         cli.main([str(path), "--t", "0", "--caption-key", "text", "--vocab", str(vocab_file)])
     assert e.value.code == 2
+
+
+def test_distributed_document_frequencies_equal_one_process():
+    """Batches matched in Ray tasks (one matcher per worker process), counts summed on the driver: the
+    same counts and the same matches, in order, as one matcher over all captions."""
+    from data_curation.resample import distributed_document_frequencies
+
+    rng = random.Random(1)
+    pool = ["cat", "dog", "new", "york", "red", "car", "a", "the", "on", "of", "über", "x1", "東京", "zebra"]
+    vocab = Vocabulary(pool + [" ".join(rng.sample(pool, k)) for k in (2, 2, 3) for _ in range(8)])
+    captions = [random_caption(rng, pool) for _ in range(3000)]
+    matches = NgramMatcher(vocab).match_many(captions)
+    want = document_frequencies(matches, len(vocab))
+    for batch_size in (3000, 257):  # one task, then 12 with a short last one
+        freqs, got = distributed_document_frequencies(captions, vocab, batch_size=batch_size, workers=2)
+        assert freqs.dtype == np.int64 and freqs.tolist() == want.tolist()
+        assert got.tolist() == matches
+    assert want.sum() > 3000 and (want > 0).sum() > 20  # the captions do match
+    freqs, got = distributed_document_frequencies([], vocab)
+    assert freqs.tolist() == [0] * len(vocab) and len(got) == 0
