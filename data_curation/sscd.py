@@ -172,7 +172,9 @@ class SSCDEmbedder:
         if resize not in RESIZE_MODES:
             raise ValueError(f"unknown resize mode {resize!r}; expected one of {RESIZE_MODES}")
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        # channels-last: oneDNN's faster convolution layout on CPU (measured 4.3 against 4.0 images/s on one
+        # core at 288x384; outputs within 1e-7), and the layout cuDNN prefers on GPU
+        self.model = model.to(self.device, memory_format=torch.channels_last).eval()
         self.resize = resize
         self.size = size if size is not None else (288 if resize == "short" else 320)  # README defaults
         self._dim: int | None = None
@@ -223,7 +225,7 @@ class SSCDEmbedder:
             for idx in by_shape.values():
                 for s in range(0, len(idx), batch_size):
                     chunk = idx[s:s + batch_size]
-                    x = torch.stack([tensors[i] for i in chunk]).to(self.device)
+                    x = torch.stack([tensors[i] for i in chunk]).to(self.device, memory_format=torch.channels_last)
                     # Normalise again: a TorchScript export may or may not end with L2Norm.
                     emb = F.normalize(self.model(x).float(), dim=-1).cpu().numpy()
                     for i, e in zip(chunk, emb):
