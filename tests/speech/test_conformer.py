@@ -32,7 +32,8 @@ def test_stacker_last_partial_stack_is_zero_padded():
     garbage = torch.cat([mel, 1e3 * torch.randn(1, 63, 80)], dim=1)
     batched, lens = stacker(garbage, torch.tensor([37]))
     assert lens.tolist() == [10]
-    torch.testing.assert_close(batched[:, :10], alone, atol=1e-6, rtol=0)
+    # 1e-5: the two lengths take different matmul blockings (summation order); leaked 1e3 garbage would be ~1e2
+    torch.testing.assert_close(batched[:, :10], alone, atol=1e-5, rtol=0)
     assert batched[:, 10:].abs().max() == 0  # the projection bias does not survive at padding
 
 
