@@ -20,9 +20,10 @@ video2dataset or NeMo Curator.
 What a crash costs: a stage that raises on one sample fails that sample (the builders catch per sample). A
 worker process that dies (a decoder that segfaults, a stage killed for memory) loses the chunk it held:
 Ray Data records the chunk as failed instead of ending the job (``max_errored_blocks``), and once the
-stream has drained, every such chunk runs again one sample per task; a sample whose task dies again gets an
-``error`` record naming the crash and the rest of its chunk is written as usual. Nothing is retried blindly:
-a deterministic crash would only crash again.
+stream has drained, every such chunk runs again one sample and one stage at a time in an actor Ray restarts
+when it dies (``_isolated``); a sample whose stage kills it again gets an ``error`` record naming the stage
+and the crash, and the rest of its chunk is written as usual. Nothing is retried blindly: a deterministic
+crash would only crash again.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class ClusterError(RuntimeError):
 
 @dataclass(frozen=True)
 class Stage:
-    """One operator of a builder's pipeline: ``make(cfg, device)`` builds the stage's callable once per actor
+    """One step of a builder's pipeline: ``make(cfg, device)`` builds the stage's callable once per worker
     (``device`` is ``"cuda"`` when the actor holds a GPU, else ``"cpu"``); the callable maps a chunk's items to
     the same number of items, in order (it is given the chunk's index too: the writer needs it). ``model``: the
     stage runs a neural network, so it asks Ray for a GPU when the cluster has one."""
@@ -126,6 +127,8 @@ def _ray():
 def connect(address: str | None, workers: int) -> None:
     """Join ``address``'s cluster, or start a local instance with at least ``workers`` CPUs (reused for the
     rest of the process: starting Ray takes seconds). An unreachable address is a ``ClusterError``."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a whole number >= 1, got {workers!r}")
     check_address(address)
     ray = _ray()
     if ray.is_initialized():
@@ -283,7 +286,7 @@ class _ChainActor:
 
 def operator_groups(stages: list[Stage], gpus: bool) -> list[tuple[list[Stage], bool]]:
     """Consecutive stages that ask for the same resources run as one operator (Ray Data's own rule for fusing
-    maps): on CPUs alone the whole chain is one actor pool, which loads every model once per actor and passes
+    maps): on CPUs alone the whole chain is one task operator, whose workers build every model once and pass
     no decoded image between processes; with GPUs the model stages form their own GPU operator between the
     CPU ones. -> [(stages, on a GPU)]."""
     groups: list[tuple[list[Stage], bool]] = []
@@ -298,10 +301,11 @@ def operator_groups(stages: list[Stage], gpus: bool) -> list[tuple[list[Stage], 
 
 def run_stages(chunks: Iterable[tuple[int, list]], stages: list[Stage], cfg: Any, *, workers: int,
                crashed: Callable[[Any, str, str], Any], progress: bool, unit: str) -> StageTimes:
-    """Every ``(index, items)`` chunk through ``stages`` (the last one writes the chunk and returns its items)
+    """Every ``(index, items)`` chunk through ``stages`` (the last one writes the chunk and returns what the
+    driver counts: one entry per item)
     on the connected Ray instance (``connect``); ``crashed(item, stage, message)`` marks an item whose worker
     died on it in that stage. -> the stages' times."""
-    ray = _ray()
+    import ray
     import ray.data
 
     rows = list(_put(chunks))  # the readers are sequential streams (tars, JSONL): they run here, once

@@ -42,7 +42,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from common.config import config_to_dict
 from data_curation.engine import Stage, StageTimes, build_stages, check_address, connect, run_stages
@@ -364,8 +363,9 @@ def run_shard_job(input_spec: str | Path, read_inputs: Callable[[], Iterable[Sam
     i, chunk)`` as two Ray Data stages (``engine``), skipping chunks whose ``shard_i_stats.json`` exists; then
     ``write_report(out, n_shards, cfg, seconds, engine)``. Holds ``out``'s lock throughout; ``out`` may not
     lie inside the ``input_spec`` folder. ``read_inputs`` is called once the config is known to match
-    ``out/config.json`` (``ResumeConfig``). The processor is built in this process first, so a setup error is
-    raised once, up front, and ``config.json`` is written only after it worked. A finished shard whose input
+    ``out/config.json`` (``ResumeConfig``). The processor is built on one Ray worker first
+    (``engine.build_stages``), so a setup error is raised once, up front, and ``config.json`` is written only
+    after it worked. A finished shard whose input
     listing changed is a ``ResumeMismatchError``. ``max_chunks`` stops after that many new shards (to simulate an
     interrupted job in tests). A rerun with nothing left to do builds no processor and rewrites nothing."""
     refuse_output_inside_input(input_spec, out)

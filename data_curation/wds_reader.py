@@ -19,7 +19,7 @@ from data_curation.input_files import (DEFAULT_MAX_SAMPLE_BYTES, HARD_LINK_UNRES
                                        CurationInputError, SampleReadError, _parse_caption_json, _short_hash,
                                        _text_noun, _too_large, open_regular, sanitize_key)
 from data_curation.records import Sample
-from media.tar import expand_shards, has_tar_end_marker, is_pattern
+from media.tar import expand_shards, has_tar_end_marker
 
 # the order is the preference when a tar group has several
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")

@@ -78,7 +78,6 @@ def bench_build(n_images: int, workers: tuple[int, ...] = (1, 2), progress: bool
     """The image builder's throughput: each stage alone (with the always-on caption, language, decode and
     image-rule steps: ``base``) and the whole build, at each worker count, images/s of wall time; plus each
     stage's seconds per image inside the whole build (from the report: what one worker spends)."""
-    import tempfile
 
     import torch
 
@@ -124,7 +123,6 @@ def bench_media(kind: str, n_clips: int, workers: tuple[int, ...] = (1, 2), prog
     and, from its report, each step's seconds per clip (video: caption, decode with 9 frames, OCR on three
     frames, CLIP ViT-B/32 (random weights) on every frame, optical-flow motion; audio: decode to 16 kHz, Silero
     VAD, FLAC encoding)."""
-    import tempfile
 
     from scripts import make_synthetic
 

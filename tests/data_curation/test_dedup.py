@@ -286,6 +286,10 @@ def test_cli_bad_input_exits_2_naming_the_file(tmp_path, capsys):
     np.save(tmp_path / "short.npy", np.ones(3))
     assert dedup_cli.main([str(tmp_path / "ok.npy"), "--keep", "clip", "--scores", str(tmp_path / "short.npy")]) == 2
     assert "short.npy" in capsys.readouterr().err
+    assert dedup_cli.main([str(tmp_path / "ok.npy"), "--workers", "0"]) == 2
+    assert "workers must be a whole number >= 1, got 0" in capsys.readouterr().err
+    assert dedup_cli.main([str(tmp_path / "ok.npy"), "--address", "127.0.0.1:1"]) == 2
+    assert "cannot reach the Ray cluster at '127.0.0.1:1'" in capsys.readouterr().err
     assert not (tmp_path / "ok_dedup").exists()  # nothing written on bad input
 
 

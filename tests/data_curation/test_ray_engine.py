@@ -88,12 +88,12 @@ def test_a_build_on_a_two_node_cluster_uses_both_nodes_and_equals_the_local_buil
         run = _cli(corpus, tmp_path / "cluster", "--config", cfg_file, "--address", cluster.address, "--json")
         assert run.returncode == 0, run.stderr[-3000:]
         report = json.loads(run.stdout)
-        nodes = {n["NodeID"] for n in ray.nodes()} if ray.is_initialized() else None
+        nodes = {node.node_id for node in cluster.list_all_nodes()}
     finally:
         cluster.shutdown()
     by_node = report["engine"]["chunks_by_node"]
     assert len(by_node) == 2 and sum(by_node.values()) == 7, by_node  # 13 inputs in chunks of 2
-    assert nodes is None or set(by_node) == nodes
+    assert set(by_node) == nodes  # the head and the second node
     assert _output(tmp_path / "cluster") == _output(tmp_path / "local")
     assert report["counts"] == local.counts and report["by_reason"] == local.report["by_reason"]
 
@@ -134,3 +134,18 @@ def test_an_unreachable_address_is_one_line_and_no_wait(corpus, tmp_path):
     assert time.perf_counter() - t0 < 30
     run = _cli(corpus, tmp_path / "o", "--config", _config(tmp_path), "--address", "nowhere")
     assert run.returncode == 2 and "is not 'auto', host:port or ray://host:port" in run.stderr
+
+
+def test_stages_share_an_operator_unless_a_gpu_splits_the_model_stages(tmp_path):
+    """Ray Data's fusion rule: one CPU operator for the whole chain on CPUs; with GPUs, CLIP and SSCD form a
+    GPU operator between the CPU ones (the GPU path itself needs a GPU to run)."""
+    from data_curation.engine import operator_groups
+    from data_curation.shards import image_stages
+
+    cfg = load_config(None, {"dedup": {"sscd": "unused.pt"}})
+    stages = image_stages(cfg, tmp_path)
+    names = lambda groups: [([s.name for s in group], gpu) for group, gpu in groups]  # noqa: E731
+    assert names(operator_groups(stages, gpus=False)) == [
+        (["prepare", "safety", "ocr", "clip", "sscd", "write"], False)]
+    assert names(operator_groups(stages, gpus=True)) == [
+        (["prepare", "safety", "ocr"], False), (["clip", "sscd"], True), (["write"], False)]
